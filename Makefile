@@ -1,0 +1,46 @@
+# CAO Gateway: `make run` starts the whole stack locally, `make test` runs the suite.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-$(shell cat requirements.txt requirements-dev.txt | cksum | cut -d' ' -f1)
+
+.PHONY: help install backends run serve test lint clean
+
+help:
+	@echo "make run     set up, start the whole stack and run a demo job"
+	@echo "make serve   set up and start the whole stack, no demo job"
+	@echo "make test    set up and run the test suite"
+	@echo "make lint    check the dependency direction between apps"
+
+$(PY):
+	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found; install Python 3.11 or set PYTHON=/path/to/python3.11"; exit 1; }
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || { echo "error: Python 3.11 or newer is needed ($(PYTHON) is $$($(PYTHON) -V 2>&1))"; exit 1; }
+	$(PYTHON) -m venv $(VENV) || { echo "error: could not create a virtualenv; on Debian/Ubuntu install python3-venv"; exit 1; }
+
+$(STAMP): requirements.txt requirements-dev.txt | $(PY)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements-dev.txt
+	rm -f $(VENV)/.installed-* && touch $(STAMP)
+
+install: $(STAMP)
+
+backends: install
+	@$(PY) scripts/local_backends.py
+
+run: backends
+	$(PY) -m scripts.stack --demo
+
+serve: backends
+	$(PY) -m scripts.stack
+
+lint: install
+	$(VENV)/bin/lint-imports
+
+test: backends lint
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) .run staticfiles

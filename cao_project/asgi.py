@@ -1,0 +1,21 @@
+"""ASGI entry point: HTTP through Django, WebSocket through Channels."""
+
+import os
+
+from django.core.asgi import get_asgi_application
+
+os.environ.setdefault("DJANGO_SETTINGS_MODULE", "cao_project.settings")
+
+# Initialise Django (and the app registry) before importing anything that
+# touches models.
+django_application = get_asgi_application()
+
+from channels.routing import ProtocolTypeRouter  # noqa: E402
+from django.conf import settings  # noqa: E402
+
+from cao_project.backends import require_backends  # noqa: E402
+
+if settings.CAO_CHECK_BACKENDS_ON_START:
+    require_backends()
+
+application = ProtocolTypeRouter({"http": django_application})

@@ -1,0 +1,65 @@
+"""Reachability of PostgreSQL and Redis, for start-up checks and readiness.
+
+Start-up code calls ``require_backends()`` so a process that cannot reach a
+backend stops at once with a message naming the URL it tried (password
+hidden), instead of failing later on the first request.
+"""
+
+from urllib.parse import urlsplit, urlunsplit
+
+import redis
+from django.conf import settings
+from django.core.exceptions import ImproperlyConfigured
+from django.db import connection
+from django.db.utils import OperationalError
+
+
+class BackendUnreachable(ImproperlyConfigured):
+    """Raised at start-up when PostgreSQL or Redis cannot be reached."""
+
+
+def redact_url(url):
+    """``url`` with its password replaced by ``***``."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.rsplit("@", 1)[1]
+    userinfo = f"{parts.username}:***" if parts.username else ":***"
+    return urlunsplit(parts._replace(netloc=f"{userinfo}@{netloc}"))
+
+
+def check_database():
+    """None when PostgreSQL answers, else a sentence saying what failed."""
+    try:
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT 1")
+    except OperationalError as exc:
+        connection.close()
+        return (
+            f"PostgreSQL is not reachable at {redact_url(settings.DATABASE_URL)}: "
+            f"{str(exc).strip().splitlines()[-1]}"
+        )
+    return None
+
+
+def check_redis():
+    """None when Redis answers, else a sentence saying what failed."""
+    client = redis.Redis.from_url(settings.REDIS_URL, socket_connect_timeout=3, socket_timeout=3)
+    try:
+        client.ping()
+    except redis.RedisError as exc:
+        return f"Redis is not reachable at {redact_url(settings.REDIS_URL)}: {exc}"
+    finally:
+        client.close()
+    return None
+
+
+def require_backends():
+    """Raise ``BackendUnreachable`` naming every backend that does not answer."""
+    problems = [problem for problem in (check_database(), check_redis()) if problem]
+    if problems:
+        raise BackendUnreachable(
+            "\n".join(problems)
+            + "\nStart the missing service (`make run` starts local ones it finds installed) "
+            "or point DATABASE_URL / REDIS_URL at a running one."
+        )

@@ -1,0 +1,248 @@
+"""Settings for CAO Gateway.
+
+This is the only module that reads the environment. Application code reads
+``django.conf.settings`` at call time, so tests can override any knob.
+Names fixed by the design brief keep their brief names; project knobs are
+prefixed ``CAO_``.
+"""
+
+import os
+import re
+from pathlib import Path
+
+import dj_database_url
+from django.core.exceptions import ImproperlyConfigured
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+
+
+def env_str(name, default=""):
+    return os.environ.get(name, default)
+
+
+def env_bool(name, default=False):
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    value = raw.strip().lower()
+    if value in {"1", "true", "yes", "on"}:
+        return True
+    if value in {"0", "false", "no", "off"}:
+        return False
+    raise ImproperlyConfigured(f"{name} must be a boolean (true/false), got {raw!r}")
+
+
+def _env_number(name, default, kind):
+    raw = os.environ.get(name)
+    if raw is None or raw.strip() == "":
+        return default
+    try:
+        return kind(raw)
+    except ValueError:
+        raise ImproperlyConfigured(f"{name} must be a {kind.__name__}, got {raw!r}") from None
+
+
+def env_int(name, default):
+    return _env_number(name, default, int)
+
+
+def env_float(name, default):
+    return _env_number(name, default, float)
+
+
+def env_list(name, default):
+    raw = os.environ.get(name)
+    if raw is None or raw.strip() == "":
+        return list(default)
+    return [item.strip() for item in raw.split(",") if item.strip()]
+
+
+# --- Core -------------------------------------------------------------------
+
+DEBUG = env_bool("DEBUG", False)
+SECRET_KEY = env_str("SECRET_KEY")
+if not SECRET_KEY:
+    if not DEBUG:
+        raise ImproperlyConfigured(
+            "SECRET_KEY is required when DEBUG is off. Set SECRET_KEY to a long random "
+            "string, or set DEBUG=true for local development."
+        )
+    SECRET_KEY = "insecure-local-development-key-do-not-use-in-production"
+
+ALLOWED_HOSTS = env_list("ALLOWED_HOSTS", ["localhost", "127.0.0.1", "[::1]"])
+CSRF_TRUSTED_ORIGINS = env_list("CSRF_TRUSTED_ORIGINS", [])
+
+INSTALLED_APPS = [
+    "django.contrib.admin",
+    "django.contrib.auth",
+    "django.contrib.contenttypes",
+    "django.contrib.sessions",
+    "django.contrib.messages",
+    "django.contrib.staticfiles",
+    "rest_framework",
+    "drf_spectacular",
+    "drf_spectacular_sidecar",
+    "channels",
+    "django_dramatiq",
+    "services_registry",
+    "jobs",
+    "orchestration",
+    "simulator",
+]
+
+MIDDLEWARE = [
+    "django.middleware.security.SecurityMiddleware",
+    "whitenoise.middleware.WhiteNoiseMiddleware",
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.common.CommonMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+    "django.middleware.clickjacking.XFrameOptionsMiddleware",
+]
+
+ROOT_URLCONF = "cao_project.urls"
+ASGI_APPLICATION = "cao_project.asgi.application"
+WSGI_APPLICATION = None
+
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "DIRS": [BASE_DIR / "templates"],
+        "APP_DIRS": True,
+        "OPTIONS": {
+            "context_processors": [
+                "django.template.context_processors.request",
+                "django.contrib.auth.context_processors.auth",
+                "django.contrib.messages.context_processors.messages",
+            ],
+        },
+    },
+]
+
+# --- Backends ---------------------------------------------------------------
+
+DATABASE_URL = env_str("DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/cao")
+DATABASES = {
+    # Persistent, health-checked connections: workers run many short
+    # transactions and a reconnect per message would dominate a step's cost.
+    "default": dj_database_url.parse(DATABASE_URL, conn_max_age=600, conn_health_checks=True),
+}
+DATABASES["default"].setdefault("OPTIONS", {})["connect_timeout"] = env_int("CAO_DB_CONNECT_TIMEOUT_S", 5)
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+
+REDIS_URL = env_str("REDIS_URL", "redis://127.0.0.1:6379/0")
+# Processes refuse to start when PostgreSQL or Redis cannot be reached.
+CAO_CHECK_BACKENDS_ON_START = env_bool("CAO_CHECK_BACKENDS_ON_START", True)
+# Socket timeouts of the gateway's own Redis calls (leases, markers).
+CAO_REDIS_TIMEOUT_S = env_float("CAO_REDIS_TIMEOUT_S", 5.0)
+# The Dramatiq broker. Leases and the channel layer always use REDIS_URL.
+BROKER_URL = env_str("BROKER_URL", REDIS_URL)
+
+CHANNEL_LAYERS = {
+    "default": {
+        "BACKEND": "channels_redis.core.RedisChannelLayer",
+        "CONFIG": {"hosts": [REDIS_URL], "prefix": "cao:ws"},
+    },
+}
+
+# Queues a service can be assigned to; one worker pool consumes each.
+CAO_QUEUES = env_list("CAO_QUEUES", ["heavy", "medium", "default"])
+
+DRAMATIQ_BROKER = {
+    "BROKER": "dramatiq.brokers.redis.RedisBroker",
+    "OPTIONS": {"url": BROKER_URL},
+    # Listed explicitly: django-dramatiq's defaults add RabbitMQ, Prometheus on
+    # port 9191 and an admin middleware that writes a row per message.
+    "MIDDLEWARE": [
+        "dramatiq.middleware.AgeLimit",
+        "dramatiq.middleware.TimeLimit",
+        "dramatiq.middleware.Callbacks",
+        "dramatiq.middleware.Retries",
+        "django_dramatiq.middleware.DbConnectionsMiddleware",
+    ],
+}
+DRAMATIQ_AUTODISCOVER_MODULES = ["actors"]
+
+# --- Downstream services ----------------------------------------------------
+
+INTERNAL_API_KEY = env_str("INTERNAL_API_KEY")
+HTTP_CONNECT_TIMEOUT_S = env_float("HTTP_CONNECT_TIMEOUT_S", 3.0)
+HTTP_READ_TIMEOUT_S = env_float("HTTP_READ_TIMEOUT_S", 30.0)
+# Per-check timeout of GET /api/v1/health/services (checks run concurrently).
+CAO_HEALTH_TIMEOUT_S = env_float("CAO_HEALTH_TIMEOUT_S", 2.0)
+
+# `<SERVICE_NAME>_URL` overrides the stored base_url of the service named
+# service_name (e.g. FAST_CHAT_LLM_URL for fast_chat_llm). Collected here so
+# the rest of the code never reads the environment.
+_NOT_SERVICE_URLS = {"DATABASE_URL", "REDIS_URL", "BROKER_URL"}
+CAO_SERVICE_URL_OVERRIDES = {
+    name[: -len("_URL")].lower(): value
+    for name, value in os.environ.items()
+    if name.endswith("_URL")
+    and name not in _NOT_SERVICE_URLS
+    and re.fullmatch(r"[A-Z][A-Z0-9_]*_URL", name)
+    and value.strip()
+}
+
+# --- Jobs and maintenance ---------------------------------------------------
+
+JOB_STUCK_SECONDS = env_int("JOB_STUCK_SECONDS", 7200)
+SANITY_CHECK_INTERVAL_SECONDS = env_float("SANITY_CHECK_INTERVAL_SECONDS", 60)
+
+# --- API ----------------------------------------------------------------------
+
+REST_FRAMEWORK = {
+    "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
+    "EXCEPTION_HANDLER": "common.api_errors.exception_handler",
+    "DEFAULT_RENDERER_CLASSES": ["rest_framework.renderers.JSONRenderer"],
+    "DEFAULT_PARSER_CLASSES": ["rest_framework.parsers.JSONParser"],
+    "DEFAULT_AUTHENTICATION_CLASSES": [],
+    "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.AllowAny"],
+    "UNAUTHENTICATED_USER": None,
+}
+
+SPECTACULAR_SETTINGS = {
+    "TITLE": "CAO Gateway API",
+    "DESCRIPTION": (
+        "Orchestration gateway for multi-step AI workflows: start a feature (recipe), "
+        "watch its steps run under per-service concurrency limits, resume or cancel it."
+    ),
+    "VERSION": "1.0.0",
+    "SERVE_INCLUDE_SCHEMA": False,
+    "SWAGGER_UI_DIST": "SIDECAR",
+    "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
+    "REDOC_DIST": "SIDECAR",
+}
+
+# --- Static files, i18n, logging --------------------------------------------
+
+STATIC_URL = "static/"
+STATIC_ROOT = BASE_DIR / "staticfiles"
+STORAGES = {
+    "default": {"BACKEND": "django.core.files.storage.FileSystemStorage"},
+    "staticfiles": {"BACKEND": "whitenoise.storage.CompressedStaticFilesStorage"},
+}
+# Lets `make run` serve the admin and docs assets straight from the apps.
+WHITENOISE_USE_FINDERS = True
+
+LANGUAGE_CODE = "en-us"
+TIME_ZONE = "UTC"
+USE_I18N = True
+USE_TZ = True
+
+LOG_LEVEL = env_str("LOG_LEVEL", "INFO").upper()
+LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "formatters": {
+        "readable": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"},
+    },
+    "handlers": {
+        "console": {"class": "logging.StreamHandler", "formatter": "readable"},
+    },
+    "root": {"handlers": ["console"], "level": LOG_LEVEL},
+    "loggers": {
+        "django.db.backends": {"level": "INFO"},
+    },
+}

@@ -1,0 +1,177 @@
+"""Make sure PostgreSQL and Redis answer before `make run` / `make test`.
+
+For a local server (127.0.0.1 / localhost) that is installed but stopped, it
+starts it; when it is not installed, it says what to install. It then creates
+the database named in DATABASE_URL when missing. It reads the URLs from the
+project settings, so the defaults live in one place.
+"""
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from urllib.parse import urlsplit
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+os.environ.setdefault("DJANGO_SETTINGS_MODULE", "cao_project.settings")
+# Only the URLs are read here; a placeholder key lets settings import with DEBUG off.
+os.environ.setdefault("SECRET_KEY", "local-backends-check")
+
+LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1", ""}
+
+
+class Problem(Exception):
+    """A backend cannot be made available; the message says what to do."""
+
+
+def port_open(host, port, timeout=1.0):
+    try:
+        with socket.create_connection((host or "127.0.0.1", port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def wait_for_port(host, port, seconds):
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if port_open(host, port):
+            return True
+        time.sleep(0.3)
+    return False
+
+
+def run(command):
+    print(f"  $ {' '.join(command)}", flush=True)
+    return subprocess.run(command, capture_output=True, text=True)
+
+
+def start_postgres():
+    if shutil.which("pg_lsclusters") and shutil.which("pg_ctlcluster"):
+        clusters = run(["pg_lsclusters", "--no-header"]).stdout.split()
+        if len(clusters) >= 2:
+            version, name = clusters[0], clusters[1]
+            result = run(["pg_ctlcluster", "--skip-systemctl-redirect", version, name, "start"])
+            if result.returncode != 0:
+                raise Problem(f"pg_ctlcluster could not start PostgreSQL: {result.stderr.strip()}")
+            return
+    if shutil.which("brew"):
+        run(["brew", "services", "start", "postgresql"])
+        return
+    if shutil.which("systemctl"):
+        run(["systemctl", "start", "postgresql"])
+        return
+    raise Problem(
+        "PostgreSQL is not installed (no pg_ctlcluster, brew or systemctl found). Install it "
+        "(Debian/Ubuntu: `sudo apt install postgresql`; macOS: `brew install postgresql`) or "
+        "set DATABASE_URL to a server you can reach."
+    )
+
+
+def start_redis(port):
+    if not shutil.which("redis-server"):
+        raise Problem(
+            "Redis is not installed. Install it (Debian/Ubuntu: `sudo apt install redis-server`; "
+            "macOS: `brew install redis`) or set REDIS_URL to a server you can reach."
+        )
+    result = run(
+        [
+            "redis-server", "--daemonize", "yes", "--bind", "127.0.0.1", "--port", str(port),
+            "--save", "", "--appendonly", "no",
+        ]
+    )
+    if result.returncode != 0:
+        raise Problem(f"redis-server could not start: {result.stderr.strip() or result.stdout.strip()}")
+
+
+def ensure_postgres(database_url):
+    from cao_project.backends import redact_url
+
+    parts = urlsplit(database_url)
+    host, port = parts.hostname or "127.0.0.1", parts.port or 5432
+    if not port_open(host, port):
+        if host not in LOCAL_HOSTS:
+            raise Problem(f"PostgreSQL at {redact_url(database_url)} does not answer; start it or fix DATABASE_URL.")
+        print(f"PostgreSQL is not running on {host}:{port}; starting it.", flush=True)
+        start_postgres()
+        if not wait_for_port(host, port, 30):
+            raise Problem(f"PostgreSQL did not start listening on {host}:{port} within 30 s.")
+    ensure_database(database_url)
+    print(f"PostgreSQL ok: {redact_url(database_url)}", flush=True)
+
+
+def ensure_database(database_url):
+    import psycopg2
+    from psycopg2 import sql
+
+    from cao_project.backends import redact_url
+
+    parts = urlsplit(database_url)
+    name = parts.path.lstrip("/")
+    params = {
+        "host": parts.hostname or "127.0.0.1",
+        "port": parts.port or 5432,
+        "user": parts.username or os.environ.get("USER", "postgres"),
+        "password": parts.password,
+        "connect_timeout": 5,
+    }
+    last_error = None
+    for maintenance_db in ("postgres", "template1"):
+        try:
+            conn = psycopg2.connect(dbname=maintenance_db, **params)
+            break
+        except psycopg2.OperationalError as exc:
+            last_error = exc
+    else:
+        raise Problem(
+            f"Cannot log in to PostgreSQL at {redact_url(database_url)}: "
+            f"{str(last_error).strip()}. Set DATABASE_URL with a user that may log in, "
+            "e.g. postgresql://USER:PASSWORD@127.0.0.1:5432/cao"
+        )
+    conn.autocommit = True
+    with conn, conn.cursor() as cursor:
+        cursor.execute("SELECT 1 FROM pg_database WHERE datname = %s", [name])
+        if cursor.fetchone() is None:
+            print(f"Creating database {name!r}.", flush=True)
+            cursor.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    conn.close()
+
+
+def ensure_redis(redis_url):
+    import redis
+
+    from cao_project.backends import redact_url
+
+    parts = urlsplit(redis_url)
+    host, port = parts.hostname or "127.0.0.1", parts.port or 6379
+    if not port_open(host, port):
+        if host not in LOCAL_HOSTS:
+            raise Problem(f"Redis at {redact_url(redis_url)} does not answer; start it or fix REDIS_URL.")
+        print(f"Redis is not running on {host}:{port}; starting it.", flush=True)
+        start_redis(port)
+        if not wait_for_port(host, port, 15):
+            raise Problem(f"Redis did not start listening on {host}:{port} within 15 s.")
+    try:
+        redis.Redis.from_url(redis_url, socket_timeout=5).ping()
+    except redis.RedisError as exc:
+        raise Problem(f"Redis at {redact_url(redis_url)} refused a PING: {exc}") from None
+    print(f"Redis ok: {redact_url(redis_url)}", flush=True)
+
+
+def main():
+    from django.conf import settings
+
+    try:
+        ensure_postgres(settings.DATABASE_URL)
+        ensure_redis(settings.REDIS_URL)
+    except Problem as problem:
+        print(f"\nerror: {problem}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

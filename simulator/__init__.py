@@ -1,0 +1,1 @@
+"""A simulator of the downstream AI services, for local runs and tests."""
