@@ -1,0 +1,56 @@
+-- acquire: take a slot for member, or park it as a waiter.
+--
+-- KEYS: holders, granted, waiters, payloads, ticket (see limiter_common.lua)
+-- ARGV[1] member        the lease holder id (e.g. a step attempt)
+-- ARGV[2] limit         concurrency limit, read live by the caller
+-- ARGV[3] ttl_ms        lease time to live
+-- ARGV[4] grant_ttl_ms  how long a hand-off reserves a slot for its waiter
+-- ARGV[5] payload       message to dispatch when this member is handed a slot
+--
+-- Returns {granted (1|0), position (0-based rank among waiters, -1 when
+-- granted), {payloads to dispatch...}}.
+
+local member = ARGV[1]
+local limit = tonumber(ARGV[2])
+local ttl_ms = tonumber(ARGV[3])
+local grant_ttl_ms = tonumber(ARGV[4])
+local payload = ARGV[5]
+
+local now_ms, now_us = server_now()
+drop_expired(now_ms)
+
+-- Already holding (a redelivered message): refresh, idempotently.
+-- Reserved by an earlier hand-off: the reservation becomes the lease, so
+-- occupancy does not change even if the limit was lowered meanwhile.
+if redis.call("zscore", holders, member) or redis.call("zscore", granted, member) then
+    hold(member, now_ms, ttl_ms)
+    local handoffs = pump(now_ms, limit, grant_ttl_ms, nil)
+    return {1, -1, handoffs}
+end
+
+-- Fast path: a free slot and nobody queued without a reservation. Waiters
+-- that hold reservations already own their slots, so they are not "ahead".
+local unreserved = redis.call("zcard", waiters) - redis.call("zcard", granted)
+if unreserved == 0 and occupied() < limit then
+    hold(member, now_ms, ttl_ms)
+    return {1, -1, {}}
+end
+
+-- Park. NX keeps the original ticket of a member that is already waiting, so
+-- a duplicate or early message never loses (or jumps) its place.
+if not redis.call("zscore", waiters, member) then
+    local last = tonumber(redis.call("get", ticket) or "0")
+    local mine = math.max(now_us, last + 1)
+    redis.call("set", ticket, int(mine))
+    redis.call("zadd", waiters, "NX", int(mine), member)
+end
+redis.call("hset", payloads, member, payload)
+
+-- Slots may be free with waiters queued (limit raised, reservation lapsed):
+-- the pump grants in queue order, possibly reaching this member too.
+local handoffs, me_granted = pump(now_ms, limit, grant_ttl_ms, member)
+if me_granted then
+    hold(member, now_ms, ttl_ms)
+    return {1, -1, handoffs}
+end
+return {0, redis.call("zrank", waiters, member), handoffs}

@@ -1,0 +1,98 @@
+-- luacheck: globals KEYS ARGV redis
+-- Prelude shared by every limiter_*.lua script.
+--
+-- orchestration/limiter.py prepends this file to each operation script before
+-- registering it, so an operation is still one EVALSHA: one atomic step.
+--
+-- Every limiter script takes the same KEYS, all under the service's hash tag
+-- ("cao:lim:{<service>}:...") so they live in one cluster slot:
+--
+--   KEYS[1] holders   ZSET  member -> lease expiry, ms since the epoch
+--   KEYS[2] granted   ZSET  member -> reservation expiry, ms; always a subset
+--                           of waiters (a granted waiter keeps its place)
+--   KEYS[3] waiters   ZSET  member -> arrival ticket, us, strictly increasing
+--   KEYS[4] payloads  HASH  member -> opaque message dispatched on hand-off
+--   KEYS[5] ticket    STRING the last ticket handed out
+--
+-- Occupied slots = |holders| + |granted|. Every time comes from the server's
+-- TIME, never from a client, so hosts with skewed clocks agree on expiries.
+
+local holders = KEYS[1]
+local granted = KEYS[2]
+local waiters = KEYS[3]
+local payloads = KEYS[4]
+local ticket = KEYS[5]
+
+-- Scores and tickets exceed the 14 significant digits of Lua's tostring(),
+-- so integers always cross into Redis through an explicit format.
+local function int(n)
+    return string.format("%.0f", n)
+end
+
+-- Returns the server time as (ms, us).
+local function server_now()
+    local t = redis.call("time")
+    local s, us = tonumber(t[1]), tonumber(t[2])
+    return s * 1000 + math.floor(us / 1000), s * 1000000 + us
+end
+
+-- Drops expired leases and lapsed reservations; returns how many. A lapsed
+-- reservation only loses its slot: the waiter stays at the head of the queue
+-- and the next pump grants it (and dispatches its payload) again.
+local function drop_expired(now_ms)
+    return redis.call("zremrangebyscore", holders, "-inf", int(now_ms))
+        + redis.call("zremrangebyscore", granted, "-inf", int(now_ms))
+end
+
+local function occupied()
+    return redis.call("zcard", holders) + redis.call("zcard", granted)
+end
+
+-- Hands free slots to the earliest waiters that hold no reservation yet.
+-- Returns the payloads to dispatch, in queue order, and whether `me` (may be
+-- nil) was among the waiters granted; `me`'s own payload is not returned.
+local function pump(now_ms, limit, grant_ttl_ms, me)
+    local handoffs, me_granted = {}, false
+    local free = limit - occupied()
+    if free <= 0 then
+        return handoffs, me_granted
+    end
+    -- Granted waiters are spread anywhere in the queue, but there are at most
+    -- |granted| of them, so the first |granted| + free waiters contain every
+    -- candidate: the scan is bounded by the limit, not the queue length.
+    local window = redis.call("zcard", granted) + free
+    local expiry = int(now_ms + grant_ttl_ms)
+    for _, member in ipairs(redis.call("zrange", waiters, 0, window - 1)) do
+        if free == 0 then
+            break
+        end
+        if not redis.call("zscore", granted, member) then
+            redis.call("zadd", granted, expiry, member)
+            free = free - 1
+            if member == me then
+                me_granted = true
+            else
+                local payload = redis.call("hget", payloads, member)
+                -- A waiter without a payload cannot be dispatched; it keeps
+                -- the reservation until it lapses or the member shows up.
+                if payload then
+                    handoffs[#handoffs + 1] = payload
+                end
+            end
+        end
+    end
+    return handoffs, me_granted
+end
+
+-- Removes every trace of a member except a lease.
+local function forget_waiter(member)
+    redis.call("zrem", granted, member)
+    redis.call("zrem", waiters, member)
+    redis.call("hdel", payloads, member)
+end
+
+local function hold(member, now_ms, ttl_ms)
+    forget_waiter(member)
+    redis.call("zadd", holders, int(now_ms + ttl_ms), member)
+end
+

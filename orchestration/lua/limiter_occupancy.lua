@@ -1,0 +1,18 @@
+-- occupancy: one consistent snapshot of a service, for ops pages and
+-- metrics. Read-only: expired entries are filtered by score, not removed.
+--
+-- KEYS: holders, granted, waiters, payloads, ticket (see limiter_common.lua)
+-- ARGV: none
+--
+-- Returns {now_ms, {holder, expiry_ms, ...}, {granted, expiry_ms, ...},
+-- {waiter, ticket_us, ...}} with numbers as strings (Lua numbers would be
+-- truncated to integers on the way out, and these exceed 2^31 anyway).
+
+local now_ms = server_now()
+local after_now = "(" .. int(now_ms)
+return {
+    int(now_ms),
+    redis.call("zrangebyscore", holders, after_now, "+inf", "withscores"),
+    redis.call("zrangebyscore", granted, after_now, "+inf", "withscores"),
+    redis.call("zrange", waiters, 0, -1, "withscores"),
+}

@@ -1,0 +1,8 @@
+-- reap: drop expired leases and lapsed reservations, without granting.
+--
+-- KEYS: holders, granted, waiters, payloads, ticket (see limiter_common.lua)
+-- ARGV: none
+--
+-- Returns how many entries were dropped.
+
+return drop_expired(server_now())

@@ -1,0 +1,634 @@
+"""The per-service limiter against a real Redis (db 15, flushed per test)."""
+
+import logging
+import multiprocessing
+import os
+import random
+import signal
+import threading
+import time
+
+import pytest
+import redis
+from django.conf import settings
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+from hypothesis import settings as hypothesis_settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
+
+from orchestration.limiter import Acquisition, LeaseKeeper, Limiter
+from tests.limiter_helpers import Model, dispatch, inbox_of, kept_holder, stress_worker, take_slot
+
+SERVICE = "svc"
+FORK = multiprocessing.get_context("fork")
+
+
+@pytest.fixture
+def client():
+    client = redis.Redis.from_url(settings.REDIS_URL, decode_responses=True)
+    client.flushdb()
+    yield client
+    client.flushdb()
+    client.close()
+
+
+@pytest.fixture
+def limiter(client):
+    return Limiter(client, grant_ttl_s=5)
+
+
+def park(limiter, member, *, limit=1, ttl_s=10):
+    acq = limiter.acquire(SERVICE, member, limit=limit, ttl_s=ttl_s, payload=f"msg:{member}")
+    assert not acq.granted, f"{member} was expected to park"
+    return acq
+
+
+def hold(limiter, member, *, limit=1, ttl_s=10):
+    acq = limiter.acquire(SERVICE, member, limit=limit, ttl_s=ttl_s, payload=f"msg:{member}")
+    assert acq.granted, f"{member} was expected to get a slot"
+    return acq
+
+
+def check_invariants(occupancy, limit):
+    holders = {h.member for h in occupancy.holders}
+    granted = {g.member for g in occupancy.granted}
+    waiters = {w.member for w in occupancy.waiters}
+    assert occupancy.in_use <= limit, occupancy
+    assert not holders & waiters, f"both holder and waiter: {holders & waiters}"
+    assert granted <= waiters, f"granted but not waiting: {granted - waiters}"
+
+
+# Basics ------------------------------------------------------------------
+
+
+def test_keys_share_one_hash_tag(limiter):
+    keys = limiter.keys("billing")
+    assert all(key.startswith("cao:lim:{billing}:") for key in keys)
+    assert len(set(keys)) == 5
+
+
+def test_acquire_is_idempotent_for_a_holder(limiter):
+    assert hold(limiter, "a") == Acquisition(granted=True, position=None, handoffs=())
+    assert hold(limiter, "a").granted
+    assert limiter.occupancy(SERVICE).in_use == 1
+
+
+def test_works_without_decode_responses(client):
+    raw = Limiter(redis.Redis.from_url(settings.REDIS_URL, decode_responses=False))
+    hold(raw, "a")
+    assert park(raw, "b").position == 0
+    assert raw.locate(SERVICE, "b") == "waiter"
+    assert [w.member for w in raw.occupancy(SERVICE).waiters] == ["b"]
+    assert raw.release(SERVICE, "a", limit=1) == ("msg:b",)
+
+
+def test_occupancy_reports_holders_grants_and_waiters(limiter):
+    hold(limiter, "a", limit=2)
+    hold(limiter, "b", limit=2)
+    park(limiter, "c", limit=2)
+    park(limiter, "d", limit=2)
+    limiter.release(SERVICE, "a", limit=2)  # hands the slot to c
+
+    occupancy = limiter.occupancy(SERVICE)
+
+    assert [h.member for h in occupancy.holders] == ["b"]
+    assert [g.member for g in occupancy.granted] == ["c"]
+    assert [w.member for w in occupancy.waiters] == ["c", "d"]
+    assert (occupancy.in_use, occupancy.waiting) == (2, 1)
+    assert 0 <= occupancy.oldest_wait_s < 5
+
+
+# Property 1: never more than `limit` holders --------------------------------
+
+
+def run_stress(url, *, processes, rounds, limit, ttl_s, crash_every=None):
+    lock = FORK.Lock()
+    current = FORK.Value("i", 0, lock=False)
+    peak = FORK.Value("i", 0, lock=False)
+    workers = []
+    for index in range(processes):
+        crashes = crash_every is not None and index % crash_every == 0
+        kwargs = dict(
+            rounds=rounds,
+            limit=limit,
+            ttl_s=ttl_s,
+            lock=lock,
+            current=current,
+            peak=peak,
+            crash_round=rounds // 2 if crashes else None,
+            seed=index,
+        )
+        workers.append(FORK.Process(target=stress_worker, args=(url, SERVICE, index), kwargs=kwargs))
+    for worker in workers:
+        worker.start()
+    deadline = time.monotonic() + 45
+    for worker in workers:
+        worker.join(timeout=max(0.0, deadline - time.monotonic()))
+    for worker in workers:
+        if worker.is_alive():
+            worker.kill()
+    return [w.exitcode for w in workers], peak.value
+
+
+def test_limit_holds_across_processes(client):
+    # Given 8 processes competing for 3 slots, 25 times each,
+    exitcodes, peak = run_stress(settings.REDIS_URL, processes=8, rounds=25, limit=3, ttl_s=2)
+
+    # then every one finished, parked ones woke up through hand-offs,
+    assert exitcodes == [0] * 8
+    # and no more than 3 ever held a slot at once (and the limit was reached).
+    assert peak == 3
+    occupancy = Limiter(client).occupancy(SERVICE)
+    assert (occupancy.in_use, len(occupancy.waiters)) == (0, 0)
+
+
+def test_limit_holds_when_holders_are_killed(client):
+    # Given 8 processes on 3 slots where every other one is SIGKILLed mid-hold,
+    ttl_s = 0.5
+    exitcodes, peak = run_stress(settings.REDIS_URL, processes=8, rounds=12, limit=3, ttl_s=ttl_s, crash_every=2)
+
+    # then the dead never released, yet the living all finished,
+    assert exitcodes == [-signal.SIGKILL, 0] * 4
+    assert peak <= 3
+    # and the dead holders' leases are gone within the ttl.
+    time.sleep(ttl_s)
+    limiter = Limiter(client)
+    assert limiter.occupancy(SERVICE).in_use == 0
+    assert limiter.redispatch_waiters(SERVICE, limit=3) == ()
+
+
+# Property 2: parking never sleeps ------------------------------------------
+
+
+def test_parked_acquires_return_at_once_without_threads(limiter):
+    hold(limiter, "holder")
+    threads = threading.active_count()
+    started = time.perf_counter()
+
+    positions = [park(limiter, f"w{i}").position for i in range(200)]
+
+    assert time.perf_counter() - started < 5  # a blocking acquire would take forever
+    assert positions == list(range(200))
+    assert threading.active_count() == threads
+    assert limiter.occupancy(SERVICE).waiting == 200
+
+
+# Property 3: FIFO hand-off -------------------------------------------------
+
+
+def test_release_hands_the_slot_to_waiters_in_arrival_order(limiter):
+    hold(limiter, "h")
+    for member in ["w0", "w1", "w2"]:
+        park(limiter, member)
+
+    previous = "h"
+    for member in ["w0", "w1", "w2"]:
+        # The release call itself returns the head waiter's message: no polling.
+        assert limiter.release(SERVICE, previous, limit=1) == (f"msg:{member}",)
+        assert limiter.locate(SERVICE, member) == "granted"
+        hold(limiter, member)
+        previous = member
+    assert limiter.release(SERVICE, previous, limit=1) == ()
+
+
+def test_newcomer_does_not_take_a_slot_reserved_for_a_waiter(limiter):
+    hold(limiter, "h")
+    park(limiter, "w")
+    assert limiter.release(SERVICE, "h", limit=1) == ("msg:w",)
+
+    # The slot is free but reserved: a newcomer queues behind.
+    assert park(limiter, "late").position == 1
+    hold(limiter, "w")
+
+
+def test_early_duplicate_acquire_keeps_the_original_place(limiter):
+    hold(limiter, "h")
+    for member in ["w0", "w1", "w2"]:
+        park(limiter, member)
+
+    assert park(limiter, "w1").position == 1
+    assert park(limiter, "w0").position == 0
+    assert limiter.release(SERVICE, "h", limit=1) == ("msg:w0",)
+
+
+def test_lapsed_grant_keeps_its_place_and_is_handed_off_again(client):
+    limiter = Limiter(client, grant_ttl_s=0.3)
+    hold(limiter, "h")
+    park(limiter, "w0")
+    park(limiter, "w1")
+    assert limiter.release(SERVICE, "h", limit=1) == ("msg:w0",)
+
+    # Given the message dispatched to w0 is lost, its reservation lapses,
+    time.sleep(0.35)
+    assert limiter.locate(SERVICE, "w0") == "waiter"
+    # but w0 stays first in line and maintenance dispatches it again.
+    assert limiter.redispatch_waiters(SERVICE, limit=1) == ("msg:w0",)
+    assert limiter.redispatch_waiters(SERVICE, limit=1) == ()
+    assert park(limiter, "w1").position == 1
+    hold(limiter, "w0")
+
+
+def test_late_message_of_a_lapsed_grant_still_takes_the_slot(client):
+    limiter = Limiter(client, grant_ttl_s=0.3)
+    hold(limiter, "h")
+    park(limiter, "w0")
+    park(limiter, "w1")
+    limiter.release(SERVICE, "h", limit=1)
+    time.sleep(0.35)
+
+    # w0's message was only slow: it is still the head, so it gets the slot.
+    assert hold(limiter, "w0").handoffs == ()
+    assert limiter.locate(SERVICE, "w1") == "waiter"
+
+
+def test_release_withdraws_a_parked_member(limiter):
+    hold(limiter, "h")
+    park(limiter, "w0")
+    park(limiter, "w1")
+
+    assert limiter.release(SERVICE, "w0", limit=1) == ()
+    assert limiter.locate(SERVICE, "w0") is None
+    assert limiter.release(SERVICE, "h", limit=1) == ("msg:w1",)
+    assert limiter.release(SERVICE, "h", limit=1) == ()  # idempotent
+
+
+def test_withdrawing_a_granted_member_passes_its_slot_on(limiter):
+    hold(limiter, "h")
+    park(limiter, "w0")
+    park(limiter, "w1")
+    limiter.release(SERVICE, "h", limit=1)
+
+    assert limiter.release(SERVICE, "w0", limit=1) == ("msg:w1",)
+
+
+# Property 4: crash safety ----------------------------------------------------
+
+
+def test_expired_holder_is_cleaned_up_by_the_next_acquire(limiter):
+    hold(limiter, "dead", ttl_s=0.3)
+    park(limiter, "w0")
+    time.sleep(0.35)
+
+    # No reaper ran: the next acquire drops the dead lease and hands its slot
+    # to the head of the queue, not to itself.
+    acq = limiter.acquire(SERVICE, "newcomer", limit=1, ttl_s=10, payload="msg:newcomer")
+
+    assert acq == Acquisition(granted=False, position=1, handoffs=("msg:w0",))
+    assert limiter.locate(SERVICE, "dead") is None
+
+
+def test_expired_holder_is_cleaned_up_by_redispatch_and_release(limiter):
+    hold(limiter, "dead", limit=2, ttl_s=0.3)
+    hold(limiter, "live", limit=2)
+    park(limiter, "w0", limit=2)
+    park(limiter, "w1", limit=2)
+    time.sleep(0.35)
+
+    assert limiter.release(SERVICE, "live", limit=2) == ("msg:w0", "msg:w1")
+
+
+def test_reap_drops_expired_leases_and_grants(client):
+    limiter = Limiter(client, grant_ttl_s=0.3)
+    hold(limiter, "dead", limit=2, ttl_s=0.3)
+    hold(limiter, "h", limit=2)
+    park(limiter, "w", limit=2)
+    limiter.release(SERVICE, "h", limit=2)  # w granted
+    time.sleep(0.35)
+
+    assert limiter.locate(SERVICE, "dead") is None  # expired counts as absent
+    assert limiter.reap(SERVICE) == 2
+    assert limiter.locate(SERVICE, "w") == "waiter"
+
+
+def test_lease_keeper_keeps_a_live_holder_beyond_several_ttls(limiter):
+    keeper = LeaseKeeper(limiter)
+    hold(limiter, "busy", ttl_s=0.3)
+    park(limiter, "w")
+    try:
+        with keeper.keep(SERVICE, "busy", 0.3):
+            for _ in range(6):
+                time.sleep(0.2)
+                assert limiter.redispatch_waiters(SERVICE, limit=1) == ()
+                assert limiter.locate(SERVICE, "busy") == "holder"
+        assert limiter.release(SERVICE, "busy", limit=1) == ("msg:w",)
+    finally:
+        keeper.close()
+
+
+def test_killed_holder_process_loses_its_slot_within_ttl(client, limiter):
+    # Given a holder in another process, kept alive by its LeaseKeeper,
+    ttl_s = 0.5
+    ready = FORK.Event()
+    child = FORK.Process(target=kept_holder, args=(settings.REDIS_URL, SERVICE, "child", ttl_s, ready))
+    child.start()
+    try:
+        assert ready.wait(10)
+        park(limiter, "w")
+        time.sleep(3 * ttl_s)
+        assert limiter.redispatch_waiters(SERVICE, limit=1) == ()
+
+        # when it is SIGKILLed,
+        os.kill(child.pid, signal.SIGKILL)
+        killed = time.monotonic()
+        child.join(5)
+
+        # then maintenance hands its slot to the waiter within the ttl.
+        while not (handoffs := limiter.redispatch_waiters(SERVICE, limit=1)):
+            assert time.monotonic() - killed < ttl_s + 0.5, "slot not recovered"
+            time.sleep(0.02)
+        assert handoffs == ("msg:w",)
+    finally:
+        if child.is_alive():
+            child.kill()
+
+
+class CountingLimiter(Limiter):
+    """A real limiter that records renewals."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.renewals = []
+
+    def renew(self, service, member, *, ttl_s):
+        self.renewals.append(member)
+        return super().renew(service, member, ttl_s=ttl_s)
+
+
+def test_lease_keeper_renews_each_lease_every_third_of_its_ttl(client):
+    now = [1000.0]
+    limiter = CountingLimiter(client)
+    keeper = LeaseKeeper(limiter, clock=lambda: now[0], autostart=False)
+    try:
+        short = keeper.track(SERVICE, "short", 30)
+        keeper.track(SERVICE, "long", 60)
+        assert keeper.tick() == 10
+        assert limiter.renewals == []
+
+        now[0] += 10
+        assert keeper.tick() == 10
+        assert limiter.renewals == ["short"]
+
+        now[0] += 10
+        assert keeper.tick() == 10
+        assert sorted(limiter.renewals) == ["long", "short", "short"]
+
+        keeper.untrack(short)
+        now[0] += 10
+        assert keeper.tick() == 10
+        assert sorted(limiter.renewals) == ["long", "short", "short"]
+        assert limiter.locate(SERVICE, "short") == "holder"  # renew re-added it
+    finally:
+        keeper.close()
+
+
+def test_lease_keeper_thread_idles_without_wakeups(limiter):
+    keeper = LeaseKeeper(limiter)
+    try:
+        with keeper.keep(SERVICE, "a", 0.3):
+            time.sleep(0.35)
+        assert keeper.wakeups >= 2
+        time.sleep(0.2)  # lets the thread see the lease is gone
+        wakeups = keeper.wakeups
+        time.sleep(0.5)
+        assert keeper.wakeups == wakeups
+        assert keeper.tracked == 0
+    finally:
+        keeper.close()
+
+
+def test_lease_keeper_logs_renewal_failures_and_never_raises(caplog):
+    unreachable = redis.Redis(host="127.0.0.1", port=1, socket_connect_timeout=0.1, retry=Retry(NoBackoff(), 0))
+    down = Limiter(unreachable)
+    keeper = LeaseKeeper(down)
+    try:
+        with caplog.at_level(logging.WARNING, logger="orchestration.limiter"):
+            with keeper.keep(SERVICE, "a", 0.15):
+                time.sleep(0.25)
+        messages = [r.getMessage() for r in caplog.records]
+        assert len(messages) >= 2  # retried at the next tick
+        assert all("Could not renew the lease of a on svc" in m for m in messages)
+    finally:
+        keeper.close()
+
+
+# Property 5: atomic transitions keep the invariants --------------------------
+
+
+MEMBERS = ["m0", "m1", "m2", "m3", "m4", "m5"]
+
+
+class LimiterMatchesModel(RuleBasedStateMachine):
+    """Random sequences of calls give exactly the answers of the Python model."""
+
+    @initialize()
+    def setup(self):
+        self.client = redis.Redis.from_url(settings.REDIS_URL, decode_responses=True)
+        self.limiter = Limiter(self.client, grant_ttl_s=60)
+        self.service = f"model-{random.getrandbits(64)}"
+        self.model = Model()
+        self.sent = 0
+        self.limit = 0
+
+    def teardown(self):
+        if hasattr(self, "limiter"):
+            self.client.delete(*self.limiter.keys(self.service))
+            self.client.close()
+
+    @rule(member=st.sampled_from(MEMBERS), limit=st.integers(0, 4))
+    def acquire(self, member, limit):
+        self.sent += 1
+        self.limit = limit
+        payload = f"{member}#{self.sent}"
+        acq = self.limiter.acquire(self.service, member, limit=limit, ttl_s=60, payload=payload)
+        assert (acq.granted, acq.position, acq.handoffs) == self.model.acquire(member, limit, payload)
+
+    @rule(member=st.sampled_from(MEMBERS), limit=st.integers(0, 4))
+    def release(self, member, limit):
+        self.limit = limit
+        assert self.limiter.release(self.service, member, limit=limit) == self.model.release(member, limit)
+
+    @rule(limit=st.integers(0, 4))
+    def redispatch(self, limit):
+        self.limit = limit
+        assert self.limiter.redispatch_waiters(self.service, limit=limit) == tuple(self.model.pump(limit)[0])
+
+    @invariant()
+    def same_state(self):
+        if not hasattr(self, "limiter"):
+            return
+        occupancy = self.limiter.occupancy(self.service)
+        assert {h.member for h in occupancy.holders} == self.model.holders
+        assert {g.member for g in occupancy.granted} == self.model.granted
+        assert [w.member for w in occupancy.waiters] == self.model.waiters
+        for member in MEMBERS:
+            assert self.limiter.locate(self.service, member) == self.model.locate(member)
+        assert not self.model.holders & set(self.model.waiters)
+        assert self.model.granted <= set(self.model.waiters)
+
+
+TestLimiterMatchesModel = LimiterMatchesModel.TestCase
+TestLimiterMatchesModel.settings = hypothesis_settings(
+    max_examples=60, stateful_step_count=30, deadline=None, database=None
+)
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_random_concurrent_schedule_keeps_invariants(client, seed):
+    # Given 6 threads running jobs on 2 slots, with random holds, duplicate
+    # acquires, withdrawals and maintenance runs in between,
+    limit, ttl_s = 2, 2
+    limiter = Limiter(client, grant_ttl_s=5)
+    lock = threading.Lock()
+    state = {"current": 0, "peak": 0, "done": 0, "withdrawn": 0}
+    errors = []
+    stop = threading.Event()
+
+    def job_thread(index):
+        rng = random.Random(seed * 100 + index)
+        try:
+            for k in range(15):
+                member = f"t{index}-{k}"
+                if rng.random() < 0.15:  # a job cancelled right after asking
+                    acq = limiter.acquire(SERVICE, member, limit=limit, ttl_s=ttl_s, payload=inbox_of(member))
+                    dispatch(client, acq.handoffs)
+                    dispatch(client, limiter.release(SERVICE, member, limit=limit))
+                    with lock:
+                        state["withdrawn"] += 1
+                    continue
+                take_slot(limiter, client, SERVICE, member, limit=limit, ttl_s=ttl_s)
+                with lock:
+                    state["current"] += 1
+                    state["peak"] = max(state["peak"], state["current"])
+                if rng.random() < 0.3:  # a redelivered message
+                    assert limiter.acquire(SERVICE, member, limit=limit, ttl_s=ttl_s, payload="dup").granted
+                if rng.random() < 0.3:
+                    dispatch(client, limiter.redispatch_waiters(SERVICE, limit=limit))
+                time.sleep(rng.uniform(0, 0.003))
+                with lock:
+                    state["current"] -= 1
+                    state["done"] += 1
+                dispatch(client, limiter.release(SERVICE, member, limit=limit))
+        except Exception as exc:  # surfaced by the main thread
+            errors.append(exc)
+
+    def monitor():
+        while not stop.is_set():
+            try:
+                check_invariants(limiter.occupancy(SERVICE), limit)
+            except AssertionError as exc:
+                errors.append(exc)
+                return
+
+    threads = [threading.Thread(target=job_thread, args=(i,)) for i in range(6)]
+    watcher = threading.Thread(target=monitor)
+    watcher.start()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    stop.set()
+    watcher.join(5)
+
+    # then no snapshot broke an invariant, the real holders never exceeded
+    # the limit, and every job that waited was granted in the end.
+    assert errors == []
+    assert state["peak"] <= limit
+    assert state["done"] + state["withdrawn"] == 6 * 15
+    final = limiter.occupancy(SERVICE)
+    assert (final.in_use, len(final.waiters)) == (0, 0)
+
+
+# Limit changes ---------------------------------------------------------------
+
+
+def test_raising_the_limit_hands_extra_slots_to_waiters_at_the_next_call(limiter):
+    hold(limiter, "h", limit=1)
+    for member in ["w0", "w1", "w2"]:
+        park(limiter, member, limit=1)
+
+    # An admin raises the limit to 3: the next call hands out the two new slots.
+    acq = limiter.acquire(SERVICE, "late", limit=3, ttl_s=10, payload="msg:late")
+
+    assert acq == Acquisition(granted=False, position=3, handoffs=("msg:w0", "msg:w1"))
+    assert limiter.release(SERVICE, "h", limit=3) == ("msg:w2",)
+
+
+def test_raising_the_limit_through_redispatch(limiter):
+    hold(limiter, "h", limit=1)
+    park(limiter, "w0", limit=1)
+
+    assert limiter.redispatch_waiters(SERVICE, limit=2) == ("msg:w0",)
+
+
+def test_lowering_the_limit_grants_nothing_until_holders_drop_below(limiter):
+    for member in ["h0", "h1", "h2"]:
+        hold(limiter, member, limit=3)
+    park(limiter, "w0", limit=3)
+
+    assert limiter.release(SERVICE, "h0", limit=1) == ()
+    assert limiter.release(SERVICE, "h1", limit=1) == ()
+    assert park(limiter, "w1", limit=1).position == 1
+    assert limiter.release(SERVICE, "h2", limit=1) == ("msg:w0",)
+
+
+def test_a_reserved_slot_survives_a_lowered_limit(limiter):
+    hold(limiter, "h0", limit=2)
+    hold(limiter, "h1", limit=2)
+    park(limiter, "w", limit=2)
+    limiter.release(SERVICE, "h0", limit=2)  # w granted
+
+    assert hold(limiter, "w", limit=1).handoffs == ()
+    assert limiter.occupancy(SERVICE).in_use == 2
+
+
+def test_limit_zero_parks_everyone(limiter):
+    assert park(limiter, "a", limit=0).position == 0
+    assert limiter.redispatch_waiters(SERVICE, limit=0) == ()
+    assert limiter.redispatch_waiters(SERVICE, limit=1) == ("msg:a",)
+
+
+def test_invalid_arguments_are_rejected(limiter):
+    with pytest.raises(ValueError, match="limit must be >= 0, got -1"):
+        limiter.acquire(SERVICE, "a", limit=-1, ttl_s=1, payload="p")
+    with pytest.raises(ValueError, match="ttl must be positive, got 0"):
+        limiter.acquire(SERVICE, "a", limit=1, ttl_s=0, payload="p")
+
+
+# Redis losing its state, server time ------------------------------------------
+
+
+def test_renew_re_adds_a_holder_lost_by_flushdb(client, limiter):
+    hold(limiter, "a")
+    assert limiter.renew(SERVICE, "a", ttl_s=10) is True
+
+    client.flushdb()
+
+    # The call is still in flight, so it must count against the limit again.
+    assert limiter.renew(SERVICE, "a", ttl_s=10) is False
+    assert limiter.locate(SERVICE, "a") == "holder"
+    assert park(limiter, "b").position == 0
+
+
+def test_renew_of_an_expired_lease_reports_it_lost(limiter):
+    hold(limiter, "a", ttl_s=0.2)
+    time.sleep(0.25)
+    assert limiter.renew(SERVICE, "a", ttl_s=10) is False
+    assert limiter.renew(SERVICE, "a", ttl_s=10) is True
+
+
+def test_expiries_follow_the_redis_server_clock(client, limiter):
+    seconds, micros = client.time()
+    server_before = seconds + micros / 1e6
+    hold(limiter, "a", ttl_s=10)
+    park(limiter, "b")
+    seconds, micros = client.time()
+    server_after = seconds + micros / 1e6
+
+    occupancy = limiter.occupancy(SERVICE)
+    lease = client.zscore(limiter.keys(SERVICE)[0], "a") / 1000
+
+    assert server_before + 10 - 0.002 <= lease <= server_after + 10
+    assert occupancy.holders[0].expires_at == lease
+    assert server_before - 0.002 <= occupancy.waiters[0].since <= server_after
+    assert server_after - 0.002 <= occupancy.now <= server_after + 1
