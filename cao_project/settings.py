@@ -12,12 +12,21 @@ from pathlib import Path
 
 import dj_database_url
 from django.core.exceptions import ImproperlyConfigured
+from dotenv import load_dotenv
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 
+# A local .env (written by `make run` with a generated SECRET_KEY) fills in
+# what the real environment does not set; the real environment always wins.
+# CAO_ENV_FILE names another file; empty turns the file off.
+_env_file = os.environ.get("CAO_ENV_FILE", str(BASE_DIR / ".env"))
+if _env_file:
+    load_dotenv(_env_file, override=False)
+
 
 def env_str(name, default=""):
-    return os.environ.get(name, default)
+    """The variable's value; unset and empty both mean the default."""
+    return os.environ.get(name) or default
 
 
 def env_bool(name, default=False):
@@ -84,6 +93,7 @@ INSTALLED_APPS = [
     "drf_spectacular_sidecar",
     "channels",
     "django_dramatiq",
+    "api_keys",
     "services_registry",
     "jobs",
     "orchestration",
@@ -160,6 +170,7 @@ DRAMATIQ_BROKER = {
         "dramatiq.middleware.Callbacks",
         "dramatiq.middleware.Retries",
         "django_dramatiq.middleware.DbConnectionsMiddleware",
+        "orchestration.middleware.RequireBackends",
     ],
 }
 DRAMATIQ_AUTODISCOVER_MODULES = ["actors"]
@@ -187,18 +198,48 @@ CAO_SERVICE_URL_OVERRIDES = {
 
 # --- Jobs and maintenance ---------------------------------------------------
 
+# Retries of a failed step: exponential backoff with jitter, from base to cap.
+CAO_RETRY_BASE_DELAY_S = env_float("CAO_RETRY_BASE_DELAY_S", 1.0)
+CAO_RETRY_MAX_DELAY_S = env_float("CAO_RETRY_MAX_DELAY_S", 60.0)
+# How long a freed slot stays reserved for the waiter it was handed to.
+CAO_HANDOFF_TTL_S = env_float("CAO_HANDOFF_TTL_S", 30.0)
+# Maintenance re-sends a step whose message, place in line or lease vanished
+# (e.g. Redis restarted) once it has been missing for this long.
+CAO_REDISPATCH_GRACE_SECONDS = env_float("CAO_REDISPATCH_GRACE_SECONDS", 30.0)
+# A sent step message is presumed lost after this long in the broker.
+CAO_DISPATCH_MARKER_TTL_SECONDS = env_float("CAO_DISPATCH_MARKER_TTL_SECONDS", 900.0)
+# How often a step message is retried while PostgreSQL or Redis is down.
+CAO_INFRA_MAX_RETRIES = env_int("CAO_INFRA_MAX_RETRIES", 60)
+# How long a worker keeps retrying to record a finished call while PostgreSQL is down.
+CAO_RECORD_RETRY_SECONDS = env_float("CAO_RECORD_RETRY_SECONDS", 300.0)
+# Whether downstream calls honour HTTP(S)_PROXY / NO_PROXY and .netrc.
+CAO_HTTP_TRUST_ENV = env_bool("CAO_HTTP_TRUST_ENV", False)
+
 JOB_STUCK_SECONDS = env_int("JOB_STUCK_SECONDS", 7200)
-SANITY_CHECK_INTERVAL_SECONDS = env_float("SANITY_CHECK_INTERVAL_SECONDS", 60)
+SANITY_CHECK_INTERVAL_SECONDS = env_float("SANITY_CHECK_INTERVAL_SECONDS", 60.0)
 
 # --- API ----------------------------------------------------------------------
+
+# Lets requests without an API key in (as one shared anonymous client). For
+# local development only; off by default.
+CAO_ALLOW_ANONYMOUS = env_bool("CAO_ALLOW_ANONYMOUS", False)
+# Lifetime of the signed token in monitor_url.
+CAO_MONITOR_TOKEN_MAX_AGE_S = env_int("CAO_MONITOR_TOKEN_MAX_AGE_S", 24 * 3600)
+# Behind a TLS-terminating proxy that sets X-Forwarded-Proto, monitor_url uses wss://.
+if env_bool("CAO_TRUST_X_FORWARDED_PROTO", False):
+    SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
 
 REST_FRAMEWORK = {
     "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
     "EXCEPTION_HANDLER": "common.api_errors.exception_handler",
     "DEFAULT_RENDERER_CLASSES": ["rest_framework.renderers.JSONRenderer"],
     "DEFAULT_PARSER_CLASSES": ["rest_framework.parsers.JSONParser"],
-    "DEFAULT_AUTHENTICATION_CLASSES": [],
-    "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.AllowAny"],
+    "DEFAULT_AUTHENTICATION_CLASSES": [
+        "api_keys.authentication.ApiKeyAuthentication",
+        # Staff browsing the web pages call the API with their session (CSRF-checked).
+        "rest_framework.authentication.SessionAuthentication",
+    ],
+    "DEFAULT_PERMISSION_CLASSES": ["api_keys.authentication.IsApiClient"],
     "UNAUTHENTICATED_USER": None,
 }
 

@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -43,16 +44,51 @@ def local_secret(name, generate):
     return path.read_text().strip()
 
 
+def ensure_dotenv():
+    """Give this checkout a SECRET_KEY in .env (settings load it), so every
+    `manage.py` command works here too, not only the processes started by this script."""
+    path = ROOT / ".env"
+    lines = path.read_text().splitlines() if path.exists() else []
+    if not any(line.startswith("SECRET_KEY=") for line in lines):
+        lines.append(f"SECRET_KEY={secrets.token_urlsafe(50)}")
+        path.write_text("\n".join(lines) + "\n")
+        path.chmod(0o600)
+
+
 def base_environment():
+    ensure_dotenv()
     env = dict(os.environ)
-    env.setdefault("SECRET_KEY", local_secret("secret_key", lambda: secrets.token_urlsafe(50)))
     env["PYTHONUNBUFFERED"] = "1"
     return env
 
 
-def stack_processes(*, python, host, port):
+# Worker pools per queue: (processes, threads). Parked steps hold no thread,
+# so threads bound concurrent downstream calls per queue on this machine.
+WORKER_POOLS = {"heavy": (1, 4), "medium": (1, 16), "default": (1, 16)}
+SERVICES = ["video_gen_v2", "fast_chat_llm", "summarizer_pro", "prompt_enhancer", "email_notifier"]
+
+
+def simulator_env(env, simulator_port):
+    """Point every service whose URL the caller did not set at the bundled simulator."""
+    return {
+        f"{name.upper()}_URL": f"http://127.0.0.1:{simulator_port}/{name}"
+        for name in SERVICES
+        if not env.get(f"{name.upper()}_URL")
+    }
+
+
+def stack_processes(
+    *, python, host, port, simulator_port, simulator_args=(), queues=("heavy", "medium", "default")
+):
     """The processes of a local stack, in start order."""
-    return [
+    specs = [
+        ProcessSpec(
+            "simulator",
+            [
+                python, "manage.py", "simulate_services", "--host", "127.0.0.1", "--port", str(simulator_port),
+                *simulator_args,
+            ],
+        ),
         ProcessSpec(
             "api",
             [
@@ -61,6 +97,19 @@ def stack_processes(*, python, host, port):
             ],
         ),
     ]
+    for queue in queues:
+        processes, threads = WORKER_POOLS.get(queue, (1, 8))
+        specs.append(
+            ProcessSpec(
+                f"worker_{queue}",
+                [
+                    python, "manage.py", "rundramatiq", "--queues", queue,
+                    "--processes", str(processes), "--threads", str(threads),
+                ],
+            )
+        )
+    specs.append(ProcessSpec("scheduler", [python, "manage.py", "run_scheduler"]))
+    return specs
 
 
 class Stack:
@@ -93,27 +142,45 @@ class Stack:
         for name in self.specs:
             self.start(name)
 
-    def signal(self, name, signum):
+    def signal(self, name, signum, *, group=False):
+        """Signal a process; with ``group``, its children too (they share its process group)."""
         process = self.processes.get(name)
         if process and process.poll() is None:
-            os.killpg(process.pid, signum)
+            if group:
+                os.killpg(process.pid, signum)
+            else:
+                # Only the leader: a Dramatiq master forwards SIGTERM to its
+                # worker processes itself, and a second one would make them
+                # exit without finishing their current messages.
+                os.kill(process.pid, signum)
 
-    def stop(self, name, timeout=10):
+    def kill(self, name):
+        """SIGKILL a process and everything it started."""
         process = self.processes.get(name)
-        if process is None or process.poll() is not None:
-            return
-        self.signal(name, signal.SIGTERM)
-        try:
-            process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.signal(name, signal.SIGKILL)
+        if process is not None:
+            try:
+                os.killpg(process.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
             process.wait()
 
-    def stop_all(self):
-        for name in reversed(list(self.processes)):
+    def stop(self, name, timeout=15):
+        self.stop_all([name], timeout=timeout)
+
+    def stop_all(self, names=None, timeout=15):
+        """SIGTERM once (a second one makes Dramatiq abandon its messages), wait, then SIGKILL."""
+        names = list(reversed(list(self.processes))) if names is None else names
+        for name in names:
             self.signal(name, signal.SIGTERM)
-        for name in reversed(list(self.processes)):
-            self.stop(name)
+        deadline = time.monotonic() + timeout
+        for name in names:
+            process = self.processes.get(name)
+            if process is None:
+                continue
+            try:
+                process.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                self.kill(name)
 
     def exited(self):
         """Names and exit codes of processes that stopped."""
@@ -128,14 +195,29 @@ def manage(python, env, *args, check=True):
     return subprocess.run([python, "manage.py", *args], cwd=ROOT, env=env, check=check)
 
 
+def http_json(url, *, method="GET", body=None, api_key=None, timeout=5):
+    """(status, parsed JSON body) of one request; (None, None) when nothing answers."""
+    headers = {"Content-Type": "application/json"}
+    if api_key:
+        headers["X-API-Key"] = api_key
+    data = json.dumps(body).encode() if body is not None else None
+    request = urllib.request.Request(url, data=data, method=method, headers=headers)
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return response.status, json.load(response)
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read() or b"null")
+    except OSError:
+        return None, None
+
+
 def wait_http(url, seconds):
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(url, timeout=2) as response:
-                return json.load(response)
-        except OSError:
-            time.sleep(0.2)
+        status, body = http_json(url, timeout=2)
+        if status == 200:
+            return body
+        time.sleep(0.2)
     return None
 
 
@@ -164,20 +246,83 @@ def ensure_local_admin(python, env):
     return "admin", password
 
 
+def ensure_local_api_key(python, env, base_url):
+    """A staff API key for local use, kept in .run/api_key and recreated when the database lost it."""
+    path = RUN_DIR / "api_key"
+    if path.exists():
+        status, _ = http_json(f"{base_url}/api/v1/jobs?limit=1", api_key=path.read_text().strip())
+        if status == 200:
+            return path.read_text().strip()
+    result = subprocess.run(
+        [python, "manage.py", "create_api_key", "local-dev", "--staff"],
+        cwd=ROOT, env=env, capture_output=True, text=True, check=True,
+    )
+    path.write_text(result.stdout.strip().splitlines()[-1])
+    path.chmod(0o600)
+    return path.read_text().strip()
+
+
+def run_demo(base_url, api_key, *, timeout=120):
+    """Submit a business_plan job and print its steps as they happen."""
+    status, body = http_json(
+        f"{base_url}/api/v1/jobs",
+        method="POST",
+        body={"feature_name": "business_plan", "input_data": {"business_name": "Acme Labs", "idea": "AI tea"}},
+        api_key=api_key,
+    )
+    if status != 201:
+        print(f"error: the demo job was refused ({status}): {body}", file=sys.stderr)
+        return False
+    job_id = body["job_id"]
+    print(f"Demo job {job_id} (business_plan)\n  watch it live: {body['monitor_url']}", flush=True)
+    started, after = time.monotonic(), 0
+    while time.monotonic() - started < timeout:
+        status, page = http_json(f"{base_url}/api/v1/jobs/{job_id}/events?after={after}", api_key=api_key)
+        for event in (page or {}).get("events", []):
+            after = event["seq"]
+            print("  " + describe_event(event), flush=True)
+            if event["type"] in ("JOB_COMPLETED", "JOB_ERROR", "JOB_CANCELLED"):
+                print(f"  ({time.monotonic() - started:.1f} s)\n", flush=True)
+                return event["type"] == "JOB_COMPLETED"
+        time.sleep(0.2)
+    print(f"error: the demo job did not finish within {timeout} s; see the worker logs.", file=sys.stderr)
+    return False
+
+
+def describe_event(event):
+    step = ""
+    if "step_index" in event:
+        step = f"[{event['step_index'] + 1}/{event['total_steps']}] {event['step_name']:<16} "
+    return f"{event['type']:<16} {step}{event['message']}"
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--demo", action="store_true", help="submit a demo job and show its progress")
     parser.add_argument("--host", default=os.environ.get("HOST", "127.0.0.1"))
     parser.add_argument("--port", type=int, default=int(os.environ.get("PORT", "8000")))
+    parser.add_argument(
+        "--simulator-port", type=int, default=int(os.environ.get("CAO_SIMULATOR_PORT", "9100"))
+    )
     args = parser.parse_args(argv)
 
     python = sys.executable
     env = base_environment()
+    env.update(simulator_env(env, args.simulator_port))
     manage(python, env, "migrate", "--noinput", "-v", "0")
+    manage(python, env, "collectstatic", "--noinput", "-v", "0")
     username, password = ensure_local_admin(python, env)
 
     log_dir = new_log_dir()
-    stack = Stack(stack_processes(python=python, host=args.host, port=args.port), env=env, log_dir=log_dir)
+    specs = stack_processes(
+        python=python,
+        host=args.host,
+        port=args.port,
+        simulator_port=args.simulator_port,
+        # The demo's services take a moment, like real ones, so progress is visible.
+        simulator_args=["--latency", "*=400ms~150ms"] if args.demo else [],
+    )
+    stack = Stack(specs, env=env, log_dir=log_dir)
     base = f"http://{args.host}:{args.port}"
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     try:
@@ -185,15 +330,19 @@ def main(argv=None):
         if wait_http(f"{base}/api/v1/health", 30) is None:
             print(f"error: the API did not come up; see {log_dir / 'api.log'}", file=sys.stderr)
             return 1
+        api_key = ensure_local_api_key(python, env, base)
         print(
-            f"\nCAO Gateway is running.\n"
+            f"\nCAO Gateway is running ({', '.join(spec.name for spec in specs)}).\n"
             f"  API       {base}/api/v1/\n"
             f"  API docs  {base}/api/v1/docs\n"
             f"  Admin     {base}/admin/  (user {username}, password {password})\n"
-            f"  Logs      {log_dir} (also .run/logs/latest)\n"
-            f"Press Ctrl-C to stop.\n",
+            f"  API key   {api_key}  (staff; also in .run/api_key)\n"
+            f"  Logs      {log_dir} (also .run/logs/latest)\n",
             flush=True,
         )
+        if args.demo:
+            run_demo(base, api_key)
+        print("Press Ctrl-C to stop.", flush=True)
         while True:
             exited = stack.exited()
             if exited:

@@ -10,8 +10,6 @@ from services_registry.models import Recipe, RecipeStep, Service
 
 
 class ServiceForm(forms.ModelForm):
-    base_url = forms.URLField(max_length=500, assume_scheme="http")
-
     class Meta:
         model = Service
         fields = "__all__"
@@ -75,7 +73,6 @@ class RecipeStepFormSet(forms.BaseInlineFormSet):
     """Checks the step list as a whole, with the same rule the model applies."""
 
     def clean(self):
-        super().clean()
         if any(self.errors):
             return
         kept = [
@@ -89,6 +86,7 @@ class RecipeStepFormSet(forms.BaseInlineFormSet):
             raise ValidationError(
                 f"Two steps share position {', '.join(map(str, duplicates))}: give each step its own."
             )
+        super().clean()
         if self.instance.enabled or not self.instance.pk:
             ordered = sorted(kept, key=lambda data: data["position"])
             Recipe.validate_steps([data["service"] for data in ordered])

@@ -13,13 +13,13 @@ from services_registry.health import check_services
 class FeatureListApi(APIView):
     """The features (recipes) a client can start, with their steps."""
 
-    class OutputSerializer(serializers.Serializer):
+    class FeatureSerializer(serializers.Serializer):
         name = serializers.CharField()
         description = serializers.CharField()
         steps = serializers.ListField(child=serializers.CharField())
         total_steps = serializers.IntegerField()
 
-    @extend_schema(responses=OutputSerializer(many=True), summary="List features")
+    @extend_schema(responses=FeatureSerializer(many=True), summary="List features")
     def get(self, request):
         features = [
             {
@@ -31,13 +31,13 @@ class FeatureListApi(APIView):
             for recipe in selectors.recipe_list(enabled_only=True)
             for steps in [selectors.recipe_steps(recipe)]
         ]
-        return Response(self.OutputSerializer(features, many=True).data)
+        return Response(self.FeatureSerializer(features, many=True).data)
 
 
 class ServiceListApi(APIView):
     """The downstream services and their limits."""
 
-    class OutputSerializer(serializers.Serializer):
+    class ServiceSerializer(serializers.Serializer):
         name = serializers.CharField()
         queue = serializers.CharField()
         concurrency_limit = serializers.IntegerField()
@@ -46,9 +46,9 @@ class ServiceListApi(APIView):
         max_attempts = serializers.IntegerField()
         enabled = serializers.BooleanField()
 
-    @extend_schema(responses=OutputSerializer(many=True), summary="List services")
+    @extend_schema(responses=ServiceSerializer(many=True), summary="List services")
     def get(self, request):
-        return Response(self.OutputSerializer(selectors.service_list(), many=True).data)
+        return Response(self.ServiceSerializer(selectors.service_list(), many=True).data)
 
 
 class ServiceHealthApi(APIView):

@@ -18,9 +18,9 @@ def check_service(service, *, timeout_s, session=None):
     except requests.Timeout:
         result = {"ok": False, "error": f"timed out after {timeout_s:g}s"}
     except requests.ConnectionError as exc:
-        result = {"ok": False, "error": f"connection failed: {_reason(exc)}"}
+        result = {"ok": False, "error": f"connection failed: {describe_request_error(exc)}"}
     except requests.RequestException as exc:
-        result = {"ok": False, "error": f"request failed: {_reason(exc)}"}
+        result = {"ok": False, "error": f"request failed: {describe_request_error(exc)}"}
     else:
         response.close()
         result = {"ok": 200 <= response.status_code < 300, "status_code": response.status_code}
@@ -41,7 +41,8 @@ def check_services(services, *, timeout_s):
         return {service.name: future.result() for service, future in zip(services, futures)}
 
 
-def _reason(exc):
+def describe_request_error(exc):
+    """A short reason for a failed ``requests`` call, without the URL-laden wrapper text."""
     reason = exc.args[0] if exc.args else exc
     reason = getattr(reason, "reason", reason)  # urllib3's MaxRetryError wraps the cause
     # urllib3 prefixes the connection object's repr; keep the operating system's words.

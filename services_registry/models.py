@@ -4,10 +4,43 @@ Validation lives here (``clean`` and database constraints) so the admin, the
 API and data migrations all refuse the same things with the same messages.
 """
 
+import ipaddress
+import re
+from urllib.parse import urlsplit
+
 from django.conf import settings
 from django.core.exceptions import ValidationError
 from django.core.validators import MinValueValidator
 from django.db import models
+
+
+_HOSTNAME = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$")
+
+
+def validate_base_url(value):
+    """An http(s) URL; unlike URLValidator, single-label hosts (Docker service names) are fine."""
+    parts = urlsplit(value)
+    try:
+        port = parts.port
+    except ValueError:
+        port = -1
+    host = parts.hostname or ""
+    is_ip = True
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        is_ip = False
+    if (
+        parts.scheme not in ("http", "https")
+        or not (is_ip or _HOSTNAME.match(host))
+        or port == -1
+        or parts.query
+        or parts.fragment
+        or parts.username
+    ):
+        raise ValidationError(
+            f"Enter an http(s) URL such as http://fast-chat:9000 or https://llm.example.com/api (got {value!r})."
+        )
 
 
 class AuthType(models.TextChoices):
@@ -44,7 +77,11 @@ class Service(models.Model):
         validators=[MinValueValidator(1)],
         help_text="Attempts per step before the job fails (retryable) and waits for a resume.",
     )
-    base_url = models.URLField(max_length=500)
+    base_url = models.CharField(
+        max_length=500,
+        validators=[validate_base_url],
+        help_text="Where the service lives; the environment variable NAME_URL overrides it.",
+    )
     execute_path = models.CharField(max_length=200, default="/v1/execute")
     health_path = models.CharField(max_length=200, default="/health")
     auth_type = models.CharField(max_length=20, choices=AuthType.choices, default=AuthType.NONE)

@@ -1,0 +1,69 @@
+"""API keys: how clients authenticate. Only a hash of each key is stored."""
+
+import hashlib
+import hmac
+import secrets
+
+from django.db import models
+
+KEY_PREFIX_LENGTH = 8
+
+
+def hash_key(key):
+    # Keys are 256-bit random strings, so a fast hash is enough: there is no
+    # dictionary to attack, unlike passwords.
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+class ApiKeyManager(models.Manager):
+    def create_key(self, *, name, is_staff=False):
+        """Create a key; returns ``(api_key, raw_key)``. The raw key is never stored."""
+        api_key = self.model(name=name, is_staff=is_staff)
+        raw_key = api_key.set_new_key()
+        api_key.save()
+        return api_key, raw_key
+
+
+class ApiKey(models.Model):
+    """A client credential. Jobs created with a key belong to it."""
+
+    name = models.CharField(max_length=100, help_text="Who or what uses this key.")
+    prefix = models.CharField(max_length=KEY_PREFIX_LENGTH, unique=True, editable=False)
+    key_hash = models.CharField(max_length=64, editable=False)
+    is_staff = models.BooleanField(
+        default=False, help_text="Staff keys see every job and may force-resume."
+    )
+    is_active = models.BooleanField(default=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    last_used_at = models.DateTimeField(null=True, blank=True, editable=False)
+
+    objects = ApiKeyManager()
+
+    class Meta:
+        ordering = ["name"]
+        verbose_name = "API key"
+
+    def __str__(self):
+        return f"{self.name} (cao_{self.prefix}_…)"
+
+    # DRF stores the authenticated principal as request.user.
+    is_authenticated = True
+    is_anonymous = False
+
+    def set_new_key(self):
+        """Give this (unsaved) key a fresh secret; returns the raw key, which is not stored."""
+        self.prefix = secrets.token_hex(KEY_PREFIX_LENGTH // 2)
+        raw_key = f"cao_{self.prefix}_{secrets.token_urlsafe(32)}"
+        self.key_hash = hash_key(raw_key)
+        return raw_key
+
+    def matches(self, raw_key):
+        return hmac.compare_digest(self.key_hash, hash_key(raw_key))
+
+    @staticmethod
+    def prefix_of(raw_key):
+        """The lookup prefix of a raw key, or None when it has the wrong shape."""
+        parts = raw_key.split("_", 2)
+        if len(parts) != 3 or parts[0] != "cao" or len(parts[1]) != KEY_PREFIX_LENGTH:
+            return None
+        return parts[1]

@@ -1,0 +1,262 @@
+"""The jobs API: one view per operation; each parses, calls one service or selector, serializes."""
+
+from drf_spectacular.utils import OpenApiParameter, extend_schema
+from rest_framework import serializers, status
+from rest_framework.pagination import CursorPagination
+from rest_framework.response import Response
+from rest_framework.views import APIView
+
+from api_keys.authentication import caller_scope
+from common.errors import InvalidInput
+from jobs import selectors
+from jobs.models import JobStatus
+from jobs.monitor import monitor_url
+from orchestration import dispatch
+
+MAX_IDEMPOTENCY_KEY_LENGTH = 255
+
+
+class ErrorSerializer(serializers.Serializer):
+    code = serializers.CharField()
+    message = serializers.CharField()
+    retryable = serializers.BooleanField()
+
+
+class AttemptSerializer(serializers.Serializer):
+    attempt = serializers.IntegerField()
+    outcome = serializers.CharField()
+    started_at = serializers.DateTimeField()
+    finished_at = serializers.DateTimeField(allow_null=True)
+    duration_ms = serializers.IntegerField(allow_null=True)
+    http_status = serializers.IntegerField(allow_null=True)
+    error_code = serializers.CharField(allow_blank=True)
+    error_message = serializers.CharField(allow_blank=True)
+
+
+class StepSerializer(serializers.Serializer):
+    index = serializers.IntegerField()
+    service = serializers.CharField()
+    state = serializers.ChoiceField(
+        choices=["pending", "waiting", "running", "retrying", "done", "failed", "cancelled"]
+    )
+    duration_ms = serializers.IntegerField(allow_null=True)
+    output = serializers.JSONField(allow_null=True)
+    attempts = AttemptSerializer(many=True, source="attempt_history")
+
+
+class JobSummarySerializer(serializers.Serializer):
+    job_id = serializers.UUIDField(source="id")
+    feature_name = serializers.CharField()
+    status = serializers.ChoiceField(choices=JobStatus.choices)
+    current_step_index = serializers.IntegerField()
+    total_steps = serializers.IntegerField()
+    completed_steps = serializers.IntegerField()
+    error = serializers.SerializerMethodField()
+    created_at = serializers.DateTimeField()
+    updated_at = serializers.DateTimeField()
+    finished_at = serializers.DateTimeField(allow_null=True)
+
+    @extend_schema(responses=ErrorSerializer(allow_null=True))
+    def get_error(self, job) -> dict | None:
+        if not job.error_code:
+            return None
+        return {"code": job.error_code, "message": job.error_message, "retryable": job.retryable}
+
+
+class JobDetailSerializer(JobSummarySerializer):
+    steps = serializers.SerializerMethodField()
+    context = serializers.JSONField()
+
+    @extend_schema(responses=StepSerializer(many=True))
+    def get_steps(self, job) -> list:
+        timeline = selectors.step_timeline(job, selectors.job_attempts(job))
+        return StepSerializer(timeline, many=True).data
+
+
+class JobCreateApi(APIView):
+    """Start a feature. Send ``Idempotency-Key`` to make retries of this request safe."""
+
+    class JobCreateInputSerializer(serializers.Serializer):
+        feature_name = serializers.CharField(max_length=64)
+        input_data = serializers.JSONField(required=False, default=dict)
+
+        def validate_input_data(self, value):
+            if not isinstance(value, dict):
+                raise serializers.ValidationError("input_data must be a JSON object.")
+            return value
+
+    class JobCreatedSerializer(serializers.Serializer):
+        success = serializers.BooleanField()
+        job_id = serializers.UUIDField()
+        monitor_url = serializers.CharField()
+        status = serializers.CharField()
+
+    @extend_schema(
+        summary="Create a job",
+        request=JobCreateInputSerializer,
+        responses={201: JobCreatedSerializer, 200: JobCreatedSerializer},
+        parameters=[
+            OpenApiParameter(
+                "Idempotency-Key",
+                location=OpenApiParameter.HEADER,
+                required=False,
+                description="The same key from the same client returns the same job (200) instead of a new one.",
+            )
+        ],
+    )
+    def post(self, request):
+        serializer = self.JobCreateInputSerializer(data=request.data)
+        serializer.is_valid(raise_exception=True)
+        owner, _ = caller_scope(request)
+        job, created = dispatch.submit_job(
+            feature_name=serializer.validated_data["feature_name"],
+            input_data=serializer.validated_data["input_data"],
+            owner=owner,
+            idempotency_key=_idempotency_key(request),
+        )
+        body = {
+            "success": True,
+            "job_id": job.id,
+            "monitor_url": monitor_url(request, job.id),
+            "status": job.status,
+        }
+        return Response(
+            self.JobCreatedSerializer(body).data,
+            status=status.HTTP_201_CREATED if created else status.HTTP_200_OK,
+        )
+
+
+def _idempotency_key(request):
+    key = request.headers.get("Idempotency-Key")
+    if key is None:
+        return None
+    key = key.strip()
+    if not key or len(key) > MAX_IDEMPOTENCY_KEY_LENGTH or not key.isprintable():
+        raise InvalidInput(
+            f"Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY_LENGTH} printable characters.",
+            details={"Idempotency-Key": "invalid"},
+        )
+    return key
+
+
+class JobPagination(CursorPagination):
+    ordering = ("-created_at", "-id")
+    page_size = 50
+    page_size_query_param = "limit"
+    max_page_size = 200
+
+
+class JobListApi(APIView):
+    """Your jobs, newest first (staff keys see everyone's)."""
+
+    class JobListFilterSerializer(serializers.Serializer):
+        status = serializers.ChoiceField(choices=JobStatus.choices, required=False)
+        feature_name = serializers.CharField(max_length=64, required=False)
+
+    @extend_schema(
+        summary="List jobs",
+        parameters=[
+            JobListFilterSerializer,
+            OpenApiParameter("limit", int, description="Page size (max 200)."),
+            OpenApiParameter("cursor", str, description="The cursor from a previous page's next/previous URL."),
+        ],
+        responses=JobSummarySerializer(many=True),
+    )
+    def get(self, request):
+        filters = self.JobListFilterSerializer(data=request.query_params)
+        filters.is_valid(raise_exception=True)
+        owner, is_staff = caller_scope(request)
+        jobs = selectors.job_list(owner=owner, is_staff=is_staff, **filters.validated_data)
+        paginator = JobPagination()
+        page = paginator.paginate_queryset(jobs, request, view=self)
+        return paginator.get_paginated_response(JobSummarySerializer(page, many=True).data)
+
+
+class JobDetailApi(APIView):
+    @extend_schema(summary="Get a job", responses=JobDetailSerializer)
+    def get(self, request, job_id):
+        owner, is_staff = caller_scope(request)
+        job = selectors.job_get(job_id, owner=owner, is_staff=is_staff)
+        return Response(JobDetailSerializer(job).data)
+
+
+class JobResumeApi(APIView):
+    """Continue a FAILED job from its current step with a fresh attempt budget."""
+
+    class JobResumeInputSerializer(serializers.Serializer):
+        force = serializers.BooleanField(
+            required=False, default=False, help_text="Resume even a non-retryable failure (staff keys only)."
+        )
+
+    class JobResumedSerializer(serializers.Serializer):
+        success = serializers.BooleanField()
+        job_id = serializers.UUIDField()
+        previous_status = serializers.CharField()
+        new_status = serializers.CharField()
+        resuming_from_step = serializers.IntegerField()
+
+    @extend_schema(summary="Resume a job", request=JobResumeInputSerializer, responses=JobResumedSerializer)
+    def post(self, request, job_id):
+        serializer = self.JobResumeInputSerializer(data=request.data)
+        serializer.is_valid(raise_exception=True)
+        owner, is_staff = caller_scope(request)
+        outcome = dispatch.resume_job(
+            job_id=job_id, owner=owner, is_staff=is_staff, force=serializer.validated_data["force"]
+        )
+        body = {
+            "success": True,
+            "job_id": outcome.job.id,
+            "previous_status": outcome.previous_status,
+            "new_status": outcome.job.status,
+            "resuming_from_step": outcome.job.current_step_index,
+        }
+        return Response(self.JobResumedSerializer(body).data)
+
+
+class JobCancelApi(APIView):
+    """Stop a job: no further step starts; a call already running finishes and is recorded."""
+
+    class JobCancelledSerializer(serializers.Serializer):
+        success = serializers.BooleanField()
+        job_id = serializers.UUIDField()
+        previous_status = serializers.CharField()
+        new_status = serializers.CharField()
+
+    @extend_schema(summary="Cancel a job", request=None, responses=JobCancelledSerializer)
+    def post(self, request, job_id):
+        owner, is_staff = caller_scope(request)
+        outcome = dispatch.cancel_job(job_id=job_id, owner=owner, is_staff=is_staff)
+        body = {
+            "success": True,
+            "job_id": outcome.job.id,
+            "previous_status": outcome.previous_status,
+            "new_status": outcome.job.status,
+        }
+        return Response(self.JobCancelledSerializer(body).data)
+
+
+class JobEventsApi(APIView):
+    """The job's stored events with seq greater than ``after``, in order."""
+
+    class JobEventsFilterSerializer(serializers.Serializer):
+        after = serializers.IntegerField(min_value=0, required=False, default=0)
+        limit = serializers.IntegerField(min_value=1, max_value=1000, required=False, default=1000)
+
+    class JobEventsSerializer(serializers.Serializer):
+        job_id = serializers.UUIDField()
+        events = serializers.ListField(child=serializers.DictField())
+        last_seq = serializers.IntegerField()
+
+    @extend_schema(summary="List a job's events", parameters=[JobEventsFilterSerializer], responses=JobEventsSerializer)
+    def get(self, request, job_id):
+        filters = self.JobEventsFilterSerializer(data=request.query_params)
+        filters.is_valid(raise_exception=True)
+        owner, is_staff = caller_scope(request)
+        job = selectors.job_get(job_id, owner=owner, is_staff=is_staff)
+        events = selectors.job_events(job.id, **filters.validated_data)
+        last_seq = events[-1]["seq"] if events else filters.validated_data["after"]
+        return Response(self.JobEventsSerializer({"job_id": job.id, "events": events, "last_seq": last_seq}).data)
+
+
+class JobCollectionApi(JobListApi, JobCreateApi):
+    """``/jobs``: GET lists (JobListApi), POST creates (JobCreateApi)."""

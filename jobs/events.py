@@ -1,0 +1,56 @@
+"""The job event log: rows written with the state change they describe.
+
+``append_events`` must run inside the transaction that changes the job, with
+the job row locked: seq numbers come from ``Job.last_event_seq`` on that row,
+which makes them gapless and unique per job. Pushing to live subscribers
+happens only after commit, so nobody sees an event that was rolled back.
+"""
+
+from django.db import transaction
+from django.utils import timezone
+
+from jobs.models import EventType, JobEvent
+from jobs.publisher import get_publisher
+
+# JOB_ERROR's ``action``: what a client can do about the failure.
+RETRY_AVAILABLE = "RETRY_AVAILABLE"
+CONTACT_SUPPORT = "CONTACT_SUPPORT"
+
+
+def event(type, *, step_index=None, message="", **fields):
+    """An event to append: its type, the step it is about, and extra fields."""
+    return {"type": EventType(type), "step_index": step_index, "message": message, **fields}
+
+
+def append_events(job, *events, now=None):
+    """Store ``events`` for the locked ``job`` and publish them after commit."""
+    now = now or timezone.now()
+    rows = []
+    for spec in events:
+        job.last_event_seq += 1
+        spec = dict(spec)
+        step_index = spec.pop("step_index")
+        payload = {
+            "type": str(spec.pop("type")),
+            "job_id": str(job.id),
+            "seq": job.last_event_seq,
+            "ts": now.isoformat(),
+            "total_steps": job.total_steps,
+            "message": spec.pop("message"),
+        }
+        if step_index is not None:
+            payload["step_index"] = step_index
+            payload["step_name"] = job.steps[step_index]
+        payload.update(spec)
+        rows.append(
+            JobEvent(job=job, seq=payload["seq"], type=payload["type"], payload=payload, created_at=now)
+        )
+    JobEvent.objects.bulk_create(rows)
+    payloads = [row.payload for row in rows]
+    transaction.on_commit(lambda: publish(str(job.id), payloads))
+    return payloads
+
+
+def publish(job_id, payloads):
+    """Push committed events to live subscribers (best effort: the log is the truth)."""
+    get_publisher().publish(job_id, payloads)

@@ -1,0 +1,94 @@
+"""Read-only queries over jobs, scoped to what the caller may see."""
+
+import uuid
+
+from jobs.errors import JobNotFound
+from jobs.models import Job, JobEvent, JobStatus, StepState, step_key
+
+
+def parse_job_id(raw):
+    """The UUID in ``raw``, or JobNotFound: a malformed id is just an unknown job."""
+    try:
+        return uuid.UUID(str(raw))
+    except (TypeError, ValueError):
+        raise JobNotFound() from None
+
+
+def visible_jobs(owner, *, is_staff=False):
+    """Jobs the caller may see: staff see all, a client only its own."""
+    jobs = Job.objects.all()
+    if not is_staff:
+        jobs = jobs.filter(owner=owner)
+    return jobs
+
+
+def job_get(job_id, *, owner=None, is_staff=False):
+    job = visible_jobs(owner, is_staff=is_staff).filter(pk=parse_job_id(job_id)).first()
+    if job is None:
+        raise JobNotFound()
+    return job
+
+
+def job_list(*, owner=None, is_staff=False, status=None, feature_name=None):
+    jobs = visible_jobs(owner, is_staff=is_staff)
+    if status:
+        jobs = jobs.filter(status=status)
+    if feature_name:
+        jobs = jobs.filter(feature_name=feature_name)
+    return jobs.order_by("-created_at", "-id")
+
+
+def job_attempts(job):
+    return list(job.attempts.order_by("started_at", "id"))
+
+
+def job_events(job_id, *, after=0, limit=None):
+    """Stored event payloads of a job with seq > ``after``, in seq order."""
+    events = JobEvent.objects.filter(job_id=job_id, seq__gt=after).order_by("seq").values_list("payload", flat=True)
+    if limit:
+        events = events[:limit]
+    return list(events)
+
+
+def step_timeline(job, attempts):
+    """Each step of ``job`` as the pages and the API show it.
+
+    ``state`` is one of pending, waiting, running, retrying, done, failed,
+    cancelled.
+    """
+    by_step = {}
+    for attempt in attempts:
+        by_step.setdefault(attempt.step_index, []).append(attempt)
+    timeline = []
+    for index, service in enumerate(job.steps):
+        output = job.context.get(step_key(index, service))
+        step_attempts = by_step.get(index, [])
+        if output is not None:
+            state = "done"
+        elif index != job.current_step_index:
+            state = "pending"
+        elif job.status == JobStatus.FAILED:
+            state = "failed"
+        elif job.status == JobStatus.CANCELLED:
+            state = "running" if job.step_state == StepState.RUNNING else "cancelled"
+        elif job.step_state == StepState.RUNNING:
+            state = "running"
+        elif job.step_state == StepState.WAITING:
+            state = "waiting"
+        elif job.step_attempt > 0:
+            state = "retrying"
+        else:
+            state = "pending"
+        durations = [a.duration_ms for a in step_attempts if a.duration_ms is not None]
+        timeline.append(
+            {
+                "index": index,
+                "service": service,
+                "state": state,
+                "attempts": len(step_attempts),
+                "duration_ms": durations[-1] if state == "done" and durations else None,
+                "output": output,
+                "attempt_history": step_attempts,
+            }
+        )
+    return timeline

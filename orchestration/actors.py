@@ -1,0 +1,46 @@
+"""Dramatiq actors: thin interfaces that hand ids to the engine.
+
+One step actor per queue in CAO_QUEUES (Dramatiq cannot choose a queue at
+send time); ``rundramatiq --queues medium`` runs only the medium one. The
+queue list is read when this module is imported, as workers declare their
+actors at start-up.
+"""
+
+import redis
+from django.conf import settings
+from django.db import InterfaceError, OperationalError
+import dramatiq
+
+from orchestration.engine import Engine
+from orchestration.messages import step_actor_name
+
+# Failures of the gateway's own backends (PostgreSQL, Redis): the message is
+# retried with backoff, and nothing is lost while they come back.
+TRANSIENT_INFRASTRUCTURE = (OperationalError, InterfaceError, redis.ConnectionError, redis.TimeoutError)
+
+_engine = Engine()
+
+
+def retry_when(retries, exception):
+    return isinstance(exception, TRANSIENT_INFRASTRUCTURE) and retries < settings.CAO_INFRA_MAX_RETRIES
+
+
+def _declare_step_actor(queue):
+    def run_step(job_id, step_index, token):
+        _engine.run_step(job_id, step_index, token)
+
+    run_step.__name__ = step_actor_name(queue)
+    return dramatiq.actor(
+        run_step,
+        actor_name=step_actor_name(queue),
+        queue_name=queue,
+        retry_when=retry_when,
+        min_backoff=500,
+        max_backoff=30_000,
+        # The engine bounds each call by the service timeout; this only stops a
+        # runaway message (the longest step plus recording retries).
+        time_limit=int((settings.HTTP_READ_TIMEOUT_S + settings.CAO_RECORD_RETRY_SECONDS + 120) * 1000),
+    )
+
+
+STEP_ACTORS = {queue: _declare_step_actor(queue) for queue in settings.CAO_QUEUES}

@@ -1,0 +1,116 @@
+"""The entry point interfaces use: submit, resume and cancel jobs, send step messages.
+
+State changes happen in ``jobs.services`` inside one transaction; messages
+and lease hand-offs leave only after that transaction commits.
+"""
+
+import logging
+from functools import partial
+
+import dramatiq
+from django.conf import settings
+from django.db import transaction
+
+from common.redis import get_redis
+from jobs import services as job_services
+from jobs.errors import ForceNotAllowed, JobNotFound
+from jobs.selectors import parse_job_id, visible_jobs
+from orchestration.leases import get_limiter, lease_member, parse_handoff
+from orchestration.messages import step_message
+from services_registry.selectors import service_get
+
+logger = logging.getLogger(__name__)
+
+DISPATCH_MARKER = "cao:dispatched:{job_id}"
+
+
+def send_step(dispatch):
+    """Enqueue a step message on its service's queue and mark it as sent."""
+    service = service_get(dispatch.service)
+    # A deleted service still gets a message, so the engine fails the job
+    # with a clear error instead of leaving it queued forever.
+    queue = service.queue if service and service.queue in settings.CAO_QUEUES else settings.CAO_QUEUES[-1]
+    message = step_message(
+        queue=queue, job_id=dispatch.job_id, step_index=dispatch.step_index, token=dispatch.token
+    )
+    delay_ms = int(dispatch.delay_s * 1000) or None
+    dramatiq.get_broker().enqueue(message, delay=delay_ms)
+    # Maintenance re-sends a queued step only when this marker is gone, which
+    # happens when Redis lost its data (and the message with it) or after a
+    # generous TTL (a message stuck in the broker that long is presumed lost).
+    marker_ms = (delay_ms or 0) + int(settings.CAO_DISPATCH_MARKER_TTL_SECONDS * 1000)
+    get_redis().set(DISPATCH_MARKER.format(job_id=dispatch.job_id), dispatch.token, px=marker_ms)
+    logger.debug(
+        "Sent job_id=%s step_index=%s token=%s to queue %s (delay %s ms).",
+        dispatch.job_id, dispatch.step_index, dispatch.token, queue, delay_ms or 0,
+    )
+
+
+def dispatched_token(job_id):
+    """The token of the last step message sent for ``job_id``, or None."""
+    value = get_redis().get(DISPATCH_MARKER.format(job_id=job_id))
+    return int(value) if value is not None else None
+
+
+def send_after_commit(dispatch):
+    # robust: a failed send must not turn a committed change into an error
+    # response; maintenance re-sends what is missing.
+    transaction.on_commit(partial(send_step, dispatch), robust=True)
+
+
+def send_handoffs(payloads):
+    """Send the messages of waiters that were just handed a slot."""
+    for payload in payloads:
+        try:
+            send_step(parse_handoff(payload))
+        except Exception:
+            # The grant lapses after CAO_HANDOFF_TTL_S and maintenance re-hands it.
+            logger.warning("Could not dispatch a hand-off (%s); maintenance will retry.", payload, exc_info=True)
+
+
+def release_step(step, *, limit=None):
+    """Give back the slot (or place in line) of ``step`` and pass it on."""
+    if limit is None:
+        service = service_get(step.service)
+        limit = service.concurrency_limit if service else 0
+    member = lease_member(step.job_id, step.step_index, step.token)
+    send_handoffs(get_limiter().release(step.service, member, limit=limit))
+
+
+def _locked_visible_job(job_id, *, owner, is_staff):
+    job = visible_jobs(owner, is_staff=is_staff).select_for_update().filter(pk=parse_job_id(job_id)).first()
+    if job is None:
+        raise JobNotFound()
+    return job
+
+
+def submit_job(*, feature_name, input_data, owner=None, idempotency_key=None):
+    """Create a job and send its first step; returns ``(job, created)``."""
+    with transaction.atomic():
+        job, created = job_services.job_create(
+            feature_name=feature_name, input_data=input_data, owner=owner, idempotency_key=idempotency_key
+        )
+        if created:
+            send_after_commit(job_services.current_dispatch(job))
+    return job, created
+
+
+def resume_job(*, job_id, owner=None, is_staff=False, force=False):
+    """Continue a FAILED job from its current step; returns a ResumeOutcome."""
+    if force and not is_staff:
+        raise ForceNotAllowed()
+    with transaction.atomic():
+        job = _locked_visible_job(job_id, owner=owner, is_staff=is_staff)
+        outcome = job_services.job_resume(job=job, force=force)
+        send_after_commit(outcome.dispatch)
+    return outcome
+
+
+def cancel_job(*, job_id, owner=None, is_staff=False):
+    """Cancel an unfinished job; returns a CancelOutcome."""
+    with transaction.atomic():
+        job = _locked_visible_job(job_id, owner=owner, is_staff=is_staff)
+        outcome = job_services.job_cancel(job=job)
+        if outcome.withdrawn:
+            transaction.on_commit(partial(release_step, outcome.withdrawn), robust=True)
+    return outcome

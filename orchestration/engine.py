@@ -1,0 +1,273 @@
+"""Run one step of a job: claim, call, record.
+
+    claim  (short transaction, job row locked): check the message is current,
+           take a slot of the service or park in its line, start the attempt
+    call   (no transaction): POST the envelope while the lease is renewed
+    record (short transaction, job row locked): store the output and advance,
+           or schedule a retry, or fail the job; then release the slot
+
+No transaction is ever held across the downstream call. Messages and
+hand-offs leave after commit. A message that is not for the current step
+under the current token is dropped, so redelivery and duplicates are safe.
+"""
+
+import logging
+import random
+import time
+from dataclasses import dataclass
+
+from django.conf import settings
+from django.db import InterfaceError, OperationalError, close_old_connections, transaction
+
+from jobs import services as job_services
+from jobs.models import StepState
+from orchestration import errors
+from orchestration.dispatch import release_step, send_after_commit, send_handoffs
+from orchestration.http_client import ServiceClient
+from orchestration.leases import get_keeper, get_limiter, handoff_payload, lease_member
+from orchestration.retry import retry_delay
+from services_registry.selectors import service_get
+
+logger = logging.getLogger(__name__)
+
+# Errors of the gateway's own backends: the step message is retried later.
+INFRASTRUCTURE_ERRORS = (OperationalError, InterfaceError)
+
+
+@dataclass(frozen=True)
+class Claim:
+    """A started attempt: everything the call and record phases need."""
+
+    step: job_services.StepRef
+    service: object
+    attempt: int
+    envelope: dict
+
+    @property
+    def member(self):
+        return lease_member(self.step.job_id, self.step.step_index, self.step.token)
+
+    @property
+    def idempotency_key(self):
+        return f"{self.step.job_id}:{self.step.step_index}:{self.step.service}"
+
+    def log_context(self):
+        return (
+            f"job_id={self.step.job_id} step_index={self.step.step_index} "
+            f"service={self.step.service} attempt={self.attempt}"
+        )
+
+
+def build_envelope(job, *, attempt, now):
+    """The request body of the downstream contract."""
+    return {
+        "meta": {
+            "job_id": str(job.id),
+            "step_index": job.current_step_index,
+            "service_name": job.current_service,
+            "attempt": attempt,
+            "timestamp": now.isoformat(),
+        },
+        "payload": {"params": job.context.get("initial_input", {}), "context": job.context},
+    }
+
+
+class Engine:
+    """Executes step messages. Collaborators are injectable for tests."""
+
+    def __init__(self, *, limiter=None, keeper=None, client=None, rng=random.random, sleep=time.sleep):
+        self._limiter = limiter
+        self._keeper = keeper
+        self.client = client or ServiceClient()
+        self.rng = rng
+        self.sleep = sleep
+
+    @property
+    def limiter(self):
+        return self._limiter or get_limiter()
+
+    @property
+    def keeper(self):
+        return self._keeper or get_keeper()
+
+    def run_step(self, job_id, step_index, token):
+        """Handle one step message; returns the Claim when a call was made."""
+        claim = self.claim(job_id, step_index, token)
+        if claim is None:
+            return None
+        with self.keeper.keep(claim.service.name, claim.member, claim.service.lease_ttl_s):
+            try:
+                reply = self.client.execute(
+                    claim.service, envelope=claim.envelope, idempotency_key=claim.idempotency_key
+                )
+            except errors.StepError as error:
+                reply = error
+            self.record(claim, reply)
+        self._release(claim)
+        return claim
+
+    # --- claim -----------------------------------------------------------------
+
+    def claim(self, job_id, step_index, token):
+        """Start the attempt if the message is current and a slot is free."""
+        granted = None
+        try:
+            with transaction.atomic():
+                job = job_services.lock_job(job_id)
+                if job is None or not job_services.step_is_current(job, step_index=step_index, token=token):
+                    self._drop(job, job_id, step_index, token)
+                    return None
+                service = service_get(job.current_service)
+                if service is None or not service.enabled:
+                    self._fail_unavailable(job)
+                    return None
+                step = job_services.current_step(job)
+                member = lease_member(job.id, step_index, token)
+                acquisition = self.limiter.acquire(
+                    service.name,
+                    member,
+                    limit=service.concurrency_limit,
+                    ttl_s=service.lease_ttl_s,
+                    payload=handoff_payload(job_services.current_dispatch(job)),
+                )
+                if acquisition.handoffs:
+                    transaction.on_commit(lambda: send_handoffs(acquisition.handoffs), robust=True)
+                if not acquisition.granted:
+                    job_services.step_park(job=job, position=acquisition.position)
+                    logger.info(
+                        "Parked job_id=%s step_index=%s service=%s: no free slot (position %s).",
+                        job.id, step_index, service.name, acquisition.position,
+                    )
+                    return None
+                granted = (step, service)
+                attempt = job_services.step_claim(job=job, max_attempts=service.max_attempts)
+                envelope = build_envelope(job, attempt=attempt.attempt, now=attempt.started_at)
+        except BaseException:
+            if granted is not None:
+                # The attempt never started: give the slot back at once
+                # rather than after lease_ttl_s.
+                self._release_quietly(*granted)
+            raise
+        claim = Claim(step=step, service=service, attempt=attempt.attempt, envelope=envelope)
+        logger.info("Started %s.", claim.log_context())
+        return claim
+
+    def _drop(self, job, job_id, step_index, token):
+        logger.info(
+            "Dropped a stale step message job_id=%s step_index=%s token=%s (job %s).",
+            job_id, step_index, token,
+            "missing" if job is None else f"{job.status}, step {job.current_step_index} token {job.step_token}",
+        )
+        running_here = (
+            job is not None
+            and job.current_step_index == step_index
+            and job.step_token == token
+            and job.step_state == StepState.RUNNING
+        )
+        if job is not None and not running_here and step_index < job.total_steps:
+            # A stale message may still own a reservation or a place in line
+            # (e.g. the job was cancelled while parked): free it.
+            stale = job_services.StepRef(job.id, step_index, token, job.steps[step_index])
+            transaction.on_commit(lambda: release_step(stale), robust=True)
+
+    def _fail_unavailable(self, job):
+        error = errors.ServiceUnavailable(
+            f"Service {job.current_service} is missing or disabled in the registry; "
+            "enable it, then resume the job."
+        )
+        logger.warning("Failing job_id=%s: %s", job.id, error.message)
+        job_services.job_fail(job=job, failure=failure_from(error))
+
+    # --- record ----------------------------------------------------------------
+
+    def record(self, claim, reply):
+        """Store the attempt's result; retries the database until it answers."""
+        deadline = time.monotonic() + settings.CAO_RECORD_RETRY_SECONDS
+        delay = 0.2
+        while True:
+            try:
+                return self._record_once(claim, reply)
+            except INFRASTRUCTURE_ERRORS:
+                # The result is only in memory: keep trying (the lease is
+                # still being renewed) instead of losing the call's output.
+                if time.monotonic() >= deadline:
+                    logger.error("Giving up recording %s: database unavailable.", claim.log_context())
+                    raise
+                logger.warning(
+                    "Database unavailable while recording %s; retrying in %.1f s.",
+                    claim.log_context(), delay, exc_info=True,
+                )
+                close_old_connections()
+                self.sleep(delay)
+                delay = min(delay * 2, 5.0)
+
+    def _record_once(self, claim, reply):
+        with transaction.atomic():
+            job = job_services.lock_job(claim.step.job_id)
+            if job is None:
+                return None
+            if isinstance(reply, errors.StepError):
+                service = service_get(claim.service.name) or claim.service
+                delay = retry_delay(
+                    attempt=claim.attempt,
+                    max_attempts=service.max_attempts,
+                    retryable=reply.retryable,
+                    retry_after_s=reply.retry_after_s,
+                    base_s=settings.CAO_RETRY_BASE_DELAY_S,
+                    cap_s=settings.CAO_RETRY_MAX_DELAY_S,
+                    rng=self.rng,
+                )
+                outcome = job_services.step_fail(
+                    job=job, token=claim.step.token, failure=failure_from(reply), retry_delay_s=delay
+                )
+                _log_failure(claim, reply, delay, outcome.accepted)
+            else:
+                outcome = job_services.step_succeed(
+                    job=job,
+                    token=claim.step.token,
+                    data=reply.data,
+                    metrics=reply.metrics,
+                    http_status=reply.status_code,
+                )
+                logger.info("Completed %s.", claim.log_context())
+            if not outcome.accepted:
+                logger.warning(
+                    "Discarded the result of %s: the step moved on while it ran.", claim.log_context()
+                )
+            if outcome.dispatch:
+                send_after_commit(outcome.dispatch)
+            return outcome
+
+    # --- release ---------------------------------------------------------------
+
+    def _release(self, claim):
+        self._release_quietly(claim.step, claim.service)
+
+    def _release_quietly(self, step, service):
+        try:
+            release_step(step, limit=(service_get(service.name) or service).concurrency_limit)
+        except Exception:
+            # The lease expires after lease_ttl_s; nothing else is lost.
+            logger.warning(
+                "Could not release the slot of job_id=%s step_index=%s service=%s; it expires by itself.",
+                step.job_id, step.step_index, step.service, exc_info=True,
+            )
+
+
+def failure_from(error):
+    """The job-side record of a StepError."""
+    return job_services.Failure(
+        code=error.code, message=error.message, retryable=error.retryable, http_status=error.status_code
+    )
+
+
+def _log_failure(claim, error, delay, accepted):
+    if not accepted:
+        return
+    if delay is None:
+        logger.warning(
+            "Failed %s: %s (%s, %s); the job is FAILED.",
+            claim.log_context(), error.code, error.message, "retryable" if error.retryable else "not retryable",
+        )
+    else:
+        logger.info("Failed %s: %s (%s); retrying in %.2f s.", claim.log_context(), error.code, error.message, delay)

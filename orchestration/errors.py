@@ -1,0 +1,93 @@
+"""Errors of step execution.
+
+A downstream failure is either transient (worth retrying: the service was
+busy, slow, unreachable or answered garbage) or permanent (it refused the
+request). Each type carries the code stored on the job and shown to clients.
+"""
+
+
+class StepError(Exception):
+    """Base class of every error that ends a step attempt."""
+
+    code = "STEP_FAILED"
+    retryable = False
+
+    def __init__(self, message, *, status_code=None, retry_after_s=None, code=None):
+        super().__init__(message)
+        self.message = message
+        self.status_code = status_code
+        self.retry_after_s = retry_after_s
+        if code:
+            self.code = code
+
+
+class TransientStepError(StepError):
+    """Raised when an attempt failed in a way a later attempt may not."""
+
+    retryable = True
+
+
+class PermanentStepError(StepError):
+    """Raised when retrying the same request cannot succeed."""
+
+    retryable = False
+
+
+class ResourceExhausted(TransientStepError):
+    """Raised when the service answered 429 or 503: it is busy, try later."""
+
+    code = "RESOURCE_EXHAUSTED"
+
+
+class DownstreamServerError(TransientStepError):
+    """Raised when the service answered a 5xx other than 503."""
+
+    code = "DOWNSTREAM_ERROR"
+
+
+class DownstreamTimeout(TransientStepError):
+    """Raised when the service did not answer within the step's timeout."""
+
+    code = "DOWNSTREAM_TIMEOUT"
+
+
+class DownstreamUnreachable(TransientStepError):
+    """Raised when no connection to the service could be made."""
+
+    code = "DOWNSTREAM_UNREACHABLE"
+
+
+class MalformedResponse(TransientStepError):
+    """Raised when the service's reply breaks the envelope contract."""
+
+    code = "MALFORMED_RESPONSE"
+
+
+class DownstreamRejected(PermanentStepError):
+    """Raised when the service answered a 4xx other than 429: the request is wrong."""
+
+    code = "DOWNSTREAM_REJECTED"
+
+
+class ServiceUnavailable(TransientStepError):
+    """Raised when the step's service was deleted or disabled in the registry."""
+
+    code = "SERVICE_UNAVAILABLE"
+
+
+class WorkerLost(TransientStepError):
+    """Raised (recorded) when the worker running an attempt vanished."""
+
+    code = "WORKER_LOST"
+
+
+class StuckDetected(TransientStepError):
+    """Recorded when a job made no progress for JOB_STUCK_SECONDS."""
+
+    code = "STUCK_DETECTED"
+
+
+def reported_failure(code, message, *, retryable, status_code):
+    """The error for a 2xx reply whose body says ``"status": "FAILED"``."""
+    kind = TransientStepError if retryable else PermanentStepError
+    return kind(message, status_code=status_code, code=code or "DOWNSTREAM_FAILED")

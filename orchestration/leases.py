@@ -1,0 +1,56 @@
+"""The process-wide limiter and lease keeper, and how leases are named.
+
+A lease is named after the step message that holds it (job, step, token):
+a stale or duplicate message can then never release the slot of the
+attempt that is really running.
+"""
+
+import json
+import os
+import threading
+
+from django.conf import settings
+
+from common.redis import get_redis
+from jobs.services import StepDispatch
+from orchestration.limiter import LeaseKeeper, Limiter
+
+_lock = threading.Lock()
+_state = {}
+
+
+def lease_member(job_id, step_index, token):
+    return f"{job_id}:{step_index}:{token}"
+
+
+def handoff_payload(dispatch):
+    """What a parked step leaves with the limiter: the message to send on hand-off."""
+    return json.dumps([str(dispatch.job_id), dispatch.step_index, dispatch.token, dispatch.service])
+
+
+def parse_handoff(payload):
+    job_id, step_index, token, service = json.loads(payload)
+    return StepDispatch(job_id, step_index, token, service)
+
+
+def _per_process(name, factory):
+    # Fork-aware: a forked worker process builds its own (its parent's
+    # keeper thread does not exist in the child).
+    key = (name, os.getpid())
+    value = _state.get(key)
+    if value is None:
+        with _lock:
+            value = _state.get(key)
+            if value is None:
+                value = _state[key] = factory()
+    return value
+
+
+def get_limiter():
+    return _per_process(
+        "limiter", lambda: Limiter(get_redis(), grant_ttl_s=settings.CAO_HANDOFF_TTL_S)
+    )
+
+
+def get_keeper():
+    return _per_process("keeper", lambda: LeaseKeeper(get_limiter()))
