@@ -242,3 +242,24 @@ def test_a_disabled_service_fails_the_job_retryable(api, registry, simulator, wo
     set_service("fast_chat_llm", enabled=True)
     api.post(f"/api/v1/jobs/{job_id}/resume", {}, format="json")
     wait_status(wait, job_id, JobStatus.COMPLETED)
+
+
+def test_a_database_outage_while_recording_loses_no_output(api, registry, simulator, worker, wait):
+    # Given a call in flight
+    simulator.configure(latency={"fast_chat_llm": "700ms"})
+    job_id = submit(api)
+    wait(lambda: simulator.stats()["fast_chat_llm"]["in_flight"] == 1, message="the call to be in flight")
+
+    # When PostgreSQL drops every other connection (the worker's among them)
+    from django.db import connection
+
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+            "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+        )
+
+    # Then the worker records the result on a fresh connection and the job completes
+    job = wait_status(wait, job_id, JobStatus.COMPLETED)
+    assert job.context["step_1_fast_chat_llm"]["status"] == "SUCCESS"
+    assert simulator.stats()["fast_chat_llm"]["calls"] == 1
