@@ -5,6 +5,9 @@ import os
 from django.core.asgi import get_asgi_application
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "cao_project.settings")
+# Requests run in changing threads under ASGI: one connection per request,
+# closed at its end, instead of persistent ones that would pile up.
+os.environ.setdefault("CAO_DB_CONN_MAX_AGE", "0")
 
 # Initialise Django (and the app registry) before importing anything that
 # touches models.

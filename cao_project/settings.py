@@ -134,9 +134,13 @@ TEMPLATES = [
 
 DATABASE_URL = env_str("DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/cao")
 DATABASES = {
-    # Persistent, health-checked connections: workers run many short
+    # Workers keep persistent, health-checked connections: they run many short
     # transactions and a reconnect per message would dominate a step's cost.
-    "default": dj_database_url.parse(DATABASE_URL, conn_max_age=600, conn_health_checks=True),
+    # The ASGI server sets CAO_DB_CONN_MAX_AGE=0 (see asgi.py): under ASGI each
+    # request may run in a new thread, and persistent connections would pile up.
+    "default": dj_database_url.parse(
+        DATABASE_URL, conn_max_age=env_int("CAO_DB_CONN_MAX_AGE", 600), conn_health_checks=True
+    ),
 }
 DATABASES["default"].setdefault("OPTIONS", {})["connect_timeout"] = env_int("CAO_DB_CONNECT_TIMEOUT_S", 5)
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"

@@ -132,7 +132,7 @@ def ensure_database(database_url):
             "e.g. postgresql://USER:PASSWORD@127.0.0.1:5432/cao"
         )
     conn.autocommit = True
-    with conn, conn.cursor() as cursor:
+    with conn.cursor() as cursor:
         cursor.execute("SELECT 1 FROM pg_database WHERE datname = %s", [name])
         if cursor.fetchone() is None:
             print(f"Creating database {name!r}.", flush=True)

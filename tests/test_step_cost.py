@@ -1,0 +1,61 @@
+"""What one step costs the gateway: SQL statements and Redis round trips, counted exactly."""
+
+import dramatiq
+import pytest
+import redis
+from django.db import connection
+from django.test.utils import CaptureQueriesContext
+
+from common.redis import get_redis
+from jobs.models import Job, JobStatus
+from orchestration.dispatch import submit_job
+from orchestration.engine import Engine
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+class CountingConnection(redis.Connection):
+    """A real Redis connection that counts the requests it sends (one per round trip)."""
+
+    sent = 0
+
+    def send_packed_command(self, command, check_health=True):
+        CountingConnection.sent += 1
+        return super().send_packed_command(command, check_health)
+
+
+@pytest.fixture
+def counted_redis():
+    pools = [get_redis().connection_pool, dramatiq.get_broker().client.connection_pool]
+    originals = [pool.connection_class for pool in pools]
+    for pool in pools:
+        pool.disconnect()
+        pool.reset()  # drop idle connections so new ones use the counting class
+        pool.connection_class = CountingConnection
+    yield CountingConnection
+    for pool, original in zip(pools, originals):
+        pool.disconnect()
+        pool.reset()
+        pool.connection_class = original
+
+
+def test_one_step_costs_a_fixed_number_of_statements_and_round_trips(registry, simulator, counted_redis):
+    job, _ = submit_job(feature_name="business_plan", input_data={"topic": "tea"})
+    engine = Engine()
+    engine.run_step(job.pk, 0, 1)  # warm caches and connections
+
+    job, _ = submit_job(feature_name="business_plan", input_data={"topic": "tea"})
+    counted_redis.sent = 0
+    with CaptureQueriesContext(connection) as queries:
+        engine.run_step(job.pk, 0, 1)
+
+    statements = [q["sql"].split()[0] for q in queries.captured_queries]
+    print(f"\none middle step: {len(statements)} SQL statements {statements}, {counted_redis.sent} Redis round trips")
+    assert Job.objects.get(pk=job.pk).current_step_index == 1
+    assert Job.objects.get(pk=job.pk).status == JobStatus.RUNNING
+    # claim: BEGIN, lock job, read service, insert attempt + event, update job, COMMIT
+    # record: BEGIN, lock job, update attempt, insert event, update job, COMMIT
+    # then the live limit for the release and the next step's queue
+    assert len(statements) == 15
+    # acquire, release, enqueue the next step, mark it as sent
+    assert counted_redis.sent == 4
