@@ -13,12 +13,21 @@ os.environ.setdefault("CAO_DB_CONN_MAX_AGE", "0")
 # touches models.
 django_application = get_asgi_application()
 
-from channels.routing import ProtocolTypeRouter  # noqa: E402
+from channels.auth import AuthMiddlewareStack  # noqa: E402
+from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
 from django.conf import settings  # noqa: E402
 
 from cao_project.backends import require_backends  # noqa: E402
+from jobs.routing import websocket_urlpatterns  # noqa: E402
 
 if settings.CAO_CHECK_BACKENDS_ON_START:
     require_backends()
 
-application = ProtocolTypeRouter({"http": django_application})
+application = ProtocolTypeRouter(
+    {
+        "http": django_application,
+        # Sessions let staff watch jobs from the web pages; API clients use
+        # the monitor token in monitor_url instead (checked by the consumer).
+        "websocket": AuthMiddlewareStack(URLRouter(websocket_urlpatterns)),
+    }
+)

@@ -23,7 +23,10 @@ def event(type, *, step_index=None, message="", **fields):
 
 
 def append_events(job, *events, now=None):
-    """Store ``events`` for the locked ``job`` and publish them after commit."""
+    """Store ``events`` for the locked ``job`` and publish them after commit.
+
+    Advances ``job.last_event_seq``; the caller saves the job in the same transaction.
+    """
     now = now or timezone.now()
     rows = []
     for spec in events:

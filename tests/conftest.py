@@ -1,6 +1,7 @@
 """Shared fixtures: real PostgreSQL (pytest-django), real Redis, real Dramatiq
 workers and the service simulator over real HTTP."""
 
+import threading
 import time
 
 import dramatiq
@@ -102,6 +103,52 @@ def worker(transactional_db, redis_db):
     # Each Worker registers a middleware on the global broker; drop this one so
     # the next test's worker starts from a clean broker.
     broker.middleware = [m for m in broker.middleware if getattr(m, "worker", None) is not worker]
+    connections.close_all()
+
+
+class AsgiServer:
+    """The project's ASGI application served by uvicorn in a thread of this process.
+
+    Being in-process, it sees the test database pytest-django set up.
+    """
+
+    def __init__(self):
+        import socket
+
+        import uvicorn
+
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.base_url = f"http://127.0.0.1:{self.port}"
+        self.ws_url = f"ws://127.0.0.1:{self.port}"
+        config = uvicorn.Config(
+            "cao_project.asgi:application", lifespan="off", log_level="warning", ws_ping_interval=None
+        )
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
+
+    def start(self):
+        self.thread.start()
+        wait_for(lambda: self.server.started, timeout=10, message="the ASGI server to start")
+        return self
+
+    def stop(self):
+        self.server.should_exit = True
+        self.thread.join(10)
+        self.sock.close()
+
+
+@pytest.fixture
+def asgi_server(transactional_db):
+    # As in production (asgi.py), the ASGI server keeps no persistent DB
+    # connections: its executor threads would otherwise hold them open.
+    database = connections.settings["default"]
+    saved, database["CONN_MAX_AGE"] = database["CONN_MAX_AGE"], 0
+    server = AsgiServer().start()
+    yield server
+    server.stop()
+    database["CONN_MAX_AGE"] = saved
     connections.close_all()
 
 

@@ -1,0 +1,106 @@
+"""The WebSocket over a real ASGI server (uvicorn) and a real client (websockets)."""
+
+import asyncio
+import json
+import random
+
+import pytest
+from websockets.asyncio.client import connect
+
+from django.db import connection
+
+from jobs.models import Job, JobStatus
+from jobs.monitor import monitor_token
+from orchestration.dispatch import submit_job
+
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.slow]
+
+
+async def read_events(url, *, until=None, budget_s=None):
+    """Connect, then collect events until one of type ``until`` or ``budget_s`` elapsed."""
+    events = []
+    async with connect(url, open_timeout=10) as socket:
+        hello = json.loads(await socket.recv())
+        assert hello["type"] == "WS_CONNECTED"
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + (budget_s or 30)
+        while True:
+            left = deadline - loop.time()
+            if left <= 0:
+                return hello, events
+            try:
+                message = json.loads(await asyncio.wait_for(socket.recv(), left))
+            except asyncio.TimeoutError:
+                return hello, events
+            events.append(message)
+            if until and message["type"] == until:
+                return hello, events
+
+
+def is_completed(job_id):
+    try:
+        return Job.objects.get(pk=job_id).status == JobStatus.COMPLETED
+    finally:
+        connection.close()  # this runs in a throwaway executor thread
+
+
+def test_connecting_repeatedly_while_a_job_emits_events_never_skips_or_repeats(
+    registry, simulator, worker, asgi_server, wait
+):
+    # Given jobs emitting events quickly (short steps, a busy single-slot service)
+    simulator.configure(latency={"*": "80ms"})
+    jobs = [submit_job(feature_name="business_plan", input_data={"n": i})[0] for i in range(3)]
+    job = jobs[0]
+    url = f"{asgi_server.ws_url}/ws/{job.pk}?token={monitor_token(job.pk)}"
+
+    # When a client connects over and over while they run, for a random while each time
+    async def hammer():
+        rounds = []
+        while not await asyncio.to_thread(is_completed, job.pk):
+            rounds.append(await read_events(url, budget_s=random.uniform(0.01, 0.15)))
+        rounds.append(await read_events(url, until="JOB_COMPLETED"))
+        return rounds
+
+    rounds = asyncio.run(hammer())
+
+    # Then every connection saw a gapless prefix 1..k of the log, in order, no duplicates
+    for hello, events in rounds:
+        seqs = [event["seq"] for event in events]
+        assert seqs == list(range(1, len(seqs) + 1)), seqs
+    final_hello, final_events = rounds[-1]
+    assert final_events[-1]["type"] == "JOB_COMPLETED"
+    assert len(rounds) > 3
+
+
+def test_reconnecting_with_after_resumes_exactly_where_the_client_left(registry, simulator, worker, asgi_server, wait):
+    simulator.configure(latency={"fast_chat_llm": "300ms"})
+    job, _ = submit_job(feature_name="business_plan", input_data={})
+    url = f"{asgi_server.ws_url}/ws/{job.pk}?token={monitor_token(job.pk)}"
+
+    async def scenario():
+        _, first = await read_events(url, until="STEP_STARTED")
+        _, first_more = await read_events(url + f"&after={first[-1]['seq']}", until="STEP_COMPLETED")
+        last = first_more[-1]["seq"]
+        _, rest = await read_events(url + f"&after={last}", until="JOB_COMPLETED")
+        return first, first_more, rest
+
+    first, middle, rest = asyncio.run(scenario())
+
+    seqs = [e["seq"] for e in first + middle + rest]
+    assert seqs == list(range(1, len(seqs) + 1))
+    assert rest[-1]["type"] == "JOB_COMPLETED"
+
+
+def test_closing_codes_reach_a_real_client(registry, asgi_server):
+    from websockets.exceptions import ConnectionClosed
+
+    job, _ = submit_job(feature_name="business_plan", input_data={})
+
+    async def close_code(url):
+        async with connect(url) as socket:
+            try:
+                await socket.recv()
+            except ConnectionClosed as closed:
+                return closed.rcvd.code
+
+    assert asyncio.run(close_code(f"{asgi_server.ws_url}/ws/{job.pk}?token=nope")) == 4401
