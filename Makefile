@@ -7,7 +7,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat requirements.txt requirements-dev.txt | cksum | cut -d' ' -f1)
 
-.PHONY: help install backends run serve test lint clean
+.PHONY: help install backends browser run serve test lint clean
 
 help:
 	@echo "make run     set up, start the whole stack and run a demo job"
@@ -36,10 +36,24 @@ run: backends
 serve: backends
 	$(PY) -m scripts.stack
 
+# The browser tests drive Debian's Chromium; install it when missing.
+CHROMIUM ?= /usr/bin/chromium
+browser:
+	@if [ ! -x "$(CHROMIUM)" ]; then \
+	  if ! command -v apt-get >/dev/null; then \
+	    echo "warning: Chromium not found at $(CHROMIUM) and no apt-get here; browser tests will be skipped."; exit 0; fi; \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=; elif command -v sudo >/dev/null; then SUDO=sudo; else \
+	    echo "warning: Chromium is missing; install it (apt-get install chromium chromium-driver) to run the browser tests."; exit 0; fi; \
+	  echo "Installing Chromium for the browser tests (Debian packages chromium, chromium-driver)..."; \
+	  $$SUDO apt-get install -y -q chromium chromium-driver >/dev/null 2>&1 \
+	    || { $$SUDO apt-get update -q >/dev/null && $$SUDO apt-get install -y -q chromium chromium-driver >/dev/null; } \
+	    || echo "warning: could not install Chromium; browser tests will be skipped."; \
+	fi
+
 lint: install
 	$(VENV)/bin/lint-imports
 
-test: backends lint
+test: backends lint browser
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 clean:

@@ -3,6 +3,7 @@ from django.urls import include, path
 from drf_spectacular.views import SpectacularAPIView, SpectacularRedocView, SpectacularSwaggerView
 
 from cao_project.health_api import HealthApi, ReadinessApi
+from jobs.views import home
 
 api_v1 = [
     path("health", HealthApi.as_view(), name="health"),
@@ -15,7 +16,9 @@ api_v1 = [
 ]
 
 urlpatterns = [
+    path("", home),
     path("api/v1/", include(api_v1)),
+    path("jobs/", include("jobs.page_urls")),
     path("admin/", admin.site.urls),
 ]
 

@@ -1,0 +1,8 @@
+from django.urls import path
+
+from jobs import views
+
+urlpatterns = [
+    path("", views.job_list_page, name="job-page-list"),
+    path("<str:job_id>/", views.job_detail_page, name="job-page-detail"),
+]

@@ -1,0 +1,51 @@
+"""Web pages for staff: recent jobs, and one job's live step timeline."""
+
+from django.contrib.admin.views.decorators import staff_member_required
+from django.shortcuts import redirect, render
+from django.views.decorators.http import require_GET
+
+from jobs import selectors
+from jobs.errors import JobNotFound
+from jobs.models import JobStatus
+from services_registry.selectors import recipe_list
+
+RECENT_JOBS = 50
+
+
+@require_GET
+def home(request):
+    return redirect("job-page-list")
+
+
+@staff_member_required
+@require_GET
+def job_list_page(request):
+    status = request.GET.get("status") or None
+    feature_name = request.GET.get("feature") or None
+    if status not in JobStatus.values:
+        status = None
+    jobs = selectors.job_list(is_staff=True, status=status, feature_name=feature_name)[:RECENT_JOBS]
+    context = {
+        "jobs": jobs,
+        "statuses": JobStatus.values,
+        "features": [recipe.name for recipe in recipe_list(enabled_only=False)],
+        "selected_status": status or "",
+        "selected_feature": feature_name or "",
+    }
+    template = "jobs/_job_rows.html" if request.GET.get("partial") else "jobs/job_list.html"
+    return render(request, template, context)
+
+
+@staff_member_required
+@require_GET
+def job_detail_page(request, job_id):
+    try:
+        job = selectors.job_get(job_id, is_staff=True)
+    except JobNotFound:
+        return render(request, "jobs/job_missing.html", {"job_id": job_id}, status=404)
+    context = {
+        "job": job,
+        "steps": selectors.step_timeline(job, selectors.job_attempts(job)),
+        "events": selectors.job_events(job.id),
+    }
+    return render(request, "jobs/job_detail.html", context)

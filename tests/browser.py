@@ -1,0 +1,59 @@
+"""Headless Chromium (Debian's /usr/bin/chromium) driven by Playwright, for page tests.
+
+Import the fixtures in a test module with ``from tests.browser import *``;
+they skip, saying why, when Chromium is not installed (``make test`` installs it).
+"""
+
+import os
+import shutil
+
+import pytest
+
+__all__ = ["chromium", "page", "login"]
+
+CHROMIUM = os.environ.get("CAO_CHROMIUM", "/usr/bin/chromium")
+# The machine's network is closed: without these flags Chromium keeps trying
+# to reach Google's services.
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--disable-dev-shm-usage",
+]
+
+
+@pytest.fixture(scope="session")
+def chromium():
+    if not (os.path.exists(CHROMIUM) or shutil.which(CHROMIUM)):
+        pytest.skip(f"Chromium not found at {CHROMIUM}; `make test` installs Debian's chromium package")
+    # Playwright's sync API runs an event loop in this thread; Django's ORM
+    # calls from the test itself are still synchronous and safe.
+    os.environ.setdefault("DJANGO_ALLOW_ASYNC_UNSAFE", "true")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield browser
+        browser.close()
+
+
+@pytest.fixture
+def page(chromium):
+    context = chromium.new_context(viewport={"width": 1280, "height": 900})
+    context.set_default_timeout(15_000)
+    page = context.new_page()
+    yield page
+    context.close()
+
+
+def login(page, base_url, username, password):
+    """Log in through the admin login form, as a person would."""
+    page.goto(f"{base_url}/admin/login/")
+    page.fill("#id_username", username)
+    page.fill("#id_password", password)
+    page.click("input[type=submit]")
+    page.wait_for_url(f"{base_url}/admin/")

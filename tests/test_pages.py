@@ -1,0 +1,57 @@
+"""The staff web pages, through Django's test client."""
+
+import pytest
+
+from jobs.models import Job
+from orchestration.dispatch import submit_job
+
+pytestmark = pytest.mark.django_db
+
+
+@pytest.fixture
+def staff_client(client, django_user_model):
+    client.force_login(django_user_model.objects.create_user("ops", password="pw", is_staff=True))
+    return client
+
+
+def test_pages_need_a_staff_login(client, django_user_model, registry):
+    job, _ = submit_job(feature_name="business_plan", input_data={})
+
+    for url in ("/jobs/", f"/jobs/{job.pk}/"):
+        response = client.get(url)
+        assert response.status_code == 302 and "/admin/login/" in response["Location"]
+    client.force_login(django_user_model.objects.create_user("someone", password="pw"))
+    assert client.get("/jobs/").status_code == 302
+
+
+def test_home_redirects_to_the_jobs_page(client):
+    assert client.get("/")["Location"] == "/jobs/"
+
+
+def test_jobs_page_lists_recent_jobs_with_progress_and_filters(staff_client, registry):
+    plan, _ = submit_job(feature_name="business_plan", input_data={})
+    video, _ = submit_job(feature_name="viral_video", input_data={})
+    Job.objects.filter(pk=video.pk).update(status="FAILED", error_code="RESOURCE_EXHAUSTED")
+
+    page = staff_client.get("/jobs/").content.decode()
+    assert str(plan.pk)[:10] in page and str(video.pk)[:10] in page
+    assert '<progress max="4" value="0">' in page and "RESOURCE_EXHAUSTED" in page
+
+    failed = staff_client.get("/jobs/?status=FAILED").content.decode()
+    assert str(video.pk)[:10] in failed and str(plan.pk)[:10] not in failed
+    videos = staff_client.get("/jobs/?feature=business_plan&partial=1").content.decode()
+    assert str(plan.pk)[:10] in videos and "<html" not in videos
+
+
+def test_job_page_shows_the_timeline_and_events(staff_client, registry):
+    job, _ = submit_job(feature_name="viral_video", input_data={})
+
+    page = staff_client.get(f"/jobs/{job.pk}/").content.decode()
+
+    assert f'data-job-id="{job.pk}"' in page and 'data-last-seq="0"' in page
+    for index, service in enumerate(["prompt_enhancer", "video_gen_v2", "email_notifier"]):
+        assert f'data-index="{index}" data-state="pending"' in page and service in page
+
+
+def test_unknown_job_page_is_a_404(staff_client):
+    assert staff_client.get("/jobs/not-a-job/").status_code == 404
