@@ -98,6 +98,7 @@ INSTALLED_APPS = [
     "jobs",
     "orchestration",
     "simulator",
+    "ops",
 ]
 
 MIDDLEWARE = [

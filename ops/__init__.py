@@ -1,0 +1,1 @@
+"""The ops console: the Django admin for services, recipes and jobs."""
