@@ -263,7 +263,11 @@ def ensure_local_api_key(python, env, base_url):
 
 
 def run_demo(base_url, api_key, *, timeout=120):
-    """Submit a business_plan job and print its steps as they happen."""
+    """Submit a business_plan job and print its steps live, over its WebSocket."""
+    import asyncio
+
+    from scripts.watch_job import watch
+
     status, body = http_json(
         f"{base_url}/api/v1/jobs",
         method="POST",
@@ -273,27 +277,11 @@ def run_demo(base_url, api_key, *, timeout=120):
     if status != 201:
         print(f"error: the demo job was refused ({status}): {body}", file=sys.stderr)
         return False
-    job_id = body["job_id"]
-    print(f"Demo job {job_id} (business_plan)\n  watch it live: {body['monitor_url']}", flush=True)
-    started, after = time.monotonic(), 0
-    while time.monotonic() - started < timeout:
-        status, page = http_json(f"{base_url}/api/v1/jobs/{job_id}/events?after={after}", api_key=api_key)
-        for event in (page or {}).get("events", []):
-            after = event["seq"]
-            print("  " + describe_event(event), flush=True)
-            if event["type"] in ("JOB_COMPLETED", "JOB_ERROR", "JOB_CANCELLED"):
-                print(f"  ({time.monotonic() - started:.1f} s)\n", flush=True)
-                return event["type"] == "JOB_COMPLETED"
-        time.sleep(0.2)
-    print(f"error: the demo job did not finish within {timeout} s; see the worker logs.", file=sys.stderr)
-    return False
-
-
-def describe_event(event):
-    step = ""
-    if "step_index" in event:
-        step = f"[{event['step_index'] + 1}/{event['total_steps']}] {event['step_name']:<16} "
-    return f"{event['type']:<16} {step}{event['message']}"
+    print(f"Demo job {body['job_id']} (business_plan), watched over {body['monitor_url'].split('?')[0]}", flush=True)
+    started = time.monotonic()
+    outcome = asyncio.run(watch(body["monitor_url"], out=lambda line: print("  " + line, flush=True), timeout=timeout))
+    print(f"  ({time.monotonic() - started:.1f} s)\n", flush=True)
+    return outcome == 0
 
 
 def main(argv=None):

@@ -104,3 +104,27 @@ def test_closing_codes_reach_a_real_client(registry, asgi_server):
                 return closed.rcvd.code
 
     assert asyncio.run(close_code(f"{asgi_server.ws_url}/ws/{job.pk}?token=nope")) == 4401
+
+
+def test_the_watch_script_prints_a_job_to_completion(registry, simulator, worker, asgi_server):
+    from scripts.watch_job import watch
+
+    job, _ = submit_job(feature_name="viral_video", input_data={})
+    lines = []
+
+    status = asyncio.run(watch(f"{asgi_server.ws_url}/ws/{job.pk}?token={monitor_token(job.pk)}", out=lines.append, timeout=30))
+
+    assert status == 0
+    assert lines[0].startswith(f"connected: job {job.pk}")
+    assert "JOB_COMPLETED" in lines[-1]
+    assert sum("STEP_COMPLETED" in line for line in lines) == 3
+
+
+def test_the_watch_script_reports_a_refusal(registry, asgi_server):
+    from scripts.watch_job import watch
+
+    job, _ = submit_job(feature_name="viral_video", input_data={})
+    lines = []
+
+    assert asyncio.run(watch(f"{asgi_server.ws_url}/ws/{job.pk}?token=forged", out=lines.append)) == 2
+    assert "4401" in lines[-1]
