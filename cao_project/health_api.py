@@ -13,6 +13,7 @@ class HealthApi(APIView):
 
     authentication_classes = []
     permission_classes = []
+    throttle_classes = []
 
     @extend_schema(
         summary="Liveness", responses=inline_serializer("Health", {"ok": serializers.BooleanField()})
@@ -26,6 +27,7 @@ class ReadinessApi(APIView):
 
     authentication_classes = []
     permission_classes = []
+    throttle_classes = []
 
     @extend_schema(
         summary="Readiness",

@@ -88,6 +88,8 @@ INSTALLED_APPS = [
     "django.contrib.sessions",
     "django.contrib.messages",
     "django.contrib.staticfiles",
+    "corsheaders",
+    "csp",
     "rest_framework",
     "drf_spectacular",
     "drf_spectacular_sidecar",
@@ -103,6 +105,8 @@ INSTALLED_APPS = [
 
 MIDDLEWARE = [
     "django.middleware.security.SecurityMiddleware",
+    "corsheaders.middleware.CorsMiddleware",
+    "common.middleware.BodySizeLimitMiddleware",
     "whitenoise.middleware.WhiteNoiseMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
@@ -110,6 +114,7 @@ MIDDLEWARE = [
     "django.contrib.auth.middleware.AuthenticationMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
+    "csp.middleware.CSPMiddleware",
 ]
 
 ROOT_URLCONF = "cao_project.urls"
@@ -153,6 +158,15 @@ CAO_CHECK_BACKENDS_ON_START = env_bool("CAO_CHECK_BACKENDS_ON_START", True)
 CAO_REDIS_TIMEOUT_S = env_float("CAO_REDIS_TIMEOUT_S", 5.0)
 # The Dramatiq broker. Leases and the channel layer always use REDIS_URL.
 BROKER_URL = env_str("BROKER_URL", REDIS_URL)
+
+# Shared by every process: DRF throttle counters live here.
+CACHES = {
+    "default": {
+        "BACKEND": "django.core.cache.backends.redis.RedisCache",
+        "LOCATION": REDIS_URL,
+        "KEY_PREFIX": "cao:cache",
+    },
+}
 
 CHANNEL_LAYERS = {
     "default": {
@@ -230,6 +244,46 @@ SANITY_CHECK_INTERVAL_SECONDS = env_float("SANITY_CHECK_INTERVAL_SECONDS", 60.0)
 CAO_ALLOW_ANONYMOUS = env_bool("CAO_ALLOW_ANONYMOUS", False)
 # Lifetime of the signed token in monitor_url.
 CAO_MONITOR_TOKEN_MAX_AGE_S = env_int("CAO_MONITOR_TOKEN_MAX_AGE_S", 24 * 3600)
+# Request limits. Bodies over CAO_MAX_BODY_BYTES get 413; input_data is
+# limited in encoded size and nesting depth (400).
+CAO_MAX_BODY_BYTES = env_int("CAO_MAX_BODY_BYTES", 256 * 1024)
+DATA_UPLOAD_MAX_MEMORY_SIZE = CAO_MAX_BODY_BYTES
+CAO_MAX_INPUT_BYTES = env_int("CAO_MAX_INPUT_BYTES", 64 * 1024)
+CAO_MAX_INPUT_DEPTH = env_int("CAO_MAX_INPUT_DEPTH", 32)
+# Requests per client (API key, else staff user, else IP), DRF rate syntax
+# ("600/min"); "none" turns a limit off. Job creation has its own, lower one.
+CAO_THROTTLE_RATES = {
+    "client": env_str("CAO_THROTTLE_RATE", "1200/min"),
+    "job_create": env_str("CAO_JOB_CREATE_THROTTLE_RATE", "300/min"),
+}
+# Browsers on these origins may call the API (CORS); none by default. The
+# admin and web pages are same-origin only.
+CORS_ALLOWED_ORIGINS = env_list("CAO_CORS_ALLOWED_ORIGINS", [])
+CORS_URLS_REGEX = r"^/api/.*$"
+CORS_ALLOW_HEADERS = ["accept", "authorization", "content-type", "idempotency-key", "x-api-key"]
+# Cookies and HSTS for deployments behind TLS.
+SESSION_COOKIE_SECURE = CSRF_COOKIE_SECURE = env_bool("CAO_SECURE_COOKIES", False)
+SECURE_HSTS_SECONDS = env_int("CAO_HSTS_SECONDS", 0)
+SESSION_COOKIE_HTTPONLY = True
+SESSION_COOKIE_SAMESITE = CSRF_COOKIE_SAMESITE = "Lax"
+X_FRAME_OPTIONS = "DENY"
+SECURE_CONTENT_TYPE_NOSNIFF = True
+SECURE_REFERRER_POLICY = "same-origin"
+# Content-Security-Policy of HTML pages (django-csp): our pages load only
+# their own scripts and styles and open WebSockets to this host.
+CONTENT_SECURITY_POLICY = {
+    "DIRECTIVES": {
+        "default-src": ["'self'"],
+        "script-src": ["'self'"],
+        "style-src": ["'self'", "'unsafe-inline'"],
+        "img-src": ["'self'", "data:"],
+        "connect-src": ["'self'", "ws:", "wss:"],
+        "frame-ancestors": ["'none'"],
+        "form-action": ["'self'"],
+        "base-uri": ["'self'"],
+    },
+}
+
 # Behind a TLS-terminating proxy that sets X-Forwarded-Proto, monitor_url uses wss://.
 if env_bool("CAO_TRUST_X_FORWARDED_PROTO", False):
     SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
@@ -238,7 +292,8 @@ REST_FRAMEWORK = {
     "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
     "EXCEPTION_HANDLER": "common.api_errors.exception_handler",
     "DEFAULT_RENDERER_CLASSES": ["rest_framework.renderers.JSONRenderer"],
-    "DEFAULT_PARSER_CLASSES": ["rest_framework.parsers.JSONParser"],
+    "DEFAULT_PARSER_CLASSES": ["common.parsers.SafeJSONParser"],
+    "DEFAULT_THROTTLE_CLASSES": ["api_keys.throttling.ClientRateThrottle"],
     "DEFAULT_AUTHENTICATION_CLASSES": [
         "api_keys.authentication.ApiKeyAuthentication",
         # Staff browsing the web pages call the API with their session (CSRF-checked).
@@ -259,6 +314,10 @@ SPECTACULAR_SETTINGS = {
     "SWAGGER_UI_DIST": "SIDECAR",
     "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
     "REDOC_DIST": "SIDECAR",
+    "POSTPROCESSING_HOOKS": [
+        "drf_spectacular.hooks.postprocess_schema_enums",
+        "common.openapi.add_error_responses",
+    ],
 }
 
 # --- Static files, i18n, logging --------------------------------------------

@@ -2,11 +2,13 @@
 
 from drf_spectacular.utils import OpenApiParameter, extend_schema
 from rest_framework import serializers, status
+from rest_framework.exceptions import NotFound
 from rest_framework.pagination import CursorPagination
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from api_keys.authentication import caller_scope
+from api_keys.throttling import ClientRateThrottle, JobCreateRateThrottle
 from common.errors import InvalidInput
 from jobs import selectors
 from jobs.models import JobStatus
@@ -63,6 +65,14 @@ class JobSummarySerializer(serializers.Serializer):
         return {"code": job.error_code, "message": job.error_message, "retryable": job.retryable}
 
 
+class JobPageSerializer(serializers.Serializer):
+    """One page of jobs; follow ``next`` for older ones."""
+
+    next = serializers.URLField(allow_null=True)
+    previous = serializers.URLField(allow_null=True)
+    results = JobSummarySerializer(many=True)
+
+
 class JobDetailSerializer(JobSummarySerializer):
     steps = serializers.SerializerMethodField()
     context = serializers.JSONField()
@@ -77,13 +87,12 @@ class JobCreateApi(APIView):
     """Start a feature. Send ``Idempotency-Key`` to make retries of this request safe."""
 
     class JobCreateInputSerializer(serializers.Serializer):
-        feature_name = serializers.CharField(max_length=64)
-        input_data = serializers.JSONField(required=False, default=dict)
-
-        def validate_input_data(self, value):
-            if not isinstance(value, dict):
-                raise serializers.ValidationError("input_data must be a JSON object.")
-            return value
+        feature_name = serializers.RegexField(
+            r"^[-a-zA-Z0-9_]{1,64}$", help_text="A feature from GET /api/v1/features, e.g. business_plan."
+        )
+        input_data = serializers.DictField(
+            required=False, default=dict, help_text="Parameters passed to every step (a JSON object)."
+        )
 
     class JobCreatedSerializer(serializers.Serializer):
         success = serializers.BooleanField()
@@ -145,28 +154,53 @@ class JobPagination(CursorPagination):
     page_size_query_param = "limit"
     max_page_size = 200
 
+    def decode_cursor(self, request):
+        # DRF answers 404 for a garbled cursor; it is a bad request.
+        try:
+            return super().decode_cursor(request)
+        except NotFound:
+            raise InvalidInput(
+                "The cursor is invalid; use a page's next or previous URL as given.", details={"cursor": "invalid"}
+            ) from None
+
 
 class JobListApi(APIView):
     """Your jobs, newest first (staff keys see everyone's)."""
 
     class JobListFilterSerializer(serializers.Serializer):
-        status = serializers.ChoiceField(choices=JobStatus.choices, required=False)
-        feature_name = serializers.CharField(max_length=64, required=False)
+        # Blank means "any", as an HTML form's empty option sends it.
+        status = serializers.ChoiceField(choices=JobStatus.choices, required=False, allow_blank=True)
+        feature_name = serializers.RegexField(
+            r"^[-a-zA-Z0-9_]*$", max_length=64, required=False, allow_blank=True
+        )
+        limit = serializers.IntegerField(
+            min_value=1, max_value=JobPagination.max_page_size, required=False, help_text="Page size."
+        )
+        cursor = serializers.CharField(
+            required=False, allow_blank=True, help_text="The cursor from a previous page's next/previous URL."
+        )
+
+        def validate(self, attrs):
+            # DRF reads an empty optional number as "absent"; an empty limit is a mistake.
+            if self.initial_data.get("limit") == "":
+                raise serializers.ValidationError({"limit": "Give a page size from 1 to 200, or leave limit out."})
+            return attrs
 
     @extend_schema(
         summary="List jobs",
-        parameters=[
-            JobListFilterSerializer,
-            OpenApiParameter("limit", int, description="Page size (max 200)."),
-            OpenApiParameter("cursor", str, description="The cursor from a previous page's next/previous URL."),
-        ],
-        responses=JobSummarySerializer(many=True),
+        parameters=[JobListFilterSerializer],
+        responses=JobPageSerializer,
     )
     def get(self, request):
         filters = self.JobListFilterSerializer(data=request.query_params)
         filters.is_valid(raise_exception=True)
         owner, is_staff = caller_scope(request)
-        jobs = selectors.job_list(owner=owner, is_staff=is_staff, **filters.validated_data)
+        jobs = selectors.job_list(
+            owner=owner,
+            is_staff=is_staff,
+            status=filters.validated_data.get("status"),
+            feature_name=filters.validated_data.get("feature_name"),
+        )
         paginator = JobPagination()
         page = paginator.paginate_queryset(jobs, request, view=self)
         return paginator.get_paginated_response(JobSummarySerializer(page, many=True).data)
@@ -260,3 +294,5 @@ class JobEventsApi(APIView):
 
 class JobCollectionApi(JobListApi, JobCreateApi):
     """``/jobs``: GET lists (JobListApi), POST creates (JobCreateApi)."""
+
+    throttle_classes = [ClientRateThrottle, JobCreateRateThrottle]

@@ -6,9 +6,12 @@ event seq numbers gapless. They never send messages; they return the step
 message to send (``StepDispatch``) and the caller sends it after commit.
 """
 
+import json
+import re
 from dataclasses import dataclass
 from datetime import timedelta
 
+from django.conf import settings
 from django.db import IntegrityError, transaction
 from django.utils import timezone
 
@@ -116,14 +119,53 @@ def _next_token(job, *, now, delay_s=0.0):
 # --- Client operations ------------------------------------------------------
 
 
+FEATURE_NAME = re.compile(r"[-a-zA-Z0-9_]{1,64}")
+
+
+def check_input_data(input_data):
+    """Refuse input_data that is not an object, too big, too deep, or unstorable."""
+    if not isinstance(input_data, dict):
+        raise InvalidInput("input_data must be a JSON object.", details={"input_data": "expected an object"})
+    size = len(json.dumps(input_data, ensure_ascii=False).encode())
+    if size > settings.CAO_MAX_INPUT_BYTES:
+        raise InvalidInput(
+            f"input_data is {size} bytes once encoded; the limit is {settings.CAO_MAX_INPUT_BYTES}.",
+            details={"input_data": "too large"},
+        )
+    # Walk without recursion: the depth itself is what is being checked.
+    stack = [(input_data, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if depth > settings.CAO_MAX_INPUT_DEPTH:
+            raise InvalidInput(
+                f"input_data is nested more than {settings.CAO_MAX_INPUT_DEPTH} levels deep.",
+                details={"input_data": "too deep"},
+            )
+        if isinstance(value, dict):
+            for key, item in value.items():
+                if "\x00" in key:
+                    raise _nul_error()
+                stack.append((item, depth + 1))
+        elif isinstance(value, list):
+            stack.extend((item, depth + 1) for item in value)
+        elif isinstance(value, str) and "\x00" in value:
+            raise _nul_error()
+
+
+def _nul_error():
+    # PostgreSQL's jsonb cannot store U+0000.
+    return InvalidInput(
+        "input_data must not contain the NUL character (\\u0000).", details={"input_data": "contains NUL"}
+    )
+
+
 def job_create(*, feature_name, input_data, owner=None, idempotency_key=None):
     """Create a PENDING job for ``feature_name``; returns ``(job, created)``.
 
     With an ``idempotency_key`` already used by the same owner, returns that
     job (``created`` False) instead of creating another one.
     """
-    if not isinstance(input_data, dict):
-        raise InvalidInput("input_data must be a JSON object.", details={"input_data": "expected an object"})
+    check_input_data(input_data)
     if idempotency_key:
         existing = _job_for_idempotency_key(owner, idempotency_key, feature_name, input_data)
         if existing:
@@ -151,9 +193,11 @@ def job_create(*, feature_name, input_data, owner=None, idempotency_key=None):
 
 
 def _runnable_steps(feature_name):
-    recipe = recipe_get(feature_name)
+    recipe = recipe_get(feature_name) if FEATURE_NAME.fullmatch(feature_name) else None
     if recipe is None:
-        raise errors.UnknownFeature(f"Unknown feature {feature_name!r}; GET /api/v1/features lists them.")
+        raise errors.UnknownFeature(
+            f"Unknown feature {feature_name[:64]!r}; GET /api/v1/features lists them."
+        )
     if not recipe.enabled:
         raise errors.FeatureUnavailable(f"Feature {feature_name!r} is disabled.")
     services = recipe_steps(recipe)

@@ -7,6 +7,7 @@ from django.views.decorators.http import require_GET
 from jobs import selectors
 from jobs.errors import JobNotFound
 from jobs.models import JobStatus
+from jobs.services import FEATURE_NAME
 from services_registry.selectors import recipe_list
 
 RECENT_JOBS = 50
@@ -24,6 +25,8 @@ def job_list_page(request):
     feature_name = request.GET.get("feature") or None
     if status not in JobStatus.values:
         status = None
+    if feature_name and not FEATURE_NAME.fullmatch(feature_name):
+        feature_name = None
     jobs = selectors.job_list(is_staff=True, status=status, feature_name=feature_name)[:RECENT_JOBS]
     context = {
         "jobs": jobs,

@@ -69,9 +69,9 @@ class ServiceClient:
                 f"{service.name} did not answer within {timeout[1]:g} s."
             ) from None
         except requests.ConnectionError as exc:
-            raise errors.DownstreamUnreachable(f"{service.name} is unreachable: {_reason(exc)}") from None
+            raise errors.DownstreamUnreachable(f"{service.name} is unreachable: {redact(_reason(exc))}") from None
         except requests.RequestException as exc:
-            raise errors.DownstreamUnreachable(f"{service.name} call failed: {_reason(exc)}") from None
+            raise errors.DownstreamUnreachable(f"{service.name} call failed: {redact(_reason(exc))}") from None
         elapsed_ms = int((self._clock() - started) * 1000)
         return parse_reply(service.name, response, elapsed_ms)
 
@@ -122,6 +122,12 @@ def _success(service_name, status, body, elapsed_ms):
     )
 
 
+def redact(text):
+    """``text`` with INTERNAL_API_KEY masked, should a service echo it back."""
+    key = settings.INTERNAL_API_KEY
+    return text.replace(key, "***") if key and text else text
+
+
 def _error_detail(body):
     """(code, message) from a ``{"error": {...}}`` body, truncated; (None, None) if absent."""
     if not isinstance(body, dict) or not isinstance(body.get("error"), dict):
@@ -129,8 +135,8 @@ def _error_detail(body):
     error = body["error"]
     code = error.get("code")
     message = error.get("message")
-    code = str(code)[:64] if code else None
-    message = str(message)[:MAX_ERROR_TEXT] if message else None
+    code = redact(str(code)[:64]) if code else None
+    message = redact(str(message)[:MAX_ERROR_TEXT]) if message else None
     return code, message
 
 

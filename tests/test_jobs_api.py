@@ -264,7 +264,8 @@ def test_list_filters_and_paginates_newest_first(api, registry):
     failed = api.get("/api/v1/jobs?status=FAILED").json()["results"]
     assert [job["job_id"] for job in failed] == [ids[0]]
     assert_error(api.get("/api/v1/jobs?status=BOGUS"), 400, "INVALID_INPUT")
-    assert_error(api.get("/api/v1/jobs?limit=abc&cursor=zzz"), 404, "NOT_FOUND")
+    assert_error(api.get("/api/v1/jobs?limit=abc"), 400, "INVALID_INPUT")
+    assert_error(api.get("/api/v1/jobs?cursor=zzz"), 400, "INVALID_INPUT")
 
 
 def test_events_endpoint_returns_events_after_a_seq(api, registry):

@@ -1,4 +1,8 @@
-"""The job pages in headless Chromium, against the real stack in-process."""
+"""The job pages in headless Chromium, against the real stack in-process.
+
+Waits use selectors, not wait_for_function: the pages' Content-Security-Policy
+forbids the eval that wait_for_function relies on, as it should.
+"""
 
 import re
 
@@ -34,8 +38,8 @@ def test_start_a_job_and_watch_every_step_turn_done(page, asgi_server, worker, s
     page.click("#new-job-submit")
 
     page.wait_for_url(re.compile(r".*/jobs/[0-9a-f-]{36}/$"))
-    page.wait_for_function("document.getElementById('connection').textContent === 'live'")
-    page.wait_for_function("document.getElementById('job-status').textContent === 'COMPLETED'", timeout=30_000)
+    page.wait_for_selector('#connection:text-is("live")')
+    page.wait_for_selector('#job-status:text-is("COMPLETED")', timeout=30_000)
     assert steps_states(page) == ["done"] * 4
     seqs = event_seqs(page)
     assert seqs == list(range(1, len(seqs) + 1))
@@ -54,10 +58,10 @@ def test_a_dropped_socket_recovers_without_missing_a_step(page, asgi_server, wor
     # While step 2 runs, the connection drops; events keep being committed meanwhile.
     page.wait_for_selector('.step[data-index="1"][data-state="running"]', timeout=20_000)
     page.evaluate("window.caoSocket.close()")
-    page.wait_for_function("document.getElementById('connection').textContent !== 'live'")
+    page.wait_for_selector('#connection:not(:text-is("live"))')
 
-    page.wait_for_function("document.getElementById('job-status').textContent === 'COMPLETED'", timeout=30_000)
-    page.wait_for_function("document.getElementById('connection').textContent === 'live'")
+    page.wait_for_selector('#job-status:text-is("COMPLETED")', timeout=30_000)
+    page.wait_for_selector('#connection:text-is("live")')
     assert steps_states(page) == ["done"] * 4
     seqs = event_seqs(page)
     assert seqs == list(range(1, Job.objects.get(pk=job.pk).last_event_seq + 1))
@@ -80,6 +84,6 @@ def test_resume_a_failed_job_from_its_page(page, asgi_server, worker, simulator,
     simulator.configure(fail={"summarizer_pro": None})
     page.click("#resume")
 
-    page.wait_for_function("document.getElementById('job-status').textContent === 'COMPLETED'", timeout=30_000)
+    page.wait_for_selector('#job-status:text-is("COMPLETED")', timeout=30_000)
     assert page.is_hidden("#error-box")
     assert steps_states(page) == ["done"] * 4

@@ -1,0 +1,35 @@
+"""HTTP middleware: body size limit and security headers the stock stack lacks."""
+
+from django.conf import settings
+from django.http import JsonResponse
+
+from common.errors import error_body
+
+_BODY_METHODS = {"POST", "PUT", "PATCH", "DELETE"}
+
+
+class BodySizeLimitMiddleware:
+    """Refuse request bodies over CAO_MAX_BODY_BYTES with 413, before any view reads them."""
+
+    def __init__(self, get_response):
+        self.get_response = get_response
+
+    def __call__(self, request):
+        limit = settings.CAO_MAX_BODY_BYTES
+        if request.method in _BODY_METHODS:
+            try:
+                declared = int(request.META.get("CONTENT_LENGTH") or 0)
+            except ValueError:
+                declared = 0
+            # A chunked body declares no length: measure what arrived.
+            size = declared if declared else len(request.body)
+            if size > limit:
+                return JsonResponse(
+                    error_body(
+                        "PAYLOAD_TOO_LARGE",
+                        f"The request body is {size} bytes; the limit is {limit} bytes.",
+                        {"limit_bytes": limit},
+                    ),
+                    status=413,
+                )
+        return self.get_response(request)

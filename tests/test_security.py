@@ -1,0 +1,302 @@
+"""Security and bad input: keys, ownership, limits, throttling, CORS/CSRF, headers, secrets."""
+
+import http.server
+import io
+import json
+import logging
+import threading
+
+import pytest
+import requests
+from django.contrib.admin.models import LogEntry
+from django.core.management import call_command
+from rest_framework.test import APIClient
+
+from api_keys.models import ApiKey
+from jobs.models import Job, JobEvent, JobStatus
+
+pytestmark = pytest.mark.django_db
+
+
+def create(client, **extra):
+    return client.post(
+        "/api/v1/jobs", {"feature_name": "business_plan", "input_data": {"topic": "tea"}}, format="json", **extra
+    )
+
+
+def error_code(response):
+    return response.json()["error"]["code"]
+
+
+# --- API keys ------------------------------------------------------------------------
+
+
+def test_only_a_hash_and_a_prefix_of_a_key_are_stored():
+    api_key, raw_key = ApiKey.objects.create_key(name="billing")
+
+    assert raw_key.startswith(f"cao_{api_key.prefix}_") and len(raw_key) > 40
+    assert raw_key not in (api_key.key_hash, api_key.prefix)
+    assert api_key.matches(raw_key) and not api_key.matches(raw_key + "x")
+
+
+def test_both_header_forms_authenticate_and_record_last_use(registry):
+    api_key, raw_key = ApiKey.objects.create_key(name="c")
+    client = APIClient()
+
+    assert client.get("/api/v1/features", HTTP_AUTHORIZATION=f"Api-Key {raw_key}").status_code == 200
+    assert client.get("/api/v1/features", HTTP_X_API_KEY=raw_key).status_code == 200
+    api_key.refresh_from_db()
+    assert api_key.last_used_at is not None
+
+
+def test_an_inactive_key_is_refused(registry):
+    api_key, raw_key = ApiKey.objects.create_key(name="old")
+    ApiKey.objects.filter(pk=api_key.pk).update(is_active=False)
+
+    response = APIClient().get("/api/v1/features", HTTP_X_API_KEY=raw_key)
+
+    assert response.status_code == 401 and error_code(response) == "AUTHENTICATION_FAILED"
+    assert response["WWW-Authenticate"] == "Api-Key"
+
+
+def test_create_api_key_prints_the_key_alone_on_its_last_line():
+    out, err = io.StringIO(), io.StringIO()
+
+    call_command("create_api_key", "reporting", "--staff", stdout=out, stderr=err)
+
+    raw_key = out.getvalue().strip().splitlines()[-1]
+    api_key = ApiKey.objects.get(name="reporting")
+    assert api_key.is_staff and api_key.matches(raw_key)
+    assert raw_key not in err.getvalue()
+
+
+def test_the_admin_shows_a_new_key_once(client, django_user_model):
+    client.force_login(django_user_model.objects.create_superuser("root", "r@example.com", "pw"))
+
+    response = client.post(
+        "/admin/api_keys/apikey/add/", {"name": "partner", "is_active": "on"}, follow=True
+    )
+
+    page = response.content.decode()
+    api_key = ApiKey.objects.get(name="partner")
+    shown = page.split("The new API key is ")[1].split(" ")[0]
+    assert api_key.matches(shown)
+    listing = client.get("/admin/api_keys/apikey/").content.decode()
+    assert f"cao_{api_key.prefix}_" in listing and shown not in listing
+    assert LogEntry.objects.filter(object_id=str(api_key.pk)).exists()
+
+
+def test_anonymous_access_is_off_by_default_and_scoped_when_enabled(registry, settings, api):
+    anonymous = APIClient()
+    assert anonymous.get("/api/v1/jobs").status_code == 401
+
+    settings.CAO_ALLOW_ANONYMOUS = True
+    owned = create(api).json()["job_id"]
+    mine = create(anonymous).json()["job_id"]
+
+    assert Job.objects.get(pk=mine).owner is None
+    assert [job["job_id"] for job in anonymous.get("/api/v1/jobs").json()["results"]] == [mine]
+    assert anonymous.get(f"/api/v1/jobs/{owned}").status_code == 404
+
+
+# --- Limits ----------------------------------------------------------------------------
+
+
+def test_bodies_over_the_limit_get_413(api, registry, settings):
+    settings.CAO_MAX_BODY_BYTES = 1000
+
+    response = api.post("/api/v1/jobs", {"feature_name": "business_plan", "input_data": {"x": "y" * 2000}}, format="json")
+
+    assert response.status_code == 413
+    assert error_code(response) == "PAYLOAD_TOO_LARGE"
+    assert Job.objects.count() == 0
+
+
+@pytest.mark.django_db(transaction=True)
+def test_chunked_bodies_over_the_limit_get_413_over_real_http(registry, asgi_server, settings):
+    settings.CAO_MAX_BODY_BYTES = 1000
+    _, raw_key = ApiKey.objects.create_key(name="c")
+
+    def chunks():
+        yield b'{"feature_name": "business_plan", "input_data": {"x": "'
+        for _ in range(20):
+            yield b"y" * 100
+        yield b'"}}'
+
+    response = requests.post(
+        f"{asgi_server.base_url}/api/v1/jobs",
+        data=chunks(),
+        headers={"X-API-Key": raw_key, "Content-Type": "application/json"},
+        timeout=10,
+    )
+
+    assert response.status_code == 413 and response.json()["error"]["code"] == "PAYLOAD_TOO_LARGE"
+
+
+@pytest.mark.parametrize(
+    "input_data, fragment",
+    [
+        ({"text": "x" * 70_000}, "the limit is"),
+        ({"a": {"b": {"c": {"d": 1}}}}, "nested more than 3 levels"),
+        ({"text": "nul\u0000byte"}, "NUL"),
+        ({"key\u0000": 1}, "NUL"),
+    ],
+)
+def test_input_data_size_depth_and_content_are_limited(api, registry, settings, input_data, fragment):
+    settings.CAO_MAX_INPUT_DEPTH = 3
+
+    response = api.post("/api/v1/jobs", {"feature_name": "business_plan", "input_data": input_data}, format="json")
+
+    assert response.status_code == 400 and error_code(response) == "INVALID_INPUT"
+    assert fragment in response.json()["error"]["message"]
+
+
+@pytest.mark.parametrize(
+    "body, code",
+    [
+        ("[" * 50_000 + "]" * 50_000, "MALFORMED_JSON"),
+        ('{"feature_name": "business_plan", "input_data": {"x": NaN}}', "MALFORMED_JSON"),
+        ('{"feature_name": "business_\\u0000plan", "input_data": {}}', "INVALID_INPUT"),
+        ("\xff\xfe", "MALFORMED_JSON"),
+    ],
+)
+def test_pathological_json_gets_a_400(api, registry, body, code):
+    response = api.generic("POST", "/api/v1/jobs", body.encode("utf-8", "surrogatepass"), content_type="application/json")
+
+    assert response.status_code == 400 and error_code(response) == code
+
+
+def test_nul_in_query_parameters_is_a_400_not_a_crash(api, registry):
+    response = api.get("/api/v1/jobs", {"feature_name": "a\u0000b"})
+
+    assert response.status_code == 400 and error_code(response) == "INVALID_INPUT"
+
+
+def test_requests_are_throttled_per_key_with_retry_after(registry, settings, api, staff_api):
+    settings.CAO_THROTTLE_RATES = {"client": "3/min", "job_create": "none"}
+
+    statuses = [api.get("/api/v1/features").status_code for _ in range(4)]
+
+    assert statuses == [200, 200, 200, 429]
+    limited = api.get("/api/v1/features")
+    assert error_code(limited) == "THROTTLED" and int(limited["Retry-After"]) > 0
+    assert staff_api.get("/api/v1/features").status_code == 200  # another key, its own budget
+    assert APIClient().get("/api/v1/health").status_code == 200  # liveness is never throttled
+
+
+def test_job_creation_has_its_own_lower_limit(registry, settings, api):
+    settings.CAO_THROTTLE_RATES = {"client": "100/min", "job_create": "2/min"}
+
+    statuses = [create(api).status_code for _ in range(3)]
+
+    assert statuses == [201, 201, 429]
+    assert api.get("/api/v1/jobs").status_code == 200
+
+
+# --- CORS, CSRF and headers ------------------------------------------------------------------
+
+
+def test_no_cross_origin_access_by_default(api, registry):
+    response = api.get("/api/v1/features", HTTP_ORIGIN="https://app.example")
+
+    assert "Access-Control-Allow-Origin" not in response
+
+
+def test_configured_origins_may_call_the_api_but_not_the_admin(client, settings):
+    settings.CORS_ALLOWED_ORIGINS = ["https://app.example"]
+
+    preflight = client.options(
+        "/api/v1/jobs",
+        HTTP_ORIGIN="https://app.example",
+        HTTP_ACCESS_CONTROL_REQUEST_METHOD="POST",
+        HTTP_ACCESS_CONTROL_REQUEST_HEADERS="x-api-key, content-type, idempotency-key",
+    )
+    admin = client.get("/admin/login/", HTTP_ORIGIN="https://app.example")
+
+    assert preflight["Access-Control-Allow-Origin"] == "https://app.example"
+    assert "x-api-key" in preflight["Access-Control-Allow-Headers"]
+    assert "Access-Control-Allow-Origin" not in admin
+
+
+def test_api_keys_need_no_csrf_but_sessions_do(registry, django_user_model):
+    staff = django_user_model.objects.create_user("ops", password="pw", is_staff=True)
+    session = APIClient(enforce_csrf_checks=True)
+    session.force_login(staff)
+
+    refused = create(session)
+    _, raw_key = ApiKey.objects.create_key(name="c")
+    keyed = APIClient(enforce_csrf_checks=True)
+    keyed.credentials(HTTP_X_API_KEY=raw_key)
+
+    assert refused.status_code == 403 and "CSRF" in refused.json()["error"]["message"]
+    assert create(keyed).status_code == 201
+
+
+def test_html_pages_carry_security_headers(client, django_user_model):
+    client.force_login(django_user_model.objects.create_user("ops", password="pw", is_staff=True))
+
+    for url in ("/jobs/", "/admin/", "/api/v1/docs"):
+        response = client.get(url)
+        assert response.status_code == 200, url
+        assert "default-src 'self'" in response["Content-Security-Policy"], url
+        assert "frame-ancestors 'none'" in response["Content-Security-Policy"]
+        assert response["X-Frame-Options"] == "DENY"
+        assert response["X-Content-Type-Options"] == "nosniff"
+        assert response["Referrer-Policy"] == "same-origin"
+
+
+# --- Secrets ------------------------------------------------------------------------------
+
+
+class EchoingService(http.server.BaseHTTPRequestHandler):
+    """A careless downstream that echoes the credentials it got in its error."""
+
+    def do_POST(self):
+        self.rfile.read(int(self.headers["Content-Length"]))
+        body = json.dumps(
+            {"status": "FAILED", "error": {"code": "BAD", "message": f"rejected {self.headers['Authorization']}"}}
+        ).encode()
+        self.send_response(400)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.mark.django_db(transaction=True)
+def test_secrets_never_reach_logs_errors_events_or_responses(registry, worker, settings, caplog, wait, staff_api):
+    # Given an internal key, an API key, and a downstream that echoes what it is sent
+    secret = "internal-secret-4f9a2c"
+    settings.INTERNAL_API_KEY = secret
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), EchoingService)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    settings.CAO_SERVICE_URL_OVERRIDES = {"prompt_enhancer": f"http://127.0.0.1:{server.server_port}"}
+    registry["prompt_enhancer"].auth_type = "bearer"
+    registry["prompt_enhancer"].save()
+    caplog.set_level(logging.DEBUG)
+    raw_key = staff_api.api_key.raw_key
+
+    # When a job fails against it and everything is inspected
+    try:
+        job_id = create(staff_api).json()["job_id"]
+        wait(lambda: Job.objects.get(pk=job_id).status == JobStatus.FAILED, message="the job to fail")
+        APIClient().get("/api/v1/jobs", HTTP_X_API_KEY=raw_key + "tampered")
+        bodies = [
+            staff_api.get(f"/api/v1/jobs/{job_id}").content.decode(),
+            staff_api.get(f"/api/v1/jobs/{job_id}/events").content.decode(),
+            staff_api.get("/api/v1/services").content.decode(),
+        ]
+    finally:
+        server.shutdown()
+
+    # Then neither secret appears anywhere
+    job = Job.objects.get(pk=job_id)
+    assert "rejected Bearer ***" in job.error_message
+    stored = [job.error_message, json.dumps(job.context)]
+    stored += [json.dumps(payload) for payload in JobEvent.objects.filter(job_id=job_id).values_list("payload", flat=True)]
+    for text in [caplog.text, *bodies, *stored]:
+        assert secret not in text
+        assert raw_key not in text
