@@ -96,6 +96,8 @@ class Job(models.Model):
             models.Index(fields=["status", "last_progress_at"], name="job_stuck_idx"),
             models.Index(fields=["feature_name", "status"], name="job_feature_status_idx"),
             models.Index(fields=["owner", "-created_at"], name="job_owner_recent_idx"),
+            # Recent jobs first: the API list, the pages and the admin sort by it.
+            models.Index(fields=["-created_at"], name="job_recent_idx"),
         ]
 
     def __str__(self):

@@ -235,6 +235,7 @@ def job_resume(*, job, force=False):
         )
     now = timezone.now()
     previous_status = job.status
+    forced = bool(force and not job.retryable)
     _set_status(job, JobStatus.RUNNING)
     _next_token(job, now=now)
     job.step_attempt = 0
@@ -248,7 +249,7 @@ def job_resume(*, job, force=False):
             step_index=job.current_step_index,
             message=f"Resumed from step {job.current_step_index + 1} of {job.total_steps}.",
             previous_status=previous_status,
-            forced=bool(force and not job.retryable),
+            forced=forced,
         ),
         now=now,
     )

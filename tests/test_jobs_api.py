@@ -198,6 +198,15 @@ def test_non_retryable_failures_need_a_staff_force(api, staff_api, registry):
     assert_error(api.post(f"/api/v1/jobs/{job_id}/resume", {"force": True}, format="json"), 403, "FORCE_REQUIRES_STAFF")
     response = staff_api.post(f"/api/v1/jobs/{job_id}/resume", {"force": True}, format="json")
     assert response.status_code == 200 and response.json()["new_status"] == "RUNNING"
+    assert JobEvent.objects.get(job_id=job_id, type="JOB_RESUMED").payload["forced"] is True
+
+
+def test_force_on_a_retryable_failure_is_an_ordinary_resume(staff_api, registry):
+    job_id = create(staff_api).json()["job_id"]
+    fail_job(job_id, retryable=True)
+
+    assert staff_api.post(f"/api/v1/jobs/{job_id}/resume", {"force": True}, format="json").status_code == 200
+    assert JobEvent.objects.get(job_id=job_id, type="JOB_RESUMED").payload["forced"] is False
 
 
 def test_resume_body_must_be_an_object_with_a_boolean_force(api, registry):
