@@ -14,7 +14,7 @@ from datetime import datetime
 
 from websockets.asyncio.client import connect
 
-from benchmarks.harness import BenchStack, summary_ms
+from benchmarks.harness import bench_testbed, summary_ms
 
 
 async def subscribe(monitor_url, samples):
@@ -35,16 +35,15 @@ async def subscribe(monitor_url, samples):
                 return
 
 
-def measure(stack, *, jobs=50, step_latency="200ms"):
-    stack.reset_jobs()
-    stack.simulator_configure(latency={"*": step_latency})
+def measure(bed, *, jobs=50, step_latency="200ms"):
+    bed.simulator.configure(latency={"*": step_latency})
     samples = []
     monitor_urls = []
     for _ in range(jobs):
-        response = stack.session.post(
-            f"{stack.base_url}/api/v1/jobs",
+        response = bed.session.post(
+            f"{bed.base_url}/api/v1/jobs",
             json={"feature_name": "business_plan", "input_data": {}},
-            headers={"X-API-Key": stack.api_key},
+            headers={"X-API-Key": bed.api_key},
             timeout=30,
         )
         response.raise_for_status()
@@ -56,13 +55,13 @@ def measure(stack, *, jobs=50, step_latency="200ms"):
         )
 
     asyncio.run(all_subscribers())
-    stack.simulator_configure(latency={"*": None})
+    bed.simulator.configure(latency={"*": None})
     return {"jobs": jobs, "live_events": len(samples), "delivery_ms": summary_ms(samples)}
 
 
 def run(*, jobs=50):
-    with BenchStack() as stack:
-        return measure(stack, jobs=jobs)
+    with bench_testbed() as bed:
+        return measure(bed, jobs=jobs)
 
 
 def main(argv=None):

@@ -178,9 +178,13 @@ CHANNEL_LAYERS = {
 # Queues a service can be assigned to; one worker pool consumes each.
 CAO_QUEUES = env_list("CAO_QUEUES", ["heavy", "medium", "default"])
 
+# A worker silent this long is presumed dead and its fetched-but-unfinished
+# messages go back to their queue (maintenance sweeps for them every pass).
+CAO_BROKER_HEARTBEAT_TIMEOUT_MS = env_int("CAO_BROKER_HEARTBEAT_TIMEOUT_MS", 60_000)
+
 DRAMATIQ_BROKER = {
     "BROKER": "dramatiq.brokers.redis.RedisBroker",
-    "OPTIONS": {"url": BROKER_URL},
+    "OPTIONS": {"url": BROKER_URL, "heartbeat_timeout": CAO_BROKER_HEARTBEAT_TIMEOUT_MS},
     # Listed explicitly: django-dramatiq's defaults add RabbitMQ, Prometheus on
     # port 9191 and an admin middleware that writes a row per message.
     "MIDDLEWARE": [

@@ -198,3 +198,21 @@ def test_two_maintenance_runs_do_not_double_send(registry, settings, redis_db):
 
     assert (first.redispatched, second.redispatched) == (1, 0)
     assert Job.objects.get(pk=job.pk).step_token == 2
+
+
+def test_messages_fetched_by_a_dead_worker_go_back_to_their_queue(registry, redis_db):
+    # Given a worker that fetched the step message, then died (no heartbeat since)
+    from dramatiq.brokers.redis import RedisBroker
+
+    new_job(registry)
+    broker = dramatiq.get_broker()
+    doomed = RedisBroker(client=broker.client, namespace=broker.namespace, middleware=[])
+    assert len(doomed.do_fetch("default", 10)) == 1
+    assert queued_messages("default") == 0
+    redis_db.zadd(f"{broker.namespace}:__heartbeats__", {doomed.broker_id: 0})
+
+    # When maintenance runs
+    run_maintenance()
+
+    # Then the message is back on its queue for a live worker
+    assert queued_messages("default") == 1

@@ -1,0 +1,320 @@
+"""A real gateway stack in separate processes, for end-to-end tests and benchmarks.
+
+- ``PrivateRedis``: a redis-server of its own (free port, no persistence), so
+  restarting it touches nothing else on the machine.
+- ``PrivatePostgres``: a PostgreSQL cluster of its own (initdb into a temporary
+  folder, free port), for the same reason.
+- ``Testbed``: the processes of ``make serve`` (simulator, API, one worker per
+  queue, scheduler) against a given database and Redis, with helpers to kill,
+  restart and inspect each process, submit jobs and read the simulator's
+  counters.
+"""
+
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+import psycopg2
+import redis
+import requests
+
+from scripts.local_backends import ensure_database
+from scripts.stack import ROOT, Stack, simulator_env, stack_processes
+from simulator.testing import SimulatorClient
+
+POSTGRES_BIN = Path(os.environ.get("CAO_POSTGRES_BIN", "/usr/lib/postgresql/15/bin"))
+
+
+def free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_until(predicate, *, timeout, interval=0.05, message="condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise TimeoutError(f"timed out after {timeout:g} s waiting for {message}")
+
+
+def with_database(url, name):
+    return urlunsplit(urlsplit(url)._replace(path=f"/{name}"))
+
+
+class PrivateRedis:
+    """A redis-server owned by the test: start, stop, restart (empty, like a crash)."""
+
+    def __init__(self, directory=None):
+        self.port = free_port()
+        self.directory = directory or tempfile.mkdtemp(prefix="cao-redis-")
+        self.process = None
+
+    def url(self, db=0):
+        return f"redis://127.0.0.1:{self.port}/{db}"
+
+    def start(self):
+        self.process = subprocess.Popen(
+            [
+                shutil.which("redis-server") or "redis-server", "--port", str(self.port), "--bind", "127.0.0.1",
+                "--save", "", "--appendonly", "no", "--dir", self.directory, "--daemonize", "no",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        client = redis.Redis(port=self.port, socket_connect_timeout=0.5)
+        wait_until(lambda: _answers(client), timeout=10, message="the private redis-server")
+        return self
+
+    def stop(self, *, kill=False):
+        if self.process and self.process.poll() is None:
+            self.process.send_signal(signal.SIGKILL if kill else signal.SIGTERM)
+            self.process.wait(10)
+
+    def restart(self, *, down_for=0.0):
+        """Crash and come back empty (no persistence), on the same port."""
+        self.stop(kill=True)
+        time.sleep(down_for)
+        return self.start()
+
+    def close(self):
+        self.stop(kill=True)
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+
+def _answers(client):
+    try:
+        return client.ping()
+    except redis.RedisError:
+        return False
+
+
+class PrivatePostgres:
+    """A PostgreSQL cluster owned by the test, in a temporary folder, on a free port."""
+
+    def __init__(self):
+        self.port = free_port()
+        self.directory = tempfile.mkdtemp(prefix="cao-pg-")
+        self.data = os.path.join(self.directory, "data")
+        # PostgreSQL refuses to run as root: use the postgres account then.
+        self.run_as = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+        if self.run_as:
+            shutil.chown(self.directory, "postgres")
+
+    @staticmethod
+    def available():
+        return (POSTGRES_BIN / "initdb").exists() and (os.geteuid() != 0 or shutil.which("runuser"))
+
+    def url(self, database="postgres"):
+        return f"postgresql://postgres@127.0.0.1:{self.port}/{database}"
+
+    def _run(self, *command, check=True):
+        return subprocess.run([*self.run_as, *command], check=check, capture_output=True, text=True)
+
+    def init(self):
+        self._run(str(POSTGRES_BIN / "initdb"), "-D", self.data, "-U", "postgres", "--auth=trust", "-E", "UTF8")
+        return self.start()
+
+    def start(self):
+        self._run(
+            str(POSTGRES_BIN / "pg_ctl"), "-D", self.data, "-w", "-t", "30", "-l", os.path.join(self.directory, "log"),
+            "-o", f"-p {self.port} -h 127.0.0.1 -k {self.directory} -c fsync=off -c max_connections=200",
+            "start",
+        )
+        return self
+
+    def stop(self, *, mode="immediate"):
+        self._run(str(POSTGRES_BIN / "pg_ctl"), "-D", self.data, "-m", mode, "-w", "stop", check=False)
+
+    def restart(self, *, down_for=0.0):
+        """Stop at once (like a crash: no clean shutdown) and start again."""
+        self.stop(mode="immediate")
+        time.sleep(down_for)
+        return self.start()
+
+    def close(self):
+        self.stop()
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+
+class Testbed:
+    """The gateway's processes against one database and one Redis; a context manager."""
+
+    __test__ = False  # not a test class, despite its name
+
+    def __init__(
+        self,
+        *,
+        database_url,
+        redis_url,
+        log_dir,
+        env=None,
+        simulator_args=(),
+        scheduler=True,
+        port=None,
+        simulator_port=None,
+    ):
+        self.database_url = database_url
+        self.redis_url = redis_url
+        self.port = port or free_port()
+        self.simulator_port = simulator_port or free_port()
+        self.env = {
+            **os.environ,
+            "DATABASE_URL": database_url,
+            "REDIS_URL": redis_url,
+            "BROKER_URL": redis_url,
+            "SECRET_KEY": os.environ.get("SECRET_KEY") or secrets.token_urlsafe(40),
+            "CAO_ENV_FILE": "",
+            "PYTHONUNBUFFERED": "1",
+            **simulator_env({}, self.simulator_port),
+            **(env or {}),
+        }
+        self.simulator_args = list(simulator_args)
+        self.scheduler = scheduler
+        self.base_url = f"http://127.0.0.1:{self.port}"
+        self.ws_url = f"ws://127.0.0.1:{self.port}"
+        self.simulator = SimulatorClient(f"http://127.0.0.1:{self.simulator_port}")
+        self.log_dir = Path(log_dir)
+        self.stack = None
+        self.api_key = None
+        self.session = requests.Session()
+
+    # --- set-up ---------------------------------------------------------------
+
+    def manage(self, *args):
+        return subprocess.run(
+            [sys.executable, "manage.py", *args], cwd=ROOT, env=self.env, check=True, capture_output=True, text=True
+        )
+
+    def prepare(self):
+        """Create and migrate the database, empty Redis, make an API key."""
+        ensure_database(self.database_url)
+        redis.Redis.from_url(self.redis_url).flushdb()
+        self.manage("migrate", "--noinput", "-v", "0")
+        self.sql("TRUNCATE jobs_job, jobs_stepattempt, jobs_jobevent")
+        self.api_key = self.manage("create_api_key", "testbed", "--staff").stdout.strip().splitlines()[-1]
+        return self
+
+    def __enter__(self):
+        self.prepare()
+        specs = stack_processes(
+            python=sys.executable,
+            host="127.0.0.1",
+            port=self.port,
+            simulator_port=self.simulator_port,
+            simulator_args=self.simulator_args,
+        )
+        if not self.scheduler:
+            specs = [spec for spec in specs if spec.name != "scheduler"]
+        self.stack = Stack(specs, env=self.env, log_dir=self.log_dir)
+        self.stack.start_all()
+        self.wait_ready()
+        return self
+
+    def __exit__(self, *exc_info):
+        if self.stack:
+            self.stack.stop_all(timeout=20)
+        self.session.close()
+
+    def wait_ready(self, timeout=60):
+        def ready():
+            try:
+                return self.session.get(f"{self.base_url}/api/v1/health", timeout=1).ok and self.simulator.healthy()
+            except requests.RequestException:
+                return False
+
+        wait_until(ready, timeout=timeout, message=f"the stack to start (logs in {self.log_dir})")
+        # Workers declare their queues a moment after they boot.
+        time.sleep(1.0)
+
+    # --- processes ---------------------------------------------------------------
+
+    @property
+    def process_names(self):
+        return list(self.stack.specs)
+
+    def kill(self, name):
+        """SIGKILL a process and its children, as a crash would."""
+        self.stack.kill(name)
+
+    def start(self, name):
+        self.stack.start(name)
+
+    def restart(self, name):
+        self.stack.stop(name)
+        self.stack.start(name)
+
+    def alive(self, name):
+        process = self.stack.processes.get(name)
+        return process is not None and process.poll() is None
+
+    def log(self, name):
+        path = self.log_dir / f"{name}.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    # --- data ------------------------------------------------------------------------
+
+    @contextmanager
+    def cursor(self):
+        conn = psycopg2.connect(self.database_url, connect_timeout=5)
+        conn.autocommit = True
+        try:
+            with conn.cursor() as cursor:
+                yield cursor
+        finally:
+            conn.close()
+
+    def sql(self, statement, params=None):
+        with self.cursor() as cursor:
+            cursor.execute(statement, params)
+            return cursor.fetchall() if cursor.description else None
+
+    def set_service(self, name, **fields):
+        assignments = ", ".join(f"{field} = %s" for field in fields)
+        self.sql(f"UPDATE services_registry_service SET {assignments} WHERE name = %s", [*fields.values(), name])
+
+    def submit(self, feature="business_plan", input_data=None, session=None):
+        response = (session or self.session).post(
+            f"{self.base_url}/api/v1/jobs",
+            json={"feature_name": feature, "input_data": input_data if input_data is not None else {"n": 1}},
+            headers={"X-API-Key": self.api_key},
+            timeout=30,
+        )
+        response.raise_for_status()
+        return response.json()["job_id"]
+
+    def submit_many(self, count, feature="business_plan", threads=8):
+        sessions = [requests.Session() for _ in range(threads)]
+        with ThreadPoolExecutor(threads) as pool:
+            return list(pool.map(lambda i: self.submit(feature, {"n": i}, session=sessions[i % threads]), range(count)))
+
+    def statuses(self, job_ids):
+        rows = self.sql("SELECT status, count(*) FROM jobs_job WHERE id = ANY(%s::uuid[]) GROUP BY status", [list(job_ids)])
+        return dict(rows)
+
+    def wait_finished(self, job_ids, *, timeout=120, statuses=("COMPLETED",)):
+        """Wait until every job is in one of ``statuses``; returns the seconds it took."""
+        ids, started = list(job_ids), time.monotonic()
+
+        def done():
+            counts = self.statuses(ids)
+            return sum(counts.get(status, 0) for status in statuses) == len(ids)
+
+        try:
+            wait_until(done, timeout=timeout, interval=0.2, message=f"{len(ids)} jobs to reach {statuses}")
+        except TimeoutError as error:
+            raise TimeoutError(f"{error}; now {self.statuses(ids)}; logs in {self.log_dir}") from None
+        return time.monotonic() - started
