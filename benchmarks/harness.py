@@ -10,8 +10,8 @@ from urllib.parse import urlsplit, urlunsplit
 from scripts.stack import RUN_DIR
 from scripts.testbed import Testbed, with_database
 
-BENCH_DATABASE = "cao_bench"
-BENCH_REDIS_DB = 13
+BENCH_DATABASE = os.environ.get("CAO_BENCH_DATABASE", "cao_bench")
+BENCH_REDIS_DB = int(os.environ.get("CAO_BENCH_REDIS_DB", "13"))
 
 
 def percentile(values, fraction):
