@@ -7,13 +7,14 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat requirements.txt requirements-dev.txt | cksum | cut -d' ' -f1)
 
-.PHONY: help install backends browser run serve test lint clean
+.PHONY: help install backends browser run serve test lint bench clean
 
 help:
 	@echo "make run     set up, start the whole stack and run a demo job"
 	@echo "make serve   set up and start the whole stack, no demo job"
 	@echo "make test    set up and run the test suite"
 	@echo "make lint    check the dependency direction between apps"
+	@echo "make bench   start the stack and run the benchmark suite (BENCH_ARGS=--quick, --only ..., --app-root DIR)"
 
 $(PY):
 	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found; install Python 3.11 or set PYTHON=/path/to/python3.11"; exit 1; }
@@ -55,6 +56,10 @@ lint: install
 
 test: backends lint browser
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# Figures in .run/bench/ and docs/PERFORMANCE.md; see benchmarks/run_all.py for BENCH_ARGS.
+bench: backends
+	$(PY) -m benchmarks.run_all $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .run staticfiles

@@ -2,8 +2,12 @@
 
     python -m benchmarks.ws_latency --jobs 50
 
-Each job has a subscriber; latency = receive time - the event's ``ts``
-(stamped in the transaction that commits it, so it includes the commit).
+The workers are stopped while the jobs are created and one subscriber per
+job connects, then started again, so every step event of every job is
+delivered live (events committed before a subscription would come from the
+replay, which is not the push path). Latency = receive time - the event's
+``ts`` (stamped in the transaction that commits it, so it includes the
+commit); the subscribers share one asyncio loop in this process.
 """
 
 import argparse
@@ -14,21 +18,24 @@ from datetime import datetime
 
 from websockets.asyncio.client import connect
 
-from benchmarks.harness import bench_testbed, summary_ms
+from benchmarks.harness import bench_testbed, summary_ms, workers_held
 
 
-async def subscribe(monitor_url, samples):
-    async with connect(monitor_url, open_timeout=30, max_queue=None) as socket:
-        connected_at = None
+async def _connect(monitor_url):
+    socket = await connect(monitor_url, open_timeout=30, max_queue=None)
+    hello = json.loads(await socket.recv())
+    if hello["type"] != "WS_CONNECTED":
+        raise RuntimeError(f"expected WS_CONNECTED, got {hello['type']}")
+    return socket, datetime.fromisoformat(hello["ts"]).timestamp()
+
+
+async def _listen(socket, connected_at, samples):
+    async with socket:
         async for raw in socket:
             received = time.time()
             event = json.loads(raw)
-            if event["type"] == "WS_CONNECTED":
-                connected_at = datetime.fromisoformat(event["ts"]).timestamp()
-                continue
             committed = datetime.fromisoformat(event["ts"]).timestamp()
-            # Events committed before the subscription come from the replay,
-            # not the live push: only live deliveries measure the push path.
+            # Only live deliveries measure the push path, not the replay.
             if committed > connected_at:
                 samples.append(received - committed)
             if event["type"] in ("JOB_COMPLETED", "JOB_ERROR"):
@@ -37,26 +44,28 @@ async def subscribe(monitor_url, samples):
 
 def measure(bed, *, jobs=50, step_latency="200ms"):
     bed.simulator.configure(latency={"*": step_latency})
-    samples = []
     monitor_urls = []
-    for _ in range(jobs):
-        response = bed.session.post(
-            f"{bed.base_url}/api/v1/jobs",
-            json={"feature_name": "business_plan", "input_data": {}},
-            headers={"X-API-Key": bed.api_key},
-            timeout=30,
-        )
-        response.raise_for_status()
-        monitor_urls.append(response.json()["monitor_url"])
+    with workers_held(bed) as resume_workers:
+        for _ in range(jobs):
+            response = bed.session.post(
+                f"{bed.base_url}/api/v1/jobs",
+                json={"feature_name": "business_plan", "input_data": {}},
+                headers={"X-API-Key": bed.api_key},
+                timeout=30,
+            )
+            response.raise_for_status()
+            monitor_urls.append(response.json()["monitor_url"])
 
-    async def all_subscribers():
-        await asyncio.wait_for(
-            asyncio.gather(*(subscribe(url, samples) for url in monitor_urls)), timeout=300
-        )
+        async def run_subscribers():
+            subscriptions = await asyncio.gather(*(_connect(url) for url in monitor_urls))
+            resume_workers()
+            samples = []
+            await asyncio.gather(*(_listen(socket, at, samples) for socket, at in subscriptions))
+            return samples
 
-    asyncio.run(all_subscribers())
+        samples = asyncio.run(asyncio.wait_for(run_subscribers(), timeout=300))
     bed.simulator.configure(latency={"*": None})
-    return {"jobs": jobs, "live_events": len(samples), "delivery_ms": summary_ms(samples)}
+    return {"jobs": jobs, "step_latency": step_latency, "live_events": len(samples), "delivery_ms": summary_ms(samples)}
 
 
 def run(*, jobs=50):

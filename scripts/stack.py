@@ -78,21 +78,27 @@ def simulator_env(env, simulator_port):
 
 
 def stack_processes(
-    *, python, host, port, simulator_port, simulator_args=(), queues=("heavy", "medium", "default")
+    *, python, host, port, simulator_port, simulator_args=(), queues=("heavy", "medium", "default"), root=ROOT
 ):
-    """The processes of a local stack, in start order."""
+    """The processes of a local stack, in start order.
+
+    ``root`` is the checkout whose code they run (default: this one), so a
+    benchmark can start the stack of another checkout, e.g. a git worktree
+    of an older commit.
+    """
+    manage_py = str(Path(root) / "manage.py")
     specs = [
         ProcessSpec(
             "simulator",
             [
-                python, "manage.py", "simulate_services", "--host", "127.0.0.1", "--port", str(simulator_port),
+                python, manage_py, "simulate_services", "--host", "127.0.0.1", "--port", str(simulator_port),
                 *simulator_args,
             ],
         ),
         ProcessSpec(
             "api",
             [
-                python, "-m", "uvicorn", "cao_project.asgi:application",
+                python, "-m", "uvicorn", "cao_project.asgi:application", "--app-dir", str(root),
                 "--host", host, "--port", str(port), "--lifespan", "off", "--no-access-log",
             ],
         ),
@@ -103,20 +109,25 @@ def stack_processes(
             ProcessSpec(
                 f"worker_{queue}",
                 [
-                    python, "manage.py", "rundramatiq", "--queues", queue,
+                    python, manage_py, "rundramatiq", "--queues", queue,
                     "--processes", str(processes), "--threads", str(threads),
                 ],
             )
         )
-    specs.append(ProcessSpec("scheduler", [python, "manage.py", "run_scheduler"]))
+    specs.append(ProcessSpec("scheduler", [python, manage_py, "run_scheduler"]))
     return specs
 
 
 class Stack:
-    """Starts, watches and stops a set of processes, each with its own log file."""
+    """Starts, watches and stops a set of processes, each with its own log file.
 
-    def __init__(self, specs, *, env, log_dir):
+    Processes run in ``root`` (default: this checkout), the checkout whose
+    code ``stack_processes(root=...)`` points them at.
+    """
+
+    def __init__(self, specs, *, env, log_dir, root=ROOT):
         self.specs = {spec.name: spec for spec in specs}
+        self.root = Path(root)
         self.env = env
         self.log_dir = Path(log_dir)
         self.log_dir.mkdir(parents=True, exist_ok=True)
@@ -127,7 +138,7 @@ class Stack:
         log = open(self.log_dir / f"{name}.log", "ab")
         self.processes[name] = subprocess.Popen(
             spec.command,
-            cwd=ROOT,
+            cwd=self.root,
             env={**self.env, **spec.env},
             stdout=log,
             stderr=subprocess.STDOUT,

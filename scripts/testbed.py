@@ -7,7 +7,7 @@
 - ``Testbed``: the processes of ``make serve`` (simulator, API, one worker per
   queue, scheduler) against a given database and Redis, with helpers to kill,
   restart and inspect each process, submit jobs and read the simulator's
-  counters.
+  counters. ``root`` runs the code of another checkout (default: this one).
 """
 
 import os
@@ -166,7 +166,9 @@ class Testbed:
         scheduler=True,
         port=None,
         simulator_port=None,
+        root=ROOT,
     ):
+        self.root = Path(root)
         self.database_url = database_url
         self.redis_url = redis_url
         self.port = port or free_port()
@@ -196,7 +198,7 @@ class Testbed:
 
     def manage(self, *args):
         return subprocess.run(
-            [sys.executable, "manage.py", *args], cwd=ROOT, env=self.env, check=True, capture_output=True, text=True
+            [sys.executable, "manage.py", *args], cwd=self.root, env=self.env, check=True, capture_output=True, text=True
         )
 
     def prepare(self):
@@ -216,10 +218,11 @@ class Testbed:
             port=self.port,
             simulator_port=self.simulator_port,
             simulator_args=self.simulator_args,
+            root=self.root,
         )
         if not self.scheduler:
             specs = [spec for spec in specs if spec.name != "scheduler"]
-        self.stack = Stack(specs, env=self.env, log_dir=self.log_dir)
+        self.stack = Stack(specs, env=self.env, log_dir=self.log_dir, root=self.root)
         self.stack.start_all()
         self.wait_ready()
         return self
