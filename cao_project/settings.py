@@ -140,12 +140,12 @@ TEMPLATES = [
 
 DATABASE_URL = env_str("DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/cao")
 DATABASES = {
-    # Workers keep persistent, health-checked connections: they run many short
-    # transactions and a reconnect per message would dominate a step's cost.
-    # The ASGI server sets CAO_DB_CONN_MAX_AGE=0 (see asgi.py): under ASGI each
-    # request may run in a new thread, and persistent connections would pile up.
+    # Workers keep persistent connections: they run many short transactions
+    # and a reconnect per message would dominate a step's cost. No health
+    # check per message (a round trip each): a connection broken by a
+    # PostgreSQL restart fails once, is closed, and the work is retried.
     "default": dj_database_url.parse(
-        DATABASE_URL, conn_max_age=env_int("CAO_DB_CONN_MAX_AGE", 600), conn_health_checks=True
+        DATABASE_URL, conn_max_age=env_int("CAO_DB_CONN_MAX_AGE", 600), conn_health_checks=False
     ),
 }
 DATABASES["default"].setdefault("OPTIONS", {})["connect_timeout"] = env_int("CAO_DB_CONNECT_TIMEOUT_S", 5)
@@ -158,6 +158,9 @@ CAO_CHECK_BACKENDS_ON_START = env_bool("CAO_CHECK_BACKENDS_ON_START", True)
 CAO_REDIS_TIMEOUT_S = env_float("CAO_REDIS_TIMEOUT_S", 5.0)
 # The Dramatiq broker. Leases and the channel layer always use REDIS_URL.
 BROKER_URL = env_str("BROKER_URL", REDIS_URL)
+
+# Threads serving HTTP requests in the API process (each keeps a DB connection).
+CAO_HTTP_THREADS = env_int("CAO_HTTP_THREADS", 8)
 
 # Shared by every process: DRF throttle counters live here.
 CACHES = {
@@ -183,7 +186,8 @@ CAO_QUEUES = env_list("CAO_QUEUES", ["heavy", "medium", "default"])
 CAO_BROKER_HEARTBEAT_TIMEOUT_MS = env_int("CAO_BROKER_HEARTBEAT_TIMEOUT_MS", 60_000)
 
 DRAMATIQ_BROKER = {
-    "BROKER": "dramatiq.brokers.redis.RedisBroker",
+    # Dramatiq's RedisBroker, with consumers woken by enqueues instead of polling.
+    "BROKER": "orchestration.broker.NotifyingRedisBroker",
     "OPTIONS": {"url": BROKER_URL, "heartbeat_timeout": CAO_BROKER_HEARTBEAT_TIMEOUT_MS},
     # Listed explicitly: django-dramatiq's defaults add RabbitMQ, Prometheus on
     # port 9191 and an admin middleware that writes a row per message.
@@ -220,6 +224,9 @@ CAO_SERVICE_URL_OVERRIDES = {
 }
 
 # --- Jobs and maintenance ---------------------------------------------------
+
+# Hot paths (steps, job creation) read services and recipes at most this old.
+CAO_REGISTRY_CACHE_SECONDS = env_float("CAO_REGISTRY_CACHE_SECONDS", 1.0)
 
 # Retries of a failed step: exponential backoff with jitter, from base to cap.
 CAO_RETRY_BASE_DELAY_S = env_float("CAO_RETRY_BASE_DELAY_S", 1.0)

@@ -26,7 +26,7 @@ from orchestration.dispatch import release_step, send_after_commit, send_handoff
 from orchestration.http_client import ServiceClient
 from orchestration.leases import get_keeper, get_limiter, handoff_payload, lease_member
 from orchestration.retry import retry_delay
-from services_registry.selectors import service_get
+from services_registry.selectors import service_live
 
 logger = logging.getLogger(__name__)
 
@@ -117,7 +117,7 @@ class Engine:
                 if job is None or not job_services.step_is_current(job, step_index=step_index, token=token):
                     self._drop(job, job_id, step_index, token)
                     return None
-                service = service_get(job.current_service)
+                service = service_live(job.current_service)
                 if service is None or not service.enabled:
                     self._fail_unavailable(job)
                     return None
@@ -207,7 +207,7 @@ class Engine:
             if job is None:
                 return None
             if isinstance(reply, errors.StepError):
-                service = service_get(claim.service.name) or claim.service
+                service = service_live(claim.service.name) or claim.service
                 delay = retry_delay(
                     attempt=claim.attempt,
                     max_attempts=service.max_attempts,
@@ -245,7 +245,7 @@ class Engine:
 
     def _release_quietly(self, step, service):
         try:
-            release_step(step, limit=(service_get(service.name) or service).concurrency_limit)
+            release_step(step, limit=(service_live(service.name) or service).concurrency_limit)
         except Exception:
             # The lease expires after lease_ttl_s; nothing else is lost.
             logger.warning(

@@ -40,7 +40,9 @@ def private_redis():
 @pytest.fixture
 def testbed(private_redis, tmp_path, settings):
     def make(**options):
-        database_url = options.pop("database_url", with_database(settings.DATABASE_URL, "cao_e2e"))
+        # Named after this run's test database, so concurrent runs never share it.
+        e2e_database = f"{settings.DATABASES['default']['NAME']}_e2e"
+        database_url = options.pop("database_url", with_database(settings.DATABASE_URL, e2e_database))
         return Testbed(
             database_url=database_url,
             redis_url=private_redis.url(0),
