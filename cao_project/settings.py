@@ -159,6 +159,11 @@ CAO_REDIS_TIMEOUT_S = env_float("CAO_REDIS_TIMEOUT_S", 5.0)
 # The Dramatiq broker. Leases and the channel layer always use REDIS_URL.
 BROKER_URL = env_str("BROKER_URL", REDIS_URL)
 
+# /metrics: with a token set, scrapers send "Authorization: Bearer <token>";
+# without one, only these client addresses may scrape.
+CAO_METRICS_TOKEN = env_str("CAO_METRICS_TOKEN")
+CAO_METRICS_ALLOWED_IPS = env_list("CAO_METRICS_ALLOWED_IPS", ["127.0.0.1", "::1"])
+
 # Threads serving HTTP requests in the API process (each keeps a DB connection).
 CAO_HTTP_THREADS = env_int("CAO_HTTP_THREADS", 8)
 
@@ -185,21 +190,33 @@ CAO_QUEUES = env_list("CAO_QUEUES", ["heavy", "medium", "default"])
 # messages go back to their queue (maintenance sweeps for them every pass).
 CAO_BROKER_HEARTBEAT_TIMEOUT_MS = env_int("CAO_BROKER_HEARTBEAT_TIMEOUT_MS", 60_000)
 
-DRAMATIQ_BROKER = {
-    # Dramatiq's RedisBroker, with consumers woken by enqueues instead of polling.
-    "BROKER": "orchestration.broker.NotifyingRedisBroker",
-    "OPTIONS": {"url": BROKER_URL, "heartbeat_timeout": CAO_BROKER_HEARTBEAT_TIMEOUT_MS},
+DRAMATIQ_MIDDLEWARE = [
     # Listed explicitly: django-dramatiq's defaults add RabbitMQ, Prometheus on
     # port 9191 and an admin middleware that writes a row per message.
-    "MIDDLEWARE": [
-        "dramatiq.middleware.AgeLimit",
-        "dramatiq.middleware.TimeLimit",
-        "dramatiq.middleware.Callbacks",
-        "dramatiq.middleware.Retries",
-        "django_dramatiq.middleware.DbConnectionsMiddleware",
-        "orchestration.middleware.RequireBackends",
-    ],
-}
+    "dramatiq.middleware.AgeLimit",
+    "dramatiq.middleware.TimeLimit",
+    "dramatiq.middleware.Callbacks",
+    "dramatiq.middleware.Retries",
+    "django_dramatiq.middleware.DbConnectionsMiddleware",
+    "orchestration.middleware.RequireBackends",
+]
+if BROKER_URL.startswith(("amqp://", "amqps://")):
+    # RabbitMQ pushes messages to consumers and returns a dead consumer's
+    # unacknowledged ones by itself.
+    DRAMATIQ_BROKER = {
+        "BROKER": "dramatiq.brokers.rabbitmq.RabbitmqBroker",
+        "OPTIONS": {"url": BROKER_URL},
+        "MIDDLEWARE": DRAMATIQ_MIDDLEWARE,
+    }
+elif BROKER_URL.startswith(("redis://", "rediss://", "unix://")):
+    DRAMATIQ_BROKER = {
+        # Dramatiq's RedisBroker, with consumers woken by enqueues instead of polling.
+        "BROKER": "orchestration.broker.NotifyingRedisBroker",
+        "OPTIONS": {"url": BROKER_URL, "heartbeat_timeout": CAO_BROKER_HEARTBEAT_TIMEOUT_MS},
+        "MIDDLEWARE": DRAMATIQ_MIDDLEWARE,
+    }
+else:
+    raise ImproperlyConfigured(f"BROKER_URL must be a redis:// or amqp:// URL, got {BROKER_URL.split(':')[0]}://...")
 DRAMATIQ_AUTODISCOVER_MODULES = ["actors"]
 
 # --- Downstream services ----------------------------------------------------
@@ -348,14 +365,32 @@ USE_I18N = True
 USE_TZ = True
 
 LOG_LEVEL = env_str("LOG_LEVEL", "INFO").upper()
+# "readable" (default) or "json" (one object per line, for log shippers).
+LOG_FORMAT = env_str("LOG_FORMAT", "readable").lower()
+if LOG_FORMAT not in ("readable", "json"):
+    raise ImproperlyConfigured(f"LOG_FORMAT must be 'readable' or 'json', got {LOG_FORMAT!r}")
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
+    "filters": {
+        # Every line about a job carries job_id, step_index, service and attempt.
+        "job_context": {"()": "common.logs.JobContextFilter"},
+        "redact_secrets": {"()": "common.logs.RedactSecretsFilter"},
+    },
     "formatters": {
-        "readable": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"},
+        "readable": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s%(job_fields)s"},
+        "json": {
+            "()": "pythonjsonlogger.json.JsonFormatter",
+            "format": "%(asctime)s %(levelname)s %(name)s %(message)s %(job_id)s %(step_index)s %(service)s %(attempt)s",
+            "rename_fields": {"asctime": "timestamp", "levelname": "level", "name": "logger"},
+        },
     },
     "handlers": {
-        "console": {"class": "logging.StreamHandler", "formatter": "readable"},
+        "console": {
+            "class": "logging.StreamHandler",
+            "formatter": LOG_FORMAT,
+            "filters": ["job_context", "redact_secrets"],
+        },
     },
     "root": {"handlers": ["console"], "level": LOG_LEVEL},
     "loggers": {

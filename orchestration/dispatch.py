@@ -11,6 +11,7 @@ import dramatiq
 from django.conf import settings
 from django.db import transaction
 
+from common import metrics
 from common.redis import get_redis
 from jobs import services as job_services
 from jobs.errors import ForceNotAllowed, JobNotFound
@@ -92,6 +93,7 @@ def submit_job(*, feature_name, input_data, owner=None, idempotency_key=None):
         )
         if created:
             send_after_commit(job_services.current_dispatch(job))
+            transaction.on_commit(partial(metrics.JOBS_CREATED.labels(feature_name).inc))
     return job, created
 
 
