@@ -12,9 +12,9 @@ RUN pip install -r requirements.txt
 
 COPY . .
 # Static assets (admin, API docs) are collected at build time and served by WhiteNoise.
-RUN SECRET_KEY=build-only CAO_CHECK_BACKENDS_ON_START=false python manage.py collectstatic --noinput -v 0 \
+RUN mkdir -p /var/lib/cao/metrics && SECRET_KEY=build-only CAO_CHECK_BACKENDS_ON_START=false python manage.py collectstatic --noinput -v 0 \
     && useradd --system --uid 1000 --home-dir /app cao \
-    && chown -R cao /app
+    && chown -R cao /app /var/lib/cao
 
 USER cao
 EXPOSE 8000

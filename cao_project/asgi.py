@@ -1,23 +1,29 @@
-"""ASGI entry point: HTTP through Django, WebSocket through Channels."""
+"""ASGI entry point: HTTP through Django on a fixed thread pool, WebSocket through Channels.
+
+Every view is synchronous. Served by Django's ASGI handler, each request
+would run in a thread made for it (asgiref's ThreadSensitiveContext), paying
+for the thread and, worse, for a new PostgreSQL connection per request, as
+persistent connections cannot outlive their thread. Through a2wsgi the WSGI
+handler runs on a fixed pool of threads, each keeping its connection.
+"""
 
 import os
 
-from django.core.asgi import get_asgi_application
+from a2wsgi import WSGIMiddleware
+from django.core.wsgi import get_wsgi_application
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "cao_project.settings")
-# Requests run in changing threads under ASGI: one connection per request,
-# closed at its end, instead of persistent ones that would pile up.
-os.environ.setdefault("CAO_DB_CONN_MAX_AGE", "0")
 
 # Initialise Django (and the app registry) before importing anything that
 # touches models.
-django_application = get_asgi_application()
+django_application = get_wsgi_application()
 
 from channels.auth import AuthMiddlewareStack  # noqa: E402
 from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
 from django.conf import settings  # noqa: E402
 
 from cao_project.backends import require_backends  # noqa: E402
+from common.asgi_body_limit import RequestBodyLimit  # noqa: E402
 from jobs.routing import websocket_urlpatterns  # noqa: E402
 
 if settings.CAO_CHECK_BACKENDS_ON_START:
@@ -25,7 +31,7 @@ if settings.CAO_CHECK_BACKENDS_ON_START:
 
 application = ProtocolTypeRouter(
     {
-        "http": django_application,
+        "http": RequestBodyLimit(WSGIMiddleware(django_application, workers=settings.CAO_HTTP_THREADS)),
         # Sessions let staff watch jobs from the web pages; API clients use
         # the monitor token in monitor_url instead (checked by the consumer).
         "websocket": AuthMiddlewareStack(URLRouter(websocket_urlpatterns)),

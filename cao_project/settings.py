@@ -140,12 +140,12 @@ TEMPLATES = [
 
 DATABASE_URL = env_str("DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/cao")
 DATABASES = {
-    # Workers keep persistent, health-checked connections: they run many short
-    # transactions and a reconnect per message would dominate a step's cost.
-    # The ASGI server sets CAO_DB_CONN_MAX_AGE=0 (see asgi.py): under ASGI each
-    # request may run in a new thread, and persistent connections would pile up.
+    # Workers keep persistent connections: they run many short transactions
+    # and a reconnect per message would dominate a step's cost. No health
+    # check per message (a round trip each): a connection broken by a
+    # PostgreSQL restart fails once, is closed, and the work is retried.
     "default": dj_database_url.parse(
-        DATABASE_URL, conn_max_age=env_int("CAO_DB_CONN_MAX_AGE", 600), conn_health_checks=True
+        DATABASE_URL, conn_max_age=env_int("CAO_DB_CONN_MAX_AGE", 600), conn_health_checks=False
     ),
 }
 DATABASES["default"].setdefault("OPTIONS", {})["connect_timeout"] = env_int("CAO_DB_CONNECT_TIMEOUT_S", 5)
@@ -158,6 +158,14 @@ CAO_CHECK_BACKENDS_ON_START = env_bool("CAO_CHECK_BACKENDS_ON_START", True)
 CAO_REDIS_TIMEOUT_S = env_float("CAO_REDIS_TIMEOUT_S", 5.0)
 # The Dramatiq broker. Leases and the channel layer always use REDIS_URL.
 BROKER_URL = env_str("BROKER_URL", REDIS_URL)
+
+# /metrics: with a token set, scrapers send "Authorization: Bearer <token>";
+# without one, only these client addresses may scrape.
+CAO_METRICS_TOKEN = env_str("CAO_METRICS_TOKEN")
+CAO_METRICS_ALLOWED_IPS = env_list("CAO_METRICS_ALLOWED_IPS", ["127.0.0.1", "::1"])
+
+# Threads serving HTTP requests in the API process (each keeps a DB connection).
+CAO_HTTP_THREADS = env_int("CAO_HTTP_THREADS", 8)
 
 # Shared by every process: DRF throttle counters live here.
 CACHES = {
@@ -182,20 +190,33 @@ CAO_QUEUES = env_list("CAO_QUEUES", ["heavy", "medium", "default"])
 # messages go back to their queue (maintenance sweeps for them every pass).
 CAO_BROKER_HEARTBEAT_TIMEOUT_MS = env_int("CAO_BROKER_HEARTBEAT_TIMEOUT_MS", 60_000)
 
-DRAMATIQ_BROKER = {
-    "BROKER": "dramatiq.brokers.redis.RedisBroker",
-    "OPTIONS": {"url": BROKER_URL, "heartbeat_timeout": CAO_BROKER_HEARTBEAT_TIMEOUT_MS},
+DRAMATIQ_MIDDLEWARE = [
     # Listed explicitly: django-dramatiq's defaults add RabbitMQ, Prometheus on
     # port 9191 and an admin middleware that writes a row per message.
-    "MIDDLEWARE": [
-        "dramatiq.middleware.AgeLimit",
-        "dramatiq.middleware.TimeLimit",
-        "dramatiq.middleware.Callbacks",
-        "dramatiq.middleware.Retries",
-        "django_dramatiq.middleware.DbConnectionsMiddleware",
-        "orchestration.middleware.RequireBackends",
-    ],
-}
+    "dramatiq.middleware.AgeLimit",
+    "dramatiq.middleware.TimeLimit",
+    "dramatiq.middleware.Callbacks",
+    "dramatiq.middleware.Retries",
+    "django_dramatiq.middleware.DbConnectionsMiddleware",
+    "orchestration.middleware.RequireBackends",
+]
+if BROKER_URL.startswith(("amqp://", "amqps://")):
+    # RabbitMQ pushes messages to consumers and returns a dead consumer's
+    # unacknowledged ones by itself.
+    DRAMATIQ_BROKER = {
+        "BROKER": "dramatiq.brokers.rabbitmq.RabbitmqBroker",
+        "OPTIONS": {"url": BROKER_URL},
+        "MIDDLEWARE": DRAMATIQ_MIDDLEWARE,
+    }
+elif BROKER_URL.startswith(("redis://", "rediss://", "unix://")):
+    DRAMATIQ_BROKER = {
+        # Dramatiq's RedisBroker, with consumers woken by enqueues instead of polling.
+        "BROKER": "orchestration.broker.NotifyingRedisBroker",
+        "OPTIONS": {"url": BROKER_URL, "heartbeat_timeout": CAO_BROKER_HEARTBEAT_TIMEOUT_MS},
+        "MIDDLEWARE": DRAMATIQ_MIDDLEWARE,
+    }
+else:
+    raise ImproperlyConfigured(f"BROKER_URL must be a redis:// or amqp:// URL, got {BROKER_URL.split(':')[0]}://...")
 DRAMATIQ_AUTODISCOVER_MODULES = ["actors"]
 
 # --- Downstream services ----------------------------------------------------
@@ -220,6 +241,9 @@ CAO_SERVICE_URL_OVERRIDES = {
 }
 
 # --- Jobs and maintenance ---------------------------------------------------
+
+# Hot paths (steps, job creation) read services and recipes at most this old.
+CAO_REGISTRY_CACHE_SECONDS = env_float("CAO_REGISTRY_CACHE_SECONDS", 1.0)
 
 # Retries of a failed step: exponential backoff with jitter, from base to cap.
 CAO_RETRY_BASE_DELAY_S = env_float("CAO_RETRY_BASE_DELAY_S", 1.0)
@@ -341,14 +365,32 @@ USE_I18N = True
 USE_TZ = True
 
 LOG_LEVEL = env_str("LOG_LEVEL", "INFO").upper()
+# "readable" (default) or "json" (one object per line, for log shippers).
+LOG_FORMAT = env_str("LOG_FORMAT", "readable").lower()
+if LOG_FORMAT not in ("readable", "json"):
+    raise ImproperlyConfigured(f"LOG_FORMAT must be 'readable' or 'json', got {LOG_FORMAT!r}")
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
+    "filters": {
+        # Every line about a job carries job_id, step_index, service and attempt.
+        "job_context": {"()": "common.logs.JobContextFilter"},
+        "redact_secrets": {"()": "common.logs.RedactSecretsFilter"},
+    },
     "formatters": {
-        "readable": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"},
+        "readable": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s%(job_fields)s"},
+        "json": {
+            "()": "pythonjsonlogger.json.JsonFormatter",
+            "format": "%(asctime)s %(levelname)s %(name)s %(message)s %(job_id)s %(step_index)s %(service)s %(attempt)s",
+            "rename_fields": {"asctime": "timestamp", "levelname": "level", "name": "logger"},
+        },
     },
     "handlers": {
-        "console": {"class": "logging.StreamHandler", "formatter": "readable"},
+        "console": {
+            "class": "logging.StreamHandler",
+            "formatter": LOG_FORMAT,
+            "filters": ["job_context", "redact_secrets"],
+        },
     },
     "root": {"handlers": ["console"], "level": LOG_LEVEL},
     "loggers": {

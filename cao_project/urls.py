@@ -4,6 +4,7 @@ from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerSplitVie
 
 from cao_project.health_api import HealthApi, ReadinessApi
 from jobs.views import home
+from orchestration.metrics_view import metrics
 
 api_v1 = [
     path("health", HealthApi.as_view(), name="health"),
@@ -21,6 +22,7 @@ urlpatterns = [
     path("api/v1/", include(api_v1)),
     path("jobs/", include("jobs.page_urls")),
     path("admin/", admin.site.urls),
+    path("metrics", metrics, name="metrics"),
 ]
 
 handler400 = "common.api_errors.bad_request"

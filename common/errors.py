@@ -66,3 +66,12 @@ def error_body(code, message, details=None):
     if details is not None:
         error["details"] = details
     return {"success": False, "error": error}
+
+
+def payload_too_large_body(size, limit):
+    """The 413 body, for the Django and the ASGI body limits alike."""
+    return error_body(
+        "PAYLOAD_TOO_LARGE",
+        f"The request body is {size} bytes; the limit is {limit} bytes.",
+        {"limit_bytes": limit},
+    )

@@ -3,7 +3,7 @@
 from django.conf import settings
 from django.http import JsonResponse
 
-from common.errors import error_body
+from common.errors import payload_too_large_body
 
 _BODY_METHODS = {"POST", "PUT", "PATCH", "DELETE"}
 
@@ -24,12 +24,5 @@ class BodySizeLimitMiddleware:
             # A chunked body declares no length: measure what arrived.
             size = declared if declared else len(request.body)
             if size > limit:
-                return JsonResponse(
-                    error_body(
-                        "PAYLOAD_TOO_LARGE",
-                        f"The request body is {size} bytes; the limit is {limit} bytes.",
-                        {"limit_bytes": limit},
-                    ),
-                    status=413,
-                )
+                return JsonResponse(payload_too_large_body(size, limit), status=413)
         return self.get_response(request)

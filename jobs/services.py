@@ -29,7 +29,7 @@ from jobs.models import (
     StepState,
     step_key,
 )
-from services_registry.selectors import recipe_get, recipe_steps
+from services_registry.selectors import recipe_snapshot
 
 
 @dataclass(frozen=True)
@@ -193,22 +193,20 @@ def job_create(*, feature_name, input_data, owner=None, idempotency_key=None):
 
 
 def _runnable_steps(feature_name):
-    recipe = recipe_get(feature_name) if FEATURE_NAME.fullmatch(feature_name) else None
+    recipe = recipe_snapshot(feature_name) if FEATURE_NAME.fullmatch(feature_name) else None
     if recipe is None:
         raise errors.UnknownFeature(
             f"Unknown feature {feature_name[:64]!r}; GET /api/v1/features lists them."
         )
     if not recipe.enabled:
         raise errors.FeatureUnavailable(f"Feature {feature_name!r} is disabled.")
-    services = recipe_steps(recipe)
-    if not services:
+    if not recipe.steps:
         raise errors.FeatureUnavailable(f"Feature {feature_name!r} has no steps.")
-    disabled = [service.name for service in services if not service.enabled]
-    if disabled:
+    if recipe.disabled_services:
         raise errors.FeatureUnavailable(
-            f"Feature {feature_name!r} is unavailable: service {', '.join(disabled)} is disabled."
+            f"Feature {feature_name!r} is unavailable: service {', '.join(recipe.disabled_services)} is disabled."
         )
-    return [service.name for service in services]
+    return list(recipe.steps)
 
 
 def _job_for_idempotency_key(owner, key, feature_name, input_data):

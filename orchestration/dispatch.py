@@ -11,13 +11,14 @@ import dramatiq
 from django.conf import settings
 from django.db import transaction
 
+from common import metrics
 from common.redis import get_redis
 from jobs import services as job_services
 from jobs.errors import ForceNotAllowed, JobNotFound
 from jobs.selectors import parse_job_id, visible_jobs
 from orchestration.leases import get_limiter, lease_member, parse_handoff
 from orchestration.messages import step_message
-from services_registry.selectors import service_get
+from services_registry.selectors import service_live
 
 logger = logging.getLogger(__name__)
 
@@ -26,7 +27,7 @@ DISPATCH_MARKER = "cao:dispatched:{job_id}"
 
 def send_step(dispatch):
     """Enqueue a step message on its service's queue and mark it as sent."""
-    service = service_get(dispatch.service)
+    service = service_live(dispatch.service)
     # A deleted service still gets a message, so the engine fails the job
     # with a clear error instead of leaving it queued forever.
     queue = service.queue if service and service.queue in settings.CAO_QUEUES else settings.CAO_QUEUES[-1]
@@ -71,7 +72,7 @@ def send_handoffs(payloads):
 def release_step(step, *, limit=None):
     """Give back the slot (or place in line) of ``step`` and pass it on."""
     if limit is None:
-        service = service_get(step.service)
+        service = service_live(step.service)
         limit = service.concurrency_limit if service else 0
     member = lease_member(step.job_id, step.step_index, step.token)
     send_handoffs(get_limiter().release(step.service, member, limit=limit))
@@ -92,6 +93,7 @@ def submit_job(*, feature_name, input_data, owner=None, idempotency_key=None):
         )
         if created:
             send_after_commit(job_services.current_dispatch(job))
+            transaction.on_commit(partial(metrics.JOBS_CREATED.labels(feature_name).inc))
     return job, created
 
 

@@ -15,18 +15,21 @@ import logging
 import random
 import time
 from dataclasses import dataclass
+from functools import partial
 
 from django.conf import settings
 from django.db import InterfaceError, OperationalError, close_old_connections, transaction
 
+from common import metrics
+from common.logs import bind, log_context
 from jobs import services as job_services
-from jobs.models import StepState
+from jobs.models import JobStatus, StepState
 from orchestration import errors
 from orchestration.dispatch import release_step, send_after_commit, send_handoffs
 from orchestration.http_client import ServiceClient
 from orchestration.leases import get_keeper, get_limiter, handoff_payload, lease_member
 from orchestration.retry import retry_delay
-from services_registry.selectors import service_get
+from services_registry.selectors import service_live
 
 logger = logging.getLogger(__name__)
 
@@ -51,11 +54,6 @@ class Claim:
     def idempotency_key(self):
         return f"{self.step.job_id}:{self.step.step_index}:{self.step.service}"
 
-    def log_context(self):
-        return (
-            f"job_id={self.step.job_id} step_index={self.step.step_index} "
-            f"service={self.step.service} attempt={self.attempt}"
-        )
 
 
 def build_envelope(job, *, attempt, now):
@@ -92,19 +90,22 @@ class Engine:
 
     def run_step(self, job_id, step_index, token):
         """Handle one step message; returns the Claim when a call was made."""
-        claim = self.claim(job_id, step_index, token)
-        if claim is None:
-            return None
-        with self.keeper.keep(claim.service.name, claim.member, claim.service.lease_ttl_s):
-            try:
-                reply = self.client.execute(
-                    claim.service, envelope=claim.envelope, idempotency_key=claim.idempotency_key
-                )
-            except errors.StepError as error:
-                reply = error
-            self.record(claim, reply)
-        self._release(claim)
-        return claim
+        with log_context(job_id=str(job_id), step_index=step_index):
+            claim = self.claim(job_id, step_index, token)
+            if claim is None:
+                return None
+            with self.keeper.keep(claim.service.name, claim.member, claim.service.lease_ttl_s):
+                started = time.perf_counter()
+                try:
+                    reply = self.client.execute(
+                        claim.service, envelope=claim.envelope, idempotency_key=claim.idempotency_key
+                    )
+                except errors.StepError as error:
+                    reply = error
+                metrics.observe_call(claim.service.name, reply, time.perf_counter() - started)
+                self.record(claim, reply)
+            self._release(claim)
+            return claim
 
     # --- claim -----------------------------------------------------------------
 
@@ -117,7 +118,8 @@ class Engine:
                 if job is None or not job_services.step_is_current(job, step_index=step_index, token=token):
                     self._drop(job, job_id, step_index, token)
                     return None
-                service = service_get(job.current_service)
+                service = service_live(job.current_service)
+                bind(service=job.current_service)
                 if service is None or not service.enabled:
                     self._fail_unavailable(job)
                     return None
@@ -134,28 +136,28 @@ class Engine:
                     transaction.on_commit(lambda: send_handoffs(acquisition.handoffs), robust=True)
                 if not acquisition.granted:
                     job_services.step_park(job=job, position=acquisition.position)
-                    logger.info(
-                        "Parked job_id=%s step_index=%s service=%s: no free slot (position %s).",
-                        job.id, step_index, service.name, acquisition.position,
-                    )
+                    logger.info("Parked: no free slot of %s (position %s).", service.name, acquisition.position)
                     return None
                 granted = (step, service)
+                parked_since = job.updated_at if job.step_state == StepState.WAITING else None
                 attempt = job_services.step_claim(job=job, max_attempts=service.max_attempts)
+                bind(attempt=attempt.attempt)
                 envelope = build_envelope(job, attempt=attempt.attempt, now=attempt.started_at)
+                if parked_since is not None:
+                    metrics.observe_slot_wait(service.name, (attempt.started_at - parked_since).total_seconds())
         except BaseException:
             if granted is not None:
                 # The attempt never started: give the slot back at once
                 # rather than after lease_ttl_s.
                 self._release_quietly(*granted)
             raise
-        claim = Claim(step=step, service=service, attempt=attempt.attempt, envelope=envelope)
-        logger.info("Started %s.", claim.log_context())
-        return claim
+        logger.info("Started the call to %s.", service.name)
+        return Claim(step=step, service=service, attempt=attempt.attempt, envelope=envelope)
 
     def _drop(self, job, job_id, step_index, token):
         logger.info(
-            "Dropped a stale step message job_id=%s step_index=%s token=%s (job %s).",
-            job_id, step_index, token,
+            "Dropped a stale step message (token %s; job %s).",
+            token,
             "missing" if job is None else f"{job.status}, step {job.current_step_index} token {job.step_token}",
         )
         running_here = (
@@ -175,7 +177,7 @@ class Engine:
             f"Service {job.current_service} is missing or disabled in the registry; "
             "enable it, then resume the job."
         )
-        logger.warning("Failing job_id=%s: %s", job.id, error.message)
+        logger.warning("Failing the job: %s", error.message)
         job_services.job_fail(job=job, failure=failure_from(error))
 
     # --- record ----------------------------------------------------------------
@@ -191,12 +193,9 @@ class Engine:
                 # The result is only in memory: keep trying (the lease is
                 # still being renewed) instead of losing the call's output.
                 if time.monotonic() >= deadline:
-                    logger.error("Giving up recording %s: database unavailable.", claim.log_context())
+                    logger.error("Giving up recording the result: database unavailable.")
                     raise
-                logger.warning(
-                    "Database unavailable while recording %s; retrying in %.1f s.",
-                    claim.log_context(), delay, exc_info=True,
-                )
+                logger.warning("Database unavailable while recording the result; retrying in %.1f s.", delay, exc_info=True)
                 close_old_connections()
                 self.sleep(delay)
                 delay = min(delay * 2, 5.0)
@@ -207,7 +206,7 @@ class Engine:
             if job is None:
                 return None
             if isinstance(reply, errors.StepError):
-                service = service_get(claim.service.name) or claim.service
+                service = service_live(claim.service.name) or claim.service
                 delay = retry_delay(
                     attempt=claim.attempt,
                     max_attempts=service.max_attempts,
@@ -220,7 +219,9 @@ class Engine:
                 outcome = job_services.step_fail(
                     job=job, token=claim.step.token, failure=failure_from(reply), retry_delay_s=delay
                 )
-                _log_failure(claim, reply, delay, outcome.accepted)
+                _log_failure(reply, delay, outcome.accepted)
+                if outcome.accepted:
+                    transaction.on_commit(partial(metrics.step_failed, claim.service.name, reply.code, delay, job.feature_name))
             else:
                 outcome = job_services.step_succeed(
                     job=job,
@@ -229,11 +230,11 @@ class Engine:
                     metrics=reply.metrics,
                     http_status=reply.status_code,
                 )
-                logger.info("Completed %s.", claim.log_context())
+                logger.info("Completed.")
+                if outcome.accepted and job.status == JobStatus.COMPLETED:
+                    transaction.on_commit(partial(metrics.JOBS_COMPLETED.labels(job.feature_name).inc))
             if not outcome.accepted:
-                logger.warning(
-                    "Discarded the result of %s: the step moved on while it ran.", claim.log_context()
-                )
+                logger.warning("Discarded the result: the step moved on while it ran.")
             if outcome.dispatch:
                 send_after_commit(outcome.dispatch)
             return outcome
@@ -245,11 +246,11 @@ class Engine:
 
     def _release_quietly(self, step, service):
         try:
-            release_step(step, limit=(service_get(service.name) or service).concurrency_limit)
+            release_step(step, limit=(service_live(service.name) or service).concurrency_limit)
         except Exception:
             # The lease expires after lease_ttl_s; nothing else is lost.
             logger.warning(
-                "Could not release the slot of job_id=%s step_index=%s service=%s; it expires by itself.",
+                "Could not release the slot of job_id=%s step_index=%s on %s; it expires by itself.",
                 step.job_id, step.step_index, step.service, exc_info=True,
             )
 
@@ -261,13 +262,13 @@ def failure_from(error):
     )
 
 
-def _log_failure(claim, error, delay, accepted):
+def _log_failure(error, delay, accepted):
     if not accepted:
         return
     if delay is None:
         logger.warning(
-            "Failed %s: %s (%s, %s); the job is FAILED.",
-            claim.log_context(), error.code, error.message, "retryable" if error.retryable else "not retryable",
+            "Step failed: %s (%s, %s); the job is FAILED.",
+            error.code, error.message, "retryable" if error.retryable else "not retryable",
         )
     else:
-        logger.info("Failed %s: %s (%s); retrying in %.2f s.", claim.log_context(), error.code, error.message, delay)
+        logger.info("Step failed: %s (%s); retrying in %.2f s.", error.code, error.message, delay)

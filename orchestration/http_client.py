@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import requests
 from django.conf import settings
 
+from common.logs import redact
 from orchestration import errors
 from services_registry.health import describe_request_error as _reason
 
@@ -120,12 +121,6 @@ def _success(service_name, status, body, elapsed_ms):
         f"{service_name} answered {status} with status {str(outcome)[:40]!r}; expected SUCCESS or FAILED.",
         status_code=status,
     )
-
-
-def redact(text):
-    """``text`` with INTERNAL_API_KEY masked, should a service echo it back."""
-    key = settings.INTERNAL_API_KEY
-    return text.replace(key, "***") if key and text else text
 
 
 def _error_detail(body):

@@ -1,6 +1,19 @@
 """Read-only queries over the registry."""
 
+from dataclasses import dataclass
+
+from services_registry.cache import cached
 from services_registry.models import Recipe, Service
+
+
+@dataclass(frozen=True)
+class RecipeSnapshot:
+    """What a new job needs of its recipe: whether it may run, and its steps in order."""
+
+    name: str
+    enabled: bool
+    steps: tuple  # service names, in order
+    disabled_services: tuple
 
 
 def service_list(*, enabled_only=False):
@@ -35,3 +48,26 @@ def recipe_get(name):
 def recipe_steps(recipe):
     """The recipe's services in step order."""
     return [step.service for step in sorted(recipe.steps.all(), key=lambda step: step.position)]
+
+
+def service_live(name):
+    """The service named ``name`` (or None), as cached for hot paths."""
+    return cached(("service", name), lambda: service_get(name))
+
+
+def recipe_snapshot(name):
+    """The recipe named ``name`` as a RecipeSnapshot (or None), as cached for hot paths."""
+
+    def load():
+        recipe = recipe_get(name)
+        if recipe is None:
+            return None
+        services = recipe_steps(recipe)
+        return RecipeSnapshot(
+            name=recipe.name,
+            enabled=recipe.enabled,
+            steps=tuple(service.name for service in services),
+            disabled_services=tuple(service.name for service in services if not service.enabled),
+        )
+
+    return cached(("recipe", name), load)

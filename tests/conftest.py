@@ -1,6 +1,7 @@
 """Shared fixtures: real PostgreSQL (pytest-django), real Redis, real Dramatiq
 workers and the service simulator over real HTTP."""
 
+import os
 import threading
 import time
 
@@ -12,6 +13,7 @@ from rest_framework.test import APIClient
 from api_keys.models import ApiKey
 from common.redis import get_redis
 from services_registry import reference
+from scripts.testbed import PrivateRedis, Testbed, with_database
 from services_registry.models import Recipe, RecipeStep, Service
 
 
@@ -89,20 +91,55 @@ def fast_retries(settings):
     return settings
 
 
+RABBITMQ_URL = os.environ.get("CAO_TEST_RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:5672/%2F")
+
+
 @pytest.fixture
-def worker(transactional_db, redis_db):
-    """A real Dramatiq worker (threads in this process) on the real Redis broker."""
+def broker_kind():
+    """Which broker the worker fixture uses; test modules override it to run on both."""
+    return "redis"
+
+
+def rabbitmq_broker():
+    """A RabbitMQ broker with the project's middleware and step actors, or a skip."""
+    import pika
+    from django.conf import settings
+    from django_dramatiq.utils import load_middleware
+    from dramatiq.brokers.rabbitmq import RabbitmqBroker
+
+    from orchestration.actors import STEP_ACTORS
+
+    try:
+        pika.BlockingConnection(pika.URLParameters(RABBITMQ_URL)).close()
+    except Exception as exc:
+        pytest.skip(f"RabbitMQ not reachable at {RABBITMQ_URL.split('@')[-1]} ({exc.__class__.__name__})")
+    broker = RabbitmqBroker(
+        url=RABBITMQ_URL, middleware=[load_middleware(path) for path in settings.DRAMATIQ_MIDDLEWARE]
+    )
+    for actor in STEP_ACTORS.values():
+        broker.declare_actor(actor)
+    return broker
+
+
+@pytest.fixture
+def worker(transactional_db, redis_db, broker_kind):
+    """A real Dramatiq worker (threads in this process) on a real broker (Redis, or RabbitMQ)."""
     import orchestration.actors  # noqa: F401  (declares the step actors and their queues)
 
-    broker = dramatiq.get_broker()
+    configured = dramatiq.get_broker()
+    broker = rabbitmq_broker() if broker_kind == "rabbitmq" else configured
+    dramatiq.set_broker(broker)
     broker.flush_all()
     worker = dramatiq.Worker(broker, worker_threads=8, worker_timeout=50)
     worker.start()
     yield worker
     worker.stop(timeout=10_000)
-    # Each Worker registers a middleware on the global broker; drop this one so
-    # the next test's worker starts from a clean broker.
+    # Each Worker registers a middleware on its broker; drop this one so the
+    # next test's worker starts from a clean broker.
     broker.middleware = [m for m in broker.middleware if getattr(m, "worker", None) is not worker]
+    if broker is not configured:
+        broker.close()
+        dramatiq.set_broker(configured)
     connections.close_all()
 
 
@@ -166,4 +203,47 @@ def wait_for(predicate, *, timeout=20.0, interval=0.05, message="condition"):
 @pytest.fixture
 def wait():
     return wait_for
+
+
+
+# --- The real stack as separate processes (tests marked e2e) ---------------------------------
+
+FAST_RECOVERY = {
+    "SANITY_CHECK_INTERVAL_SECONDS": "1",
+    "CAO_REDISPATCH_GRACE_SECONDS": "2",
+    "CAO_RETRY_BASE_DELAY_S": "0.1",
+    "CAO_RETRY_MAX_DELAY_S": "0.5",
+    "CAO_HANDOFF_TTL_S": "3",
+    "CAO_BROKER_HEARTBEAT_TIMEOUT_MS": "3000",
+    "CAO_THROTTLE_RATE": "none",
+    "CAO_JOB_CREATE_THROTTLE_RATE": "none",
+    "LOG_LEVEL": "INFO",
+}
+
+
+@pytest.fixture
+def private_redis():
+    """A redis-server of the test's own, so restarting it touches nothing else."""
+    server = PrivateRedis().start()
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def testbed(private_redis, tmp_path, settings):
+    """A factory of Testbeds: the stack's processes against the private Redis and a dedicated database."""
+    def make(**options):
+        # Named after this run's test database, so concurrent runs never share it.
+        e2e_database = f"{settings.DATABASES['default']['NAME']}_e2e"
+        database_url = options.pop("database_url", with_database(settings.DATABASE_URL, e2e_database))
+        return Testbed(
+            database_url=database_url,
+            redis_url=private_redis.url(0),
+            log_dir=tmp_path / "logs",
+            env={**FAST_RECOVERY, **options.pop("env", {})},
+            **options,
+        )
+
+    return make
+
 

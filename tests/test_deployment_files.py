@@ -46,6 +46,9 @@ def test_app_services_point_at_compose_backends_and_the_simulator():
         for service_name, *_ in reference.SERVICES:
             assert f"http://simulator:9100/{service_name}" in env[f"{service_name.upper()}_URL"]
         assert services[name]["depends_on"]["db"]["condition"] == "service_healthy"
+        # one metrics directory shared by the host's processes, so /metrics adds them up
+        assert env["PROMETHEUS_MULTIPROC_DIR"] == "/var/lib/cao/metrics"
+        assert "metrics:/var/lib/cao/metrics" in services[name]["volumes"]
 
 
 def test_api_migrates_with_retries_and_the_scheduler_and_simulator_run_their_commands():

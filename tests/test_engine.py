@@ -13,6 +13,12 @@ from services_registry.models import RecipeStep, Service
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.slow]
 
 
+@pytest.fixture(params=["redis", "rabbitmq"])
+def broker_kind(request):
+    """The engine's integration tests run on both brokers (leases stay on Redis)."""
+    return request.param
+
+
 def submit(api, feature="business_plan", input_data=None):
     response = api.post(
         "/api/v1/jobs",

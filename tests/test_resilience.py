@@ -12,44 +12,11 @@ import pytest
 import redis
 
 from orchestration.limiter import Limiter
-from scripts.testbed import PrivatePostgres, PrivateRedis, Testbed, wait_until, with_database
+from scripts.testbed import PrivatePostgres, wait_until
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 
-FAST_RECOVERY = {
-    "SANITY_CHECK_INTERVAL_SECONDS": "1",
-    "CAO_REDISPATCH_GRACE_SECONDS": "2",
-    "CAO_RETRY_BASE_DELAY_S": "0.1",
-    "CAO_RETRY_MAX_DELAY_S": "0.5",
-    "CAO_HANDOFF_TTL_S": "3",
-    "CAO_BROKER_HEARTBEAT_TIMEOUT_MS": "3000",
-    "CAO_THROTTLE_RATE": "none",
-    "CAO_JOB_CREATE_THROTTLE_RATE": "none",
-    "LOG_LEVEL": "INFO",
-}
 STEPS = {"business_plan": 4, "viral_video": 3}
-
-
-@pytest.fixture
-def private_redis():
-    server = PrivateRedis().start()
-    yield server
-    server.close()
-
-
-@pytest.fixture
-def testbed(private_redis, tmp_path, settings):
-    def make(**options):
-        database_url = options.pop("database_url", with_database(settings.DATABASE_URL, "cao_e2e"))
-        return Testbed(
-            database_url=database_url,
-            redis_url=private_redis.url(0),
-            log_dir=tmp_path / "logs",
-            env={**FAST_RECOVERY, **options.pop("env", {})},
-            **options,
-        )
-
-    return make
 
 
 def outputs_complete(bed, job_ids):

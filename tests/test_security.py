@@ -133,6 +133,40 @@ def test_chunked_bodies_over_the_limit_get_413_over_real_http(registry, asgi_ser
     assert response.status_code == 413 and response.json()["error"]["code"] == "PAYLOAD_TOO_LARGE"
 
 
+@pytest.mark.django_db(transaction=True)
+def test_chunked_bodies_within_the_limit_are_read_whole_over_real_http(registry, asgi_server):
+    _, raw_key = ApiKey.objects.create_key(name="c")
+
+    def chunks():
+        yield b'{"feature_name": "business_plan", '
+        yield b'"input_data": {"topic": "chunked"}}'
+
+    response = requests.post(
+        f"{asgi_server.base_url}/api/v1/jobs",
+        data=chunks(),
+        headers={"X-API-Key": raw_key, "Content-Type": "application/json"},
+        timeout=10,
+    )
+
+    assert response.status_code == 201, response.text
+    assert Job.objects.get(pk=response.json()["job_id"]).context["initial_input"] == {"topic": "chunked"}
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_declared_length_over_the_limit_is_refused_before_the_body_is_read(registry, asgi_server, settings):
+    import socket
+
+    settings.CAO_MAX_BODY_BYTES = 1000
+    with socket.create_connection(("127.0.0.1", asgi_server.port), timeout=10) as conn:
+        conn.sendall(
+            b"POST /api/v1/jobs HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            b"Content-Length: 50000000\r\n\r\n"
+        )
+        reply = conn.recv(4096).decode()
+
+    assert reply.startswith("HTTP/1.1 413") and "PAYLOAD_TOO_LARGE" in reply
+
+
 @pytest.mark.parametrize(
     "input_data, fragment",
     [

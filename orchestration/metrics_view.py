@@ -1,0 +1,91 @@
+"""``/metrics``: Prometheus text for this host's processes, plus shared state read at scrape time."""
+
+import logging
+import os
+
+import dramatiq
+from django.conf import settings
+from django.http import HttpResponse, JsonResponse
+from django.views.decorators.http import require_GET
+from dramatiq.brokers.redis import RedisBroker
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.multiprocess import MultiProcessCollector
+
+from common.errors import error_body
+from orchestration.leases import get_limiter
+from services_registry.selectors import service_list
+
+logger = logging.getLogger(__name__)
+
+
+class SharedStateCollector:
+    """Slots in use, limits, waiters per service and queue depth per queue."""
+
+    def collect(self):
+        in_use = GaugeMetricFamily("cao_slots_in_use", "Slots held or reserved, per service.", labels=["service"])
+        limit = GaugeMetricFamily("cao_slot_limit", "Concurrency limit, per service.", labels=["service"])
+        waiters = GaugeMetricFamily("cao_slot_waiters", "Steps waiting for a slot, per service.", labels=["service"])
+        depth = GaugeMetricFamily(
+            "cao_queue_depth", "Step messages not yet picked up, per queue.", labels=["queue", "kind"]
+        )
+        try:
+            limiter = get_limiter()
+            for service in service_list():
+                occupancy = limiter.occupancy(service.name)
+                in_use.add_metric([service.name], occupancy.in_use)
+                waiters.add_metric([service.name], occupancy.waiting)
+                limit.add_metric([service.name], service.concurrency_limit)
+            for queue, ready, delayed in queue_depths():
+                depth.add_metric([queue, "ready"], ready)
+                depth.add_metric([queue, "delayed"], delayed)
+        except Exception:
+            # A scrape must not fail because Redis or the broker is down;
+            # the missing series are the signal.
+            logger.warning("Could not read shared state for /metrics.", exc_info=True)
+        yield from (in_use, limit, waiters, depth)
+
+
+def queue_depths():
+    """(queue, ready, delayed) for each queue of CAO_QUEUES."""
+    broker = dramatiq.get_broker()
+    for queue in settings.CAO_QUEUES:
+        if isinstance(broker, RedisBroker):
+            key = f"{broker.namespace}:{queue}"
+            yield queue, broker.client.llen(key), broker.client.hlen(f"{key}.DQ.msgs")
+        elif hasattr(broker, "get_queue_message_counts"):
+            ready, delayed, _dead = broker.get_queue_message_counts(queue)
+            yield queue, ready, delayed
+
+
+def gateway_registry():
+    """Every process's metrics on this host (multiprocess mode) or this process's, plus shared state."""
+    registry = CollectorRegistry()
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        MultiProcessCollector(registry)
+    else:
+        registry.register(_ProcessLocal())
+    registry.register(SharedStateCollector())
+    return registry
+
+
+class _ProcessLocal:
+    def collect(self):
+        return REGISTRY.collect()
+
+
+def _allowed(request):
+    token = settings.CAO_METRICS_TOKEN
+    if token:
+        return request.headers.get("Authorization") == f"Bearer {token}"
+    return request.META.get("REMOTE_ADDR") in settings.CAO_METRICS_ALLOWED_IPS
+
+
+@require_GET
+def metrics(request):
+    if not _allowed(request):
+        return JsonResponse(
+            error_body("FORBIDDEN", "Metrics need the bearer token (CAO_METRICS_TOKEN) or an allowed address."),
+            status=403,
+        )
+    return HttpResponse(generate_latest(gateway_registry()), content_type=CONTENT_TYPE_LATEST)

@@ -1,0 +1,26 @@
+"""Registry rows as hot paths read them: live, but at most CAO_REGISTRY_CACHE_SECONDS old.
+
+Every job creation reads its recipe and every step its service several
+times; reading the rows each time cost a handful of queries per step.
+Edits made in the admin apply within the cache's age.
+"""
+
+import threading
+import time
+
+from django.conf import settings
+
+_entries = {}
+_lock = threading.Lock()
+
+
+def cached(key, load, *, clock=time.monotonic):
+    """``load()``'s value for ``key``, reloaded once it is older than the setting allows."""
+    now = clock()
+    entry = _entries.get(key)
+    if entry is not None and now - entry[0] < settings.CAO_REGISTRY_CACHE_SECONDS:
+        return entry[1]
+    value = load()
+    with _lock:
+        _entries[key] = (now, value)
+    return value
