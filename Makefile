@@ -13,7 +13,7 @@ help:
 	@echo "make run     set up, start the whole stack and run a demo job"
 	@echo "make serve   set up and start the whole stack, no demo job"
 	@echo "make test    set up and run the test suite"
-	@echo "make lint    check the dependency direction between apps"
+	@echo "make lint    check the dependency direction between apps, and pyflakes"
 	@echo "make bench   start the stack and run the benchmark suite (BENCH_ARGS=--quick, --only ..., --app-root DIR)"
 
 $(PY):
@@ -53,6 +53,7 @@ browser:
 
 lint: install
 	$(VENV)/bin/lint-imports
+	$(VENV)/bin/ruff check .
 
 test: backends lint browser
 	$(PY) -m pytest $(PYTEST_ARGS)

@@ -8,12 +8,14 @@ busy machine can still be compared with one measured on a quiet one.
   regular table so the commit flushes the WAL like the stack's do.
 - PostgreSQL ``SELECT 1``: one round trip, for scale.
 - Redis round trip: ``PING``.
-- Dramatiq message: send to a no-op actor on a dedicated queue of the stack's
-  broker (same Redis database), until the actor starts in a Worker running
-  in this process with Dramatiq's default ``worker_timeout``, like the
-  stack's workers. Measured twice: back to back (sent as soon as the previous
-  one ran) and after an idle gap, because Dramatiq's Redis consumer polls an
-  empty queue with a growing back-off (up to ``worker_timeout``).
+- Dramatiq message: send to a no-op actor on a dedicated queue of the same
+  Redis database, until the actor starts in a Worker running in this process
+  with Dramatiq's default ``worker_timeout``. Measured with the gateway's
+  broker (``orchestration.broker.NotifyingRedisBroker``, the floor the other
+  figures are compared with) and with Dramatiq's stock ``RedisBroker``, each
+  back to back (sent as soon as the previous one ran) and after an idle gap:
+  the stock consumer polls an empty queue with a growing back-off (up to
+  ``worker_timeout``); the gateway's is woken by the enqueue.
 
     python -m benchmarks.floors --samples 200
 """
@@ -31,6 +33,7 @@ import redis
 from dramatiq.brokers.redis import RedisBroker
 
 from benchmarks.harness import bench_urls, summary_ms
+from orchestration.broker import NotifyingRedisBroker
 
 FLOOR_QUEUE = "cao_bench_floor"
 
@@ -85,9 +88,9 @@ def redis_floor(redis_url, *, samples):
         client.close()
 
 
-def dramatiq_floor(redis_url, *, samples, idle_samples, idle_gap_s=0.2):
+def dramatiq_floor(redis_url, *, samples, idle_samples, idle_gap_s=0.2, broker_class=NotifyingRedisBroker, prefix=""):
     """send() -> a no-op actor starts, back to back and after ``idle_gap_s`` of an empty queue."""
-    broker = RedisBroker(url=redis_url, middleware=[])
+    broker = broker_class(url=redis_url, middleware=[])
     started = queue.SimpleQueue()
 
     def noop():
@@ -113,8 +116,8 @@ def dramatiq_floor(redis_url, *, samples, idle_samples, idle_gap_s=0.2):
         broker.flush_all()
         broker.close()
     return {
-        "dramatiq_msg_ms": summary_ms(busy),
-        "dramatiq_msg_idle_ms": summary_ms(idle),
+        f"dramatiq{prefix}_msg_ms": summary_ms(busy),
+        f"dramatiq{prefix}_msg_idle_ms": summary_ms(idle),
         "dramatiq_idle_gap_ms": round(idle_gap_s * 1000),
     }
 
@@ -125,6 +128,10 @@ def measure(bed, *, samples=200, idle_samples=30):
         **postgres_floors(bed.database_url, samples=samples),
         **redis_floor(bed.redis_url, samples=samples),
         **dramatiq_floor(bed.redis_url, samples=max(10, samples // 2), idle_samples=idle_samples),
+        **dramatiq_floor(
+            bed.redis_url, samples=max(10, samples // 2), idle_samples=idle_samples,
+            broker_class=RedisBroker, prefix="_stock",
+        ),
     }
 
 

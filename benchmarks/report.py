@@ -11,7 +11,6 @@ import json
 import math
 import re
 from dataclasses import dataclass
-from pathlib import Path
 
 from scripts.stack import ROOT, RUN_DIR
 
@@ -115,9 +114,13 @@ COST_FIGURES = (
     Figure("idle_cpu_stack", "Idle CPU, stack processes only", ("idle", "stack_pct"), "% of a core"),
     Figure("floor_commit", "Floor: PostgreSQL commit, p50", FLOORS["commit"].path, "ms"),
     Figure("floor_redis", "Floor: Redis PING, p50", FLOORS["redis"].path, "ms"),
-    Figure("floor_dramatiq", "Floor: Dramatiq message, back to back, p50", FLOORS["dramatiq"].path, "ms"),
-    Figure("floor_dramatiq_idle", "Floor: Dramatiq message after 200 ms idle, p50",
+    Figure("floor_dramatiq", "Floor: Dramatiq message (gateway broker), back to back, p50", FLOORS["dramatiq"].path, "ms"),
+    Figure("floor_dramatiq_idle", "Floor: Dramatiq message (gateway broker) after 200 ms idle, p50",
            ("floors", "dramatiq_msg_idle_ms", "p50"), "ms"),
+    Figure("floor_dramatiq_stock", "Floor: Dramatiq message (stock RedisBroker), back to back, p50",
+           ("floors", "dramatiq_stock_msg_ms", "p50"), "ms"),
+    Figure("floor_dramatiq_stock_idle", "Floor: Dramatiq message (stock RedisBroker) after 200 ms idle, p50",
+           ("floors", "dramatiq_stock_msg_idle_ms", "p50"), "ms"),
 )
 
 

@@ -6,9 +6,9 @@ which makes them gapless and unique per job. Pushing to live subscribers
 happens only after commit, so nobody sees an event that was rolled back.
 """
 
-from django.db import transaction
 from django.utils import timezone
 
+from common.after_commit import after_commit
 from jobs.models import EventType, JobEvent
 from jobs.publisher import get_publisher
 
@@ -50,7 +50,7 @@ def append_events(job, *events, now=None):
         )
     JobEvent.objects.bulk_create(rows)
     payloads = [row.payload for row in rows]
-    transaction.on_commit(lambda: publish(str(job.id), payloads))
+    after_commit(publish, str(job.id), payloads)
     return payloads
 
 

@@ -5,13 +5,12 @@ and lease hand-offs leave only after that transaction commits.
 """
 
 import logging
-from functools import partial
-
 import dramatiq
 from django.conf import settings
 from django.db import transaction
 
 from common import metrics
+from common.after_commit import after_commit
 from common.redis import get_redis
 from jobs import services as job_services
 from jobs.errors import ForceNotAllowed, JobNotFound
@@ -54,9 +53,8 @@ def dispatched_token(job_id):
 
 
 def send_after_commit(dispatch):
-    # robust: a failed send must not turn a committed change into an error
-    # response; maintenance re-sends what is missing.
-    transaction.on_commit(partial(send_step, dispatch), robust=True)
+    """Send the step message once the transaction commits (maintenance re-sends it if this fails)."""
+    after_commit(send_step, dispatch)
 
 
 def send_handoffs(payloads):
@@ -93,7 +91,7 @@ def submit_job(*, feature_name, input_data, owner=None, idempotency_key=None):
         )
         if created:
             send_after_commit(job_services.current_dispatch(job))
-            transaction.on_commit(partial(metrics.JOBS_CREATED.labels(feature_name).inc))
+            after_commit(metrics.JOBS_CREATED.labels(feature_name).inc)
     return job, created
 
 
@@ -114,5 +112,5 @@ def cancel_job(*, job_id, owner=None, is_staff=False):
         job = _locked_visible_job(job_id, owner=owner, is_staff=is_staff)
         outcome = job_services.job_cancel(job=job)
         if outcome.withdrawn:
-            transaction.on_commit(partial(release_step, outcome.withdrawn), robust=True)
+            after_commit(release_step, outcome.withdrawn)
     return outcome

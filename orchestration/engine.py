@@ -15,12 +15,12 @@ import logging
 import random
 import time
 from dataclasses import dataclass
-from functools import partial
 
 from django.conf import settings
 from django.db import InterfaceError, OperationalError, close_old_connections, transaction
 
 from common import metrics
+from common.after_commit import after_commit
 from common.logs import bind, log_context
 from jobs import services as job_services
 from jobs.models import JobStatus, StepState
@@ -133,7 +133,7 @@ class Engine:
                     payload=handoff_payload(job_services.current_dispatch(job)),
                 )
                 if acquisition.handoffs:
-                    transaction.on_commit(lambda: send_handoffs(acquisition.handoffs), robust=True)
+                    after_commit(send_handoffs, acquisition.handoffs)
                 if not acquisition.granted:
                     job_services.step_park(job=job, position=acquisition.position)
                     logger.info("Parked: no free slot of %s (position %s).", service.name, acquisition.position)
@@ -170,7 +170,7 @@ class Engine:
             # A stale message may still own a reservation or a place in line
             # (e.g. the job was cancelled while parked): free it.
             stale = job_services.StepRef(job.id, step_index, token, job.steps[step_index])
-            transaction.on_commit(lambda: release_step(stale), robust=True)
+            after_commit(release_step, stale)
 
     def _fail_unavailable(self, job):
         error = errors.ServiceUnavailable(
@@ -221,7 +221,7 @@ class Engine:
                 )
                 _log_failure(reply, delay, outcome.accepted)
                 if outcome.accepted:
-                    transaction.on_commit(partial(metrics.step_failed, claim.service.name, reply.code, delay, job.feature_name))
+                    after_commit(metrics.step_failed, claim.service.name, reply.code, delay, job.feature_name)
             else:
                 outcome = job_services.step_succeed(
                     job=job,
@@ -232,7 +232,7 @@ class Engine:
                 )
                 logger.info("Completed.")
                 if outcome.accepted and job.status == JobStatus.COMPLETED:
-                    transaction.on_commit(partial(metrics.JOBS_COMPLETED.labels(job.feature_name).inc))
+                    after_commit(metrics.JOBS_COMPLETED.labels(job.feature_name).inc)
             if not outcome.accepted:
                 logger.warning("Discarded the result: the step moved on while it ran.")
             if outcome.dispatch:

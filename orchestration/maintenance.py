@@ -14,7 +14,6 @@ import logging
 import time
 from dataclasses import dataclass, field
 from datetime import timedelta
-from functools import partial
 
 import dramatiq
 from django.conf import settings
@@ -24,6 +23,7 @@ from django.db import transaction
 from django.db.models import Q
 from django.utils import timezone
 
+from common.after_commit import after_commit
 from common.redis import get_redis
 from jobs import services as job_services
 from jobs.models import ACTIVE_STATUSES, AttemptOutcome, Job, JobStatus, StepState
@@ -112,7 +112,7 @@ def fail_stuck_jobs(report, *, now):
                 ),
             )
             if withdrawn:
-                transaction.on_commit(partial(release_step, withdrawn), robust=True)
+                after_commit(release_step, withdrawn)
         report.stuck_failed += 1
         logger.warning("Marked job_id=%s as FAILED STUCK_DETECTED.", job_id)
 

@@ -78,7 +78,15 @@ def simulator_env(env, simulator_port):
 
 
 def stack_processes(
-    *, python, host, port, simulator_port, simulator_args=(), queues=("heavy", "medium", "default"), root=ROOT
+    *,
+    python,
+    host,
+    port,
+    simulator_port,
+    simulator_args=(),
+    queues=("heavy", "medium", "default"),
+    root=ROOT,
+    worker_hosts=1,
 ):
     """The processes of a local stack, in start order.
 
@@ -103,17 +111,21 @@ def stack_processes(
             ],
         ),
     ]
-    for queue in queues:
-        processes, threads = WORKER_POOLS.get(queue, (1, 8))
-        specs.append(
-            ProcessSpec(
-                f"worker_{queue}",
-                [
-                    python, manage_py, "rundramatiq", "--queues", queue,
-                    "--processes", str(processes), "--threads", str(threads),
-                ],
+    # worker_hosts > 1 simulates more worker hosts on this machine: each
+    # extra set of workers is its own process group, like another host's.
+    for host_number in range(1, worker_hosts + 1):
+        prefix = "" if host_number == 1 else f"host{host_number}_"
+        for queue in queues:
+            processes, threads = WORKER_POOLS.get(queue, (1, 8))
+            specs.append(
+                ProcessSpec(
+                    f"{prefix}worker_{queue}",
+                    [
+                        python, manage_py, "rundramatiq", "--queues", queue,
+                        "--processes", str(processes), "--threads", str(threads),
+                    ],
+                )
             )
-        )
     specs.append(ProcessSpec("scheduler", [python, manage_py, "run_scheduler"]))
     return specs
 
@@ -313,6 +325,10 @@ def main(argv=None):
     username, password = ensure_local_admin(python, env)
 
     log_dir = new_log_dir()
+    # One metrics directory per run, shared by every process: /metrics adds them up.
+    if not env.get("PROMETHEUS_MULTIPROC_DIR"):
+        env["PROMETHEUS_MULTIPROC_DIR"] = str(log_dir / "metrics")
+        (log_dir / "metrics").mkdir()
     specs = stack_processes(
         python=python,
         host=args.host,

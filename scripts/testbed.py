@@ -164,11 +164,13 @@ class Testbed:
         env=None,
         simulator_args=(),
         scheduler=True,
+        worker_hosts=1,
         port=None,
         simulator_port=None,
         root=ROOT,
     ):
         self.root = Path(root)
+        self.worker_hosts = worker_hosts
         self.database_url = database_url
         self.redis_url = redis_url
         self.port = port or free_port()
@@ -219,6 +221,7 @@ class Testbed:
             simulator_port=self.simulator_port,
             simulator_args=self.simulator_args,
             root=self.root,
+            worker_hosts=self.worker_hosts,
         )
         if not self.scheduler:
             specs = [spec for spec in specs if spec.name != "scheduler"]

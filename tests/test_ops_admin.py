@@ -13,7 +13,7 @@ from django.utils import timezone
 
 from api_keys.models import ApiKey
 from jobs.models import Job, JobEvent, JobStatus
-from jobs.services import Failure, job_fail, lock_job, step_claim, step_fail, step_succeed
+from jobs.services import Failure, lock_job, step_claim, step_fail, step_succeed
 from orchestration.dispatch import cancel_job, submit_job
 from orchestration.leases import get_limiter
 from orchestration.limiter import Limiter

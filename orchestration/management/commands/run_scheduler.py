@@ -7,6 +7,7 @@ import uuid
 
 from django.conf import settings
 from django.core.management.base import BaseCommand
+from django.db import close_old_connections
 
 from cao_project.backends import require_backends
 from common.redis import get_redis
@@ -61,6 +62,9 @@ class Command(BaseCommand):
         return False
 
     def _pass(self):
+        # A long-lived process must drop connections a PostgreSQL restart
+        # broke, as Django does between requests.
+        close_old_connections()
         report = run_maintenance()
         if any((report.reaped_leases, report.handed_off, report.stuck_failed, report.redispatched, report.lost_attempts)):
             logger.info(

@@ -1,0 +1,48 @@
+"""Two worker hosts (separate process groups, each with a worker per queue) share the limits."""
+
+import re
+import time
+
+import pytest
+
+from scripts.testbed import wait_until
+
+pytestmark = [pytest.mark.slow, pytest.mark.e2e]
+
+LIMITS = {"video_gen_v2": 2, "fast_chat_llm": 3, "summarizer_pro": 2, "prompt_enhancer": 4, "email_notifier": 4}
+
+
+def calls_by_host(bed):
+    """How many calls each simulated host's workers started, from their logs."""
+    counts = {}
+    for name in bed.process_names:
+        if "worker_" in name:
+            host = name.split("_worker_")[0] if "_worker_" in name else "host1"
+            counts[host] = counts.get(host, 0) + len(re.findall(r"Started the call to", bed.log(name)))
+    return counts
+
+
+def test_two_worker_hosts_share_every_limit_even_when_one_dies(testbed):
+    with testbed(worker_hosts=2) as bed:
+        for name, limit in LIMITS.items():
+            bed.set_service(name, concurrency_limit=limit, timeout_s=3, lease_ttl_s=4)
+        bed.simulator.configure(latency={"*": "60ms~30ms"})
+
+        started = time.monotonic()
+        jobs = bed.submit_many(60, "business_plan") + bed.submit_many(60, "viral_video")
+        # Halfway, host 2 loses its medium worker (SIGKILL), and it never comes back.
+        wait_until(lambda: bed.statuses(jobs).get("COMPLETED", 0) >= 40, timeout=120, message="half the jobs")
+        bed.kill("host2_worker_medium")
+        bed.wait_finished(jobs, timeout=240)
+        elapsed = time.monotonic() - started
+
+        stats = bed.simulator.stats()
+        for name, limit in LIMITS.items():
+            assert stats[name]["max_in_flight"] <= limit, (name, stats[name]["max_in_flight"])
+        by_host = calls_by_host(bed)
+        assert by_host.get("host1", 0) > 0 and by_host.get("host2", 0) > 0
+        print(
+            f"\n[scaling] two worker hosts: jobs={len(jobs)} seconds={elapsed:.1f} "
+            f"calls_started_by_host={by_host} "
+            f"max_in_flight={ {name: stats[name]['max_in_flight'] for name in LIMITS} } limits={LIMITS}"
+        )
