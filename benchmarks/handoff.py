@@ -22,10 +22,8 @@ video_gen_v2 STEP_COMPLETED or JOB_ERROR of any job. Approximations:
   step parked goes to the oldest parked step) as a cross-check.
 """
 
-import argparse
-import json
 
-from benchmarks.harness import bench_testbed, events, summary_ms
+from benchmarks.harness import case_main, events, run_case, summary_ms
 
 SERVICE = "video_gen_v2"
 RELEASES = ("STEP_COMPLETED", "JOB_ERROR")
@@ -74,15 +72,11 @@ def measure(bed, *, jobs=20, step_latency="200ms", limit=2):
 
 
 def run(*, jobs=20):
-    with bench_testbed() as bed:
-        return measure(bed, jobs=jobs)
+    return run_case(measure, jobs=jobs)
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--jobs", type=int, default=20)
-    args = parser.parse_args(argv)
-    print(json.dumps(run(jobs=args.jobs), indent=2))
+    case_main(measure, __doc__, argv=argv, jobs=20)
 
 
 if __name__ == "__main__":

@@ -115,3 +115,21 @@ def workers_held(bed):
         yield resume
     finally:
         resume()
+
+
+def run_case(measure, **sizes):
+    """Start a benchmark stack, run one case on it, and stop it."""
+    with bench_testbed() as bed:
+        return measure(bed, **sizes)
+
+
+def case_main(measure, doc, *, argv=None, **size_defaults):
+    """Command line of one case: ``--<size> N`` options, prints the figures as JSON."""
+    import argparse
+    import json
+
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    for name, default in size_defaults.items():
+        parser.add_argument(f"--{name}", type=type(default), default=default)
+    sizes = vars(parser.parse_args(argv))
+    print(json.dumps(run_case(measure, **sizes), indent=2))

@@ -13,14 +13,12 @@
 Reported as % of one core: CPU seconds / wall seconds * 100.
 """
 
-import argparse
-import json
 import os
 import time
 
 import redis
 
-from benchmarks.harness import bench_testbed
+from benchmarks.harness import case_main, run_case
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
@@ -118,15 +116,11 @@ def measure(bed, *, seconds=60.0, settle_s=2.0):
 
 
 def run(*, seconds=60.0):
-    with bench_testbed() as bed:
-        return measure(bed, seconds=seconds)
+    return run_case(measure, seconds=seconds)
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seconds", type=float, default=60.0)
-    args = parser.parse_args(argv)
-    print(json.dumps(run(seconds=args.seconds), indent=2))
+    case_main(measure, __doc__, argv=argv, seconds=60.0)
 
 
 if __name__ == "__main__":

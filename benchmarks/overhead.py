@@ -24,11 +24,9 @@ growing back-off (up to its worker_timeout, 1 s by default), so a step sent
 to a queue that has been idle waits longer than one sent back to back.
 """
 
-import argparse
-import json
 import time
 
-from benchmarks.harness import bench_testbed, events, summary_ms
+from benchmarks.harness import case_main, events, run_case, summary_ms
 
 STEPS = 4  # business_plan
 
@@ -101,15 +99,11 @@ def measure(bed, *, jobs=30, warmup=3, step_latency="5ms", pause_s=0.5):
 
 
 def run(*, jobs=30):
-    with bench_testbed() as bed:
-        return measure(bed, jobs=jobs)
+    return run_case(measure, jobs=jobs)
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--jobs", type=int, default=30)
-    args = parser.parse_args(argv)
-    print(json.dumps(run(jobs=args.jobs), indent=2))
+    case_main(measure, __doc__, argv=argv, jobs=30)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,6 @@ replay, which is not the push path). Latency = receive time - the event's
 commit); the subscribers share one asyncio loop in this process.
 """
 
-import argparse
 import asyncio
 import json
 import time
@@ -18,7 +17,7 @@ from datetime import datetime
 
 from websockets.asyncio.client import connect
 
-from benchmarks.harness import bench_testbed, summary_ms, workers_held
+from benchmarks.harness import case_main, run_case, summary_ms, workers_held
 
 
 async def _connect(monitor_url):
@@ -69,15 +68,11 @@ def measure(bed, *, jobs=50, step_latency="200ms"):
 
 
 def run(*, jobs=50):
-    with bench_testbed() as bed:
-        return measure(bed, jobs=jobs)
+    return run_case(measure, jobs=jobs)
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--jobs", type=int, default=50)
-    args = parser.parse_args(argv)
-    print(json.dumps(run(jobs=args.jobs), indent=2))
+    case_main(measure, __doc__, argv=argv, jobs=50)
 
 
 if __name__ == "__main__":

@@ -3,7 +3,6 @@ workers and the service simulator over real HTTP."""
 
 import os
 import threading
-import time
 
 import dramatiq
 import pytest
@@ -13,7 +12,7 @@ from rest_framework.test import APIClient
 from api_keys.models import ApiKey
 from common.redis import get_redis
 from services_registry import reference
-from scripts.testbed import PrivateRedis, Testbed, with_database
+from scripts.testbed import PrivateRedis, Testbed, wait_until, with_database
 from services_registry.models import Recipe, RecipeStep, Service
 
 
@@ -190,14 +189,8 @@ def asgi_server(transactional_db):
 
 
 def wait_for(predicate, *, timeout=20.0, interval=0.05, message="condition"):
-    """Poll ``predicate`` until it returns a truthy value; fail after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout:g} s waiting for {message}")
+    """Poll ``predicate`` until it returns a truthy value; TimeoutError after ``timeout``."""
+    return wait_until(predicate, timeout=timeout, interval=interval, message=message)
 
 
 @pytest.fixture
