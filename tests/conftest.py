@@ -46,21 +46,24 @@ def client_key(db):
     return api_key
 
 
+def keyed_api_client(api_key):
+    """A DRF client that sends ``api_key`` (which carries its raw key) on every request."""
+    client = APIClient()
+    client.credentials(HTTP_X_API_KEY=api_key.raw_key)
+    client.api_key = api_key
+    return client
+
+
 @pytest.fixture
 def api(client_key):
     """A DRF client authenticated with a (non-staff) API key."""
-    client = APIClient()
-    client.credentials(HTTP_X_API_KEY=client_key.raw_key)
-    client.api_key = client_key
-    return client
+    return keyed_api_client(client_key)
 
 
 @pytest.fixture
 def staff_api(staff_key):
-    client = APIClient()
-    client.credentials(HTTP_X_API_KEY=staff_key.raw_key)
-    client.api_key = staff_key
-    return client
+    """A DRF client authenticated with a staff API key."""
+    return keyed_api_client(staff_key)
 
 
 @pytest.fixture(scope="session")
