@@ -13,6 +13,8 @@ from django.core.exceptions import ImproperlyConfigured
 from django.db import connection
 from django.db.utils import OperationalError
 
+from common.redis import get_redis
+
 
 class BackendUnreachable(ImproperlyConfigured):
     """Raised at start-up when PostgreSQL or Redis cannot be reached."""
@@ -44,13 +46,12 @@ def check_database():
 
 def check_redis():
     """None when Redis answers, else a sentence saying what failed."""
-    client = redis.Redis.from_url(settings.REDIS_URL, socket_connect_timeout=3, socket_timeout=3)
+    # The process-wide client: a readiness probe every few seconds would
+    # otherwise open (and close) a connection each time.
     try:
-        client.ping()
+        get_redis().ping()
     except redis.RedisError as exc:
         return f"Redis is not reachable at {redact_url(settings.REDIS_URL)}: {exc}"
-    finally:
-        client.close()
     return None
 
 

@@ -20,12 +20,6 @@ class GatewayError(Exception):
         self.details = details
         super().__init__(self.message)
 
-    def as_dict(self):
-        error = {"code": self.code, "message": self.message}
-        if self.details is not None:
-            error["details"] = self.details
-        return error
-
 
 class InvalidInput(GatewayError):
     """Raised when a request is well-formed JSON but its content is invalid."""
@@ -49,15 +43,6 @@ class Conflict(GatewayError):
     status_code = 409
     code = "CONFLICT"
     default_message = "The operation conflicts with the resource's current state."
-
-
-class ServiceUnavailable(GatewayError):
-    """Raised when a backend the gateway depends on cannot be reached."""
-
-    status_code = 503
-    code = "SERVICE_UNAVAILABLE"
-    default_message = "A backend service is unavailable; try again shortly."
-    retryable = True
 
 
 def error_body(code, message, details=None):

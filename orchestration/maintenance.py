@@ -12,7 +12,7 @@ a fresh token, so at most one of its messages can ever act.
 
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import timedelta
 
 import dramatiq
@@ -48,7 +48,6 @@ class MaintenanceReport:
     stuck_failed: int = 0
     redispatched: int = 0
     lost_attempts: int = 0
-    details: list = field(default_factory=list)
 
 
 def run_maintenance(*, now=None):

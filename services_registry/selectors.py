@@ -23,11 +23,6 @@ def service_list(*, enabled_only=False):
     return list(services)
 
 
-def services_by_name(names):
-    """Services for ``names`` as a dict; names without a service are absent."""
-    return {service.name: service for service in Service.objects.filter(name__in=set(names))}
-
-
 def service_get(name):
     """The service named ``name``, or None."""
     return Service.objects.filter(name=name).first()
