@@ -42,9 +42,12 @@ def job_attempts(job):
     return list(job.attempts.order_by("started_at", "id"))
 
 
-def job_events(job_id, *, after=0, limit=None):
-    """Stored event payloads of a job with seq > ``after``, in seq order."""
-    events = JobEvent.objects.filter(job_id=job_id, seq__gt=after).order_by("seq").values_list("payload", flat=True)
+def job_events(job_id, *, after=0, through=None, limit=None):
+    """Stored event payloads of a job with ``after < seq <= through``, in seq order."""
+    events = JobEvent.objects.filter(job_id=job_id, seq__gt=after)
+    if through is not None:
+        events = events.filter(seq__lte=through)
+    events = events.order_by("seq").values_list("payload", flat=True)
     if limit:
         events = events[:limit]
     return list(events)

@@ -49,6 +49,9 @@ def job_detail_page(request, job_id):
     context = {
         "job": job,
         "steps": selectors.step_timeline(job, selectors.job_attempts(job)),
-        "events": selectors.job_events(job.id),
+        # Only the events the job row had counted when it was read: the page's
+        # socket replays everything after job.last_event_seq, so an event
+        # committed between the two reads must not be shown twice.
+        "events": selectors.job_events(job.id, through=job.last_event_seq),
     }
     return render(request, "jobs/job_detail.html", context)

@@ -53,5 +53,26 @@ def test_job_page_shows_the_timeline_and_events(staff_client, registry):
         assert f'data-index="{index}" data-state="pending"' in page and service in page
 
 
+def test_job_page_never_shows_an_event_its_socket_will_replay(staff_client, registry, monkeypatch):
+    """An event committed between reading the job and reading its events is left to the socket."""
+    from jobs import selectors, views
+    from jobs.events import append_events, event
+
+    job, _ = submit_job(feature_name="viral_video", input_data={})
+    read_job = selectors.job_get
+
+    def read_then_a_worker_commits(job_id, **kwargs):
+        snapshot = read_job(job_id, **kwargs)
+        locked = Job.objects.get(pk=job.pk)
+        append_events(locked, event("STEP_STARTED", step_index=0, attempt=1))
+        locked.save(update_fields=["last_event_seq"])
+        return snapshot
+
+    monkeypatch.setattr(views.selectors, "job_get", read_then_a_worker_commits)
+    page = staff_client.get(f"/jobs/{job.pk}/").content.decode()
+
+    assert 'data-last-seq="0"' in page and 'data-seq="1"' not in page
+
+
 def test_unknown_job_page_is_a_404(staff_client):
     assert staff_client.get("/jobs/not-a-job/").status_code == 404
