@@ -97,10 +97,8 @@ class JobProgressConsumer(AsyncJsonWebsocketConsumer):
     async def _send_from_log(self, *, up_to):
         while True:
             events = await database_sync_to_async(selectors.job_events)(
-                self.job_id, after=self.last_seq, limit=REPLAY_BATCH
+                self.job_id, after=self.last_seq, through=up_to, limit=REPLAY_BATCH
             )
-            if up_to is not None:
-                events = [event for event in events if event["seq"] <= up_to]
             for event in events:
                 await self.send_json(event)
                 self.last_seq = event["seq"]

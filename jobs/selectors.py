@@ -29,6 +29,21 @@ def job_get(job_id, *, owner=None, is_staff=False):
     return job
 
 
+def calls_in_flight(service):
+    """(job_id, step_index, step_token) of every step whose call to ``service`` is running.
+
+    A cancelled job's call runs to its end, so those count too.
+    """
+    running = Job.objects.filter(
+        status__in=(JobStatus.RUNNING, JobStatus.CANCELLED), step_state=StepState.RUNNING
+    ).values_list("id", "current_step_index", "step_token", "steps")
+    return [
+        (job_id, index, token)
+        for job_id, index, token, steps in running
+        if index < len(steps) and steps[index] == service
+    ]
+
+
 def job_list(*, owner=None, is_staff=False, status=None, feature_name=None):
     jobs = visible_jobs(owner, is_staff=is_staff)
     if status:

@@ -22,6 +22,7 @@ from django.db import InterfaceError, OperationalError, close_old_connections, t
 from common import metrics
 from common.after_commit import after_commit
 from common.logs import bind, log_context
+from jobs import selectors as job_selectors
 from jobs import services as job_services
 from jobs.models import JobStatus, StepState
 from orchestration import errors
@@ -131,6 +132,7 @@ class Engine:
                     limit=service.concurrency_limit,
                     ttl_s=service.lease_ttl_s,
                     payload=handoff_payload(job_services.current_dispatch(job)),
+                    census=lambda: [lease_member(*call) for call in job_selectors.calls_in_flight(service.name)],
                 )
                 if acquisition.handoffs:
                     after_commit(send_handoffs, acquisition.handoffs)

@@ -20,6 +20,11 @@ Invariants, kept by Lua scripts in ``lua/`` (one atomic call per operation):
 A caller that finds no slot is parked and returns at once; a release returns
 the parked messages to dispatch (hand-offs), so nobody polls. The limit is
 passed on every call, so a changed limit takes effect at the next call.
+
+If Redis loses the keys while calls are in flight, acquire grants nothing
+until a census has re-seeded ``holders`` from the caller's system of record
+(``census`` argument of :meth:`Limiter.acquire`), so the limit holds across
+a Redis restart too.
 """
 
 import logging
@@ -123,7 +128,7 @@ class Limiter:
     lost, the reservation lapses and the next pump dispatches it again.
     """
 
-    _operations = ("acquire", "renew", "release", "redispatch", "reap", "locate", "occupancy")
+    _operations = ("acquire", "census", "renew", "release", "redispatch", "reap", "locate", "occupancy")
 
     def __init__(self, client, *, prefix: str = "cao:lim", grant_ttl_s: float = 30.0):
         self.client = client
@@ -138,25 +143,45 @@ class Limiter:
     def keys(self, service: str) -> list[str]:
         """The script KEYS of one service, in the order the scripts expect."""
         base = f"{self.prefix}:{{{service}}}:"
-        return [base + name for name in ("holders", "granted", "waiters", "payloads", "ticket")]
+        return [base + name for name in ("holders", "granted", "waiters", "payloads", "ticket", "census")]
 
     def _call(self, name, service, *args):
         return self._scripts[name](keys=self.keys(service), args=args)
 
-    def acquire(self, service: str, member: str, *, limit: int, ttl_s: float, payload: str) -> Acquisition:
+    def acquire(
+        self, service: str, member: str, *, limit: int, ttl_s: float, payload: str, census=None
+    ) -> Acquisition:
         """Take a slot for ``member`` or park it with ``payload``; never blocks.
 
         Idempotent: a holder gets its lease refreshed, a parked member keeps
         its place (its payload is replaced), a granted member takes its slot.
+
+        ``census``: a callable returning the members whose calls are in
+        flight for ``service`` by the system of record. It is called only
+        when Redis has no census for the service (new, or its data lost),
+        and those members are counted as holders before anything is granted.
         """
-        granted, position, handoffs = self._call(
-            "acquire", service, member, _limit(limit), _ms(ttl_s), self.grant_ttl_ms, payload
-        )
+        args = (member, _limit(limit), _ms(ttl_s), self.grant_ttl_ms, payload)
+        granted, position, handoffs = self._call("acquire", service, *args)
+        if int(granted) == -1:
+            seeded = self.take_census(service, census() if census else (), ttl_s=ttl_s)
+            if seeded:
+                logger.warning(
+                    "The limiter of %s had no state (Redis restarted or lost its data); "
+                    "counted %s calls in flight before granting.", service, seeded,
+                )
+            granted, position, handoffs = self._call("acquire", service, *args)
+            if int(granted) == -1:  # lost again within a round trip: say so, retry the message
+                raise RuntimeError(f"The limiter state of {service} keeps disappearing.")
         return Acquisition(
             granted=bool(granted),
             position=None if granted else int(position),
             handoffs=_texts(handoffs),
         )
+
+    def take_census(self, service: str, members, *, ttl_s: float) -> int:
+        """Seed ``holders`` with ``members`` unless a census exists; return how many were added."""
+        return int(self._call("census", service, _ms(ttl_s), *members))
 
     def renew(self, service: str, member: str, *, ttl_s: float) -> bool:
         """Extend a lease; False if it was lost (it is re-added all the same)."""

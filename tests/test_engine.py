@@ -237,6 +237,23 @@ def test_a_full_service_parks_steps_and_never_exceeds_its_limit(api, registry, s
     assert {event.payload["step_name"] for event in parked} == {"fast_chat_llm"}
 
 
+def test_the_limit_holds_while_redis_comes_back_empty_during_a_call(api, registry, simulator, worker, wait):
+    from common.redis import get_redis
+
+    set_service("fast_chat_llm", concurrency_limit=1, lease_ttl_s=60)  # no renewal within the test
+    simulator.configure(latency={"fast_chat_llm": "1500ms"})
+    first = submit(api)
+    wait(lambda: simulator.stats()["fast_chat_llm"]["in_flight"] == 1, message="the first call to be in flight")
+
+    get_redis().flushdb()  # Redis restarted without persistence: every lease is gone
+    second = submit(api)
+
+    for job_id in (first, second):
+        wait_status(wait, job_id, JobStatus.COMPLETED)
+    assert simulator.stats()["fast_chat_llm"]["max_in_flight"] == 1
+    assert "WAITING_FOR_SLOT" in event_types(second)
+
+
 def test_a_disabled_service_fails_the_job_retryable(api, registry, simulator, worker, wait):
     simulator.configure(latency={"prompt_enhancer": "300ms"})
     job_id = submit(api)

@@ -65,7 +65,7 @@ def check_invariants(occupancy, limit):
 def test_keys_share_one_hash_tag(limiter):
     keys = limiter.keys("billing")
     assert all(key.startswith("cao:lim:{billing}:") for key in keys)
-    assert len(set(keys)) == 5
+    assert len(set(keys)) == 6
 
 
 def test_acquire_is_idempotent_for_a_holder(limiter):
@@ -404,9 +404,12 @@ def test_lease_keeper_logs_renewal_failures_and_never_raises(caplog):
     try:
         with caplog.at_level(logging.WARNING, logger="orchestration.limiter"):
             with keeper.keep(SERVICE, "a", 0.15):
-                time.sleep(0.25)
+                # Wait for two failed renewals (retried at the next tick), however slow the machine.
+                deadline = time.monotonic() + 10
+                while len(caplog.records) < 2 and time.monotonic() < deadline:
+                    time.sleep(0.02)
         messages = [r.getMessage() for r in caplog.records]
-        assert len(messages) >= 2  # retried at the next tick
+        assert len(messages) >= 2
         assert all("Could not renew the lease of a on svc" in m for m in messages)
     finally:
         keeper.close()
@@ -608,6 +611,41 @@ def test_renew_re_adds_a_holder_lost_by_flushdb(client, limiter):
     assert limiter.renew(SERVICE, "a", ttl_s=10) is False
     assert limiter.locate(SERVICE, "a") == "holder"
     assert park(limiter, "b").position == 0
+
+
+def test_after_redis_lost_its_data_calls_in_flight_are_counted_before_any_grant(client, limiter):
+    hold(limiter, "a")
+    client.flushdb()  # a restart without persistence: "a" is still calling
+
+    censuses = []
+
+    def census():
+        censuses.append(1)
+        return ["a"]
+
+    parked = limiter.acquire(SERVICE, "b", limit=1, ttl_s=10, payload="msg:b", census=census)
+    later = limiter.acquire(SERVICE, "c", limit=1, ttl_s=10, payload="msg:c", census=census)
+
+    assert not parked.granted and not later.granted
+    assert censuses == [1]  # taken once, by the first caller to notice
+    assert limiter.locate(SERVICE, "a") == "holder"
+    assert limiter.release(SERVICE, "a", limit=1) == ("msg:b",)
+
+
+def test_a_census_never_shortens_a_lease_renewed_since_the_loss(client, limiter):
+    hold(limiter, "a", ttl_s=60)
+    client.flushdb()
+    limiter.renew(SERVICE, "a", ttl_s=60)
+    renewed = client.zscore(limiter.keys(SERVICE)[0], "a")
+
+    assert limiter.take_census(SERVICE, ["a", "z"], ttl_s=1) == 1
+    assert client.zscore(limiter.keys(SERVICE)[0], "a") == renewed
+    assert limiter.take_census(SERVICE, ["y"], ttl_s=1) == 0  # one census per loss
+
+
+def test_without_a_census_source_a_fresh_limiter_starts_empty(limiter):
+    assert hold(limiter, "a").granted
+    assert limiter.occupancy(SERVICE).in_use == 1
 
 
 def test_renew_of_an_expired_lease_reports_it_lost(limiter):

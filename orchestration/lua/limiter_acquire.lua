@@ -8,13 +8,22 @@
 -- ARGV[5] payload       message to dispatch when this member is handed a slot
 --
 -- Returns {granted (1|0), position (0-based rank among waiters, -1 when
--- granted), {payloads to dispatch...}}.
+-- granted), {payloads to dispatch...}}, or {-1, -1, {}} without touching
+-- anything when the census key is missing: the caller takes a census
+-- (limiter_census.lua) and acquires again.
 
 local member = ARGV[1]
 local limit = tonumber(ARGV[2])
 local ttl_ms = tonumber(ARGV[3])
 local grant_ttl_ms = tonumber(ARGV[4])
 local payload = ARGV[5]
+
+-- No census: Redis is new or lost its data (restart without persistence,
+-- failover, flush). Calls still in flight are missing from holders until
+-- their next renewal, so granting now could exceed the limit.
+if redis.call("exists", census) == 0 then
+    return {-1, -1, {}}
+end
 
 local now_ms, now_us = server_now()
 drop_expired(now_ms)

@@ -13,6 +13,9 @@
 --   KEYS[3] waiters   ZSET  member -> arrival ticket, us, strictly increasing
 --   KEYS[4] payloads  HASH  member -> opaque message dispatched on hand-off
 --   KEYS[5] ticket    STRING the last ticket handed out
+--   KEYS[6] census    STRING set once holders has been seeded with the calls
+--                           the system of record says are in flight; absent
+--                           after Redis lost its data (see limiter_census.lua)
 --
 -- Occupied slots = |holders| + |granted|. Every time comes from the server's
 -- TIME, never from a client, so hosts with skewed clocks agree on expiries.
@@ -22,6 +25,7 @@ local granted = KEYS[2]
 local waiters = KEYS[3]
 local payloads = KEYS[4]
 local ticket = KEYS[5]
+local census = KEYS[6]
 
 -- Scores and tickets exceed the 14 significant digits of Lua's tostring(),
 -- so integers always cross into Redis through an explicit format.
