@@ -78,6 +78,25 @@ def _throughput_figures(sizes):
     return figures
 
 
+# Tiers of the CPU split of a throughput run, in table order.
+CPU_TIERS = (
+    ("workers", "workers"), ("postgres", "PostgreSQL"), ("redis", "Redis server"), ("api", "API"),
+    ("simulator", "simulator"), ("scheduler", "scheduler"), ("total", "total"),
+)
+
+
+def _cpu_figures(size):
+    """Where the CPU of the first throughput size went, per step and per tier."""
+    if size is None:
+        return ()
+    label = f"CPU per step, {size} jobs at once"
+    return (
+        *(Figure(f"cpu_{size}_{tier}", f"{label}: {name}", ("throughput", size, "cpu_ms_per_step", tier), "ms")
+          for tier, name in CPU_TIERS),
+        Figure(f"cpu_{size}_cores", f"{label}: cores busy", ("throughput", size, "cores_busy"), "cores"),
+    )
+
+
 def _post_figures(rates):
     figures = []
     for rate in rates:
@@ -133,6 +152,7 @@ def figures_of(cases):
     """The Figure lines for one run: throughput per size it ran, the latencies, POST per rate, idle, floors."""
     return (
         *_throughput_figures(_numeric_keys(cases.get("throughput"))),
+        *_cpu_figures(next(iter(_numeric_keys(cases.get("throughput"))), None)),
         *_execution_figures((cases.get("execution") or {}).get("jobs", "N")),
         *LATENCY_FIGURES,
         *_post_figures(_numeric_keys(cases.get("post"))),

@@ -9,11 +9,17 @@ last created_at) shows how much of it the API's intake took.
 ``held=True`` measures execution alone: the jobs are created with the
 workers stopped, then the workers start, and the window runs from the first
 STEP_STARTED to the last finished_at.
+
+Without ``held``, ``cpu_ms_per_step`` splits the CPU the machine spent on
+the run by tier (workers, API, PostgreSQL, Redis, simulator, scheduler,
+from ``benchmarks.cpu``), per step: where a step's cost goes and what
+saturates first. ``cores_busy`` is their sum over the wall time.
 """
 
 import argparse
 import json
 
+from benchmarks.cpu import CpuMeter
 from benchmarks.harness import bench_testbed, reset, workers_held
 
 STEPS_PER_JOB = {"business_plan": 4, "viral_video": 3}
@@ -24,9 +30,12 @@ def measure(bed, *, jobs, feature="business_plan", held=False):
     if held:
         with workers_held(bed):
             job_ids = bed.submit_many(jobs, feature, threads=16)
+        bed.wait_finished(job_ids, timeout=600)
     else:
+        meter = CpuMeter(bed).start()
         job_ids = bed.submit_many(jobs, feature, threads=16)
-    bed.wait_finished(job_ids, timeout=600)
+        bed.wait_finished(job_ids, timeout=600)
+        usage = meter.stop()
     start = (
         "(SELECT min(created_at) FROM jobs_jobevent WHERE type = 'STEP_STARTED' AND job_id = ANY(%s::uuid[]))"
         if held
@@ -39,7 +48,7 @@ def measure(bed, *, jobs, feature="business_plan", held=False):
     )
     seconds = float(seconds)
     steps = jobs * STEPS_PER_JOB[feature]
-    return {
+    figures = {
         "jobs": jobs,
         "held": held,
         "steps": steps,
@@ -47,6 +56,26 @@ def measure(bed, *, jobs, feature="business_plan", held=False):
         "submit_seconds": round(float(submit_seconds), 3),
         "jobs_per_s": round(jobs / seconds, 1),
         "steps_per_s": round(steps / seconds, 1),
+    }
+    if not held:
+        figures.update(cpu_per_step(usage, steps))
+    return figures
+
+
+def tier(process_name):
+    """The tier a stack process belongs to: workers of every host count as one."""
+    return "workers" if "worker_" in process_name else process_name
+
+
+def cpu_per_step(usage, steps):
+    by_tier = {"postgres": usage["postgres_s"], "redis": usage["redis_s"]}
+    for name, cpu_s in usage["processes"].items():
+        by_tier[tier(name)] = by_tier.get(tier(name), 0.0) + cpu_s
+    total_s = sum(by_tier.values())
+    return {
+        "cpu_ms_per_step": {name: round(1000 * cpu_s / steps, 2) for name, cpu_s in by_tier.items()}
+        | {"total": round(1000 * total_s / steps, 2)},
+        "cores_busy": round(total_s / usage["seconds"], 2),
     }
 
 

@@ -33,4 +33,5 @@ def test_every_case_runs_and_returns_numbers(bed):
     assert {row["key"] for row in rows} >= {"overhead_p50", "handoff_p95", "ws_p95", "idle_cpu", "floor_commit"}
     assert any(row["key"].startswith("throughput_") for row in rows)
     assert any(row["key"].startswith("post_") for row in rows)
+    assert any(row["key"].startswith("cpu_") and row["key"].endswith("_workers") for row in rows)
     assert "Per-step overhead" in report.console_table({"cases": cases})
