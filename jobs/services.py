@@ -86,9 +86,14 @@ class RecordOutcome:
     dispatch: StepDispatch | None = None
 
 
+# The engine locks the job twice per step: written out, the statement skips
+# the ORM's query compiler, which was a quarter of a worker's CPU per step.
+LOCK_JOB_SQL = f"SELECT * FROM {Job._meta.db_table} WHERE id = %s FOR UPDATE"
+
+
 def lock_job(job_id):
     """The job with its row locked until the transaction ends, or None."""
-    return Job.objects.select_for_update().filter(pk=job_id).first()
+    return next(iter(Job.objects.raw(LOCK_JOB_SQL, [str(job_id)])), None)
 
 
 def current_step(job):

@@ -35,3 +35,28 @@ def test_every_case_runs_and_returns_numbers(bed):
     assert any(row["key"].startswith("post_") for row in rows)
     assert any(row["key"].startswith("cpu_") and row["key"].endswith("_workers") for row in rows)
     assert "Per-step overhead" in report.console_table({"cases": cases})
+
+
+def test_the_engine_cpu_benchmark_runs_the_engine_alone(settings):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from scripts.stack import ROOT
+
+    database = urlsplit(settings.DATABASE_URL).path.lstrip("/") or "cao"
+    env = {
+        **os.environ,
+        "DATABASE_URL": settings.DATABASE_URL,
+        "CAO_BENCH_DATABASE": f"{database}_engine_cpu",
+        "CAO_BENCH_REDIS_DB": urlsplit(settings.REDIS_URL).path.lstrip("/") or "0",  # the tests' own
+    }
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks.engine_cpu", "--jobs", "2", "--warmup", "1"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120,
+    )
+
+    assert done.returncode == 0, done.stderr[-2000:]
+    figures = json.loads(done.stdout.strip().splitlines()[-1])
+    assert figures["steps"] == 8 and figures["cpu_ms_per_step"] > 0 and figures["wall_ms_per_step"] > 0
