@@ -13,6 +13,7 @@ from common.errors import InvalidInput
 from jobs import selectors
 from jobs.models import JobStatus
 from jobs.monitor import monitor_url
+from jobs.services import FEATURE_NAME
 from orchestration import dispatch
 
 MAX_IDEMPOTENCY_KEY_LENGTH = 255
@@ -88,7 +89,7 @@ class JobCreateApi(APIView):
 
     class JobCreateInputSerializer(serializers.Serializer):
         feature_name = serializers.RegexField(
-            r"^[-a-zA-Z0-9_]{1,64}$", help_text="A feature from GET /api/v1/features, e.g. business_plan."
+            rf"^{FEATURE_NAME.pattern}$", help_text="A feature from GET /api/v1/features, e.g. business_plan."
         )
         input_data = serializers.DictField(
             required=False, default=dict, help_text="Parameters passed to every step (a JSON object)."

@@ -112,22 +112,24 @@ def test_bodies_over_the_limit_get_413(api, registry, settings):
     assert Job.objects.count() == 0
 
 
+def post_chunked(asgi_server, chunks):
+    """POST ``chunks`` (an iterable of bytes) to /api/v1/jobs with chunked transfer encoding."""
+    _, raw_key = ApiKey.objects.create_key(name="c")
+    return requests.post(
+        f"{asgi_server.base_url}/api/v1/jobs",
+        data=(chunk for chunk in chunks),  # a generator: no length, so chunked
+        headers={"X-API-Key": raw_key, "Content-Type": "application/json"},
+        timeout=10,
+    )
+
+
 @pytest.mark.django_db(transaction=True)
 def test_chunked_bodies_over_the_limit_get_413_over_real_http(registry, asgi_server, settings):
     settings.CAO_MAX_BODY_BYTES = 1000
-    _, raw_key = ApiKey.objects.create_key(name="c")
 
-    def chunks():
-        yield b'{"feature_name": "business_plan", "input_data": {"x": "'
-        for _ in range(20):
-            yield b"y" * 100
-        yield b'"}}'
-
-    response = requests.post(
-        f"{asgi_server.base_url}/api/v1/jobs",
-        data=chunks(),
-        headers={"X-API-Key": raw_key, "Content-Type": "application/json"},
-        timeout=10,
+    response = post_chunked(
+        asgi_server,
+        [b'{"feature_name": "business_plan", "input_data": {"x": "', *[b"y" * 100] * 20, b'"}}'],
     )
 
     assert response.status_code == 413 and response.json()["error"]["code"] == "PAYLOAD_TOO_LARGE"
@@ -135,18 +137,7 @@ def test_chunked_bodies_over_the_limit_get_413_over_real_http(registry, asgi_ser
 
 @pytest.mark.django_db(transaction=True)
 def test_chunked_bodies_within_the_limit_are_read_whole_over_real_http(registry, asgi_server):
-    _, raw_key = ApiKey.objects.create_key(name="c")
-
-    def chunks():
-        yield b'{"feature_name": "business_plan", '
-        yield b'"input_data": {"topic": "chunked"}}'
-
-    response = requests.post(
-        f"{asgi_server.base_url}/api/v1/jobs",
-        data=chunks(),
-        headers={"X-API-Key": raw_key, "Content-Type": "application/json"},
-        timeout=10,
-    )
+    response = post_chunked(asgi_server, [b'{"feature_name": "business_plan", ', b'"input_data": {"topic": "chunked"}}'])
 
     assert response.status_code == 201, response.text
     assert Job.objects.get(pk=response.json()["job_id"]).context["initial_input"] == {"topic": "chunked"}
