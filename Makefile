@@ -7,12 +7,13 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat requirements.txt requirements-dev.txt | cksum | cut -d' ' -f1)
 
-.PHONY: help install backends browser run serve test lint bench clean
+.PHONY: help install backends browser run serve test fuzz lint bench clean
 
 help:
 	@echo "make run     set up, start the whole stack and run a demo job"
 	@echo "make serve   set up and start the whole stack, no demo job"
 	@echo "make test    set up and run the test suite"
+	@echo "make fuzz    explore the API with fresh random inputs (FUZZ_EXAMPLES=300 per operation)"
 	@echo "make lint    check the dependency direction between apps, and pyflakes"
 	@echo "make bench   start the stack and run the benchmark suite (BENCH_ARGS=--quick, --only ..., --app-root DIR)"
 
@@ -57,6 +58,12 @@ lint: install
 
 test: backends lint browser
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# Property-based tests with fresh random draws and more examples; `make test`
+# under CI=true runs the same tests derandomized, so CI is reproducible.
+FUZZ_EXAMPLES ?= 300
+fuzz: backends
+	CAO_HYPOTHESIS_PROFILE=explore CAO_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(PY) -m pytest tests/test_fuzz.py tests/test_limiter.py -k "fuzz or any_ or Model" -p no:cacheprovider $(PYTEST_ARGS)
 
 # Figures in .run/bench/ and docs/PERFORMANCE.md; see benchmarks/run_all.py for BENCH_ARGS.
 bench: backends

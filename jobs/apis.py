@@ -1,6 +1,7 @@
 """The jobs API: one view per operation; each parses, calls one service or selector, serializes."""
 
 from drf_spectacular.utils import OpenApiParameter, extend_schema
+from django.utils.dateparse import parse_datetime
 from rest_framework import serializers, status
 from rest_framework.exceptions import NotFound
 from rest_framework.pagination import CursorPagination
@@ -156,13 +157,31 @@ class JobPagination(CursorPagination):
     max_page_size = 200
 
     def decode_cursor(self, request):
-        # DRF answers 404 for a garbled cursor; it is a bad request.
+        # DRF answers 404 for a garbled cursor and trusts its position, which
+        # is compared with created_at: both are bad requests.
         try:
-            return super().decode_cursor(request)
+            cursor = super().decode_cursor(request)
         except NotFound:
+            cursor = False
+        if cursor is False or (cursor and cursor.position is not None and not _is_datetime(cursor.position)):
             raise InvalidInput(
                 "The cursor is invalid; use a page's next or previous URL as given.", details={"cursor": "invalid"}
-            ) from None
+            )
+        return cursor
+
+
+def _is_datetime(text):
+    try:
+        return parse_datetime(text) is not None
+    except ValueError:
+        return False
+
+
+# Blank means "any", as an HTML form's empty option sends it. Published as
+# one pattern that admits the empty value: DRF's allow_blank would be
+# published as "pattern or empty", a oneOf that the empty value matches
+# twice, so the schema itself would call it invalid.
+FEATURE_FILTER_PATTERN = rf"^(?:{FEATURE_NAME.pattern})?$"
 
 
 class JobListApi(APIView):
@@ -171,9 +190,7 @@ class JobListApi(APIView):
     class JobListFilterSerializer(serializers.Serializer):
         # Blank means "any", as an HTML form's empty option sends it.
         status = serializers.ChoiceField(choices=JobStatus.choices, required=False, allow_blank=True)
-        feature_name = serializers.RegexField(
-            r"^[-a-zA-Z0-9_]*$", max_length=64, required=False, allow_blank=True
-        )
+        feature_name = serializers.RegexField(FEATURE_FILTER_PATTERN, required=False, allow_blank=True)
         limit = serializers.IntegerField(
             min_value=1, max_value=JobPagination.max_page_size, required=False, help_text="Page size."
         )
@@ -189,7 +206,12 @@ class JobListApi(APIView):
 
     @extend_schema(
         summary="List jobs",
-        parameters=[JobListFilterSerializer],
+        parameters=[
+            JobListFilterSerializer,
+            OpenApiParameter(
+                "feature_name", str, pattern=FEATURE_FILTER_PATTERN, description="Only jobs of this feature."
+            ),
+        ],
         responses=JobPageSerializer,
     )
     def get(self, request):

@@ -7,6 +7,7 @@ import threading
 import dramatiq
 import pytest
 from django.db import connections
+from hypothesis import settings as hypothesis_settings
 from rest_framework.test import APIClient
 
 from api_keys.models import ApiKey
@@ -14,6 +15,16 @@ from common.redis import get_redis
 from services_registry import reference
 from scripts.testbed import PrivateRedis, Testbed, wait_until, with_database
 from services_registry.models import Recipe, RecipeStep, Service
+
+
+# Property-based tests: under CI every draw is reproducible (derandomize:
+# the seed comes from the test itself), so a red CI is a real failure that
+# reruns the same way. `make fuzz` explores with fresh random draws instead.
+hypothesis_settings.register_profile("ci", derandomize=True, database=None, print_blob=True)
+hypothesis_settings.register_profile("explore", database=None, print_blob=True)
+hypothesis_settings.load_profile(
+    os.environ.get("CAO_HYPOTHESIS_PROFILE") or ("ci" if os.environ.get("CI", "").lower() == "true" else "default")
+)
 
 
 @pytest.fixture(autouse=True)
