@@ -4,14 +4,18 @@
 """
 
 import logging
+import sys
 
+import redis
 from django.core.exceptions import PermissionDenied as DjangoPermissionDenied
-from django.http import Http404, JsonResponse
+from django.core.exceptions import ValidationError as DjangoValidationError
+from django.db import InterfaceError, OperationalError
+from django.http import Http404, HttpResponse, JsonResponse
 from django.views import defaults
 from rest_framework import exceptions as drf
 from rest_framework.response import Response
 
-from common.errors import GatewayError, error_body
+from common.errors import BackendUnavailable, GatewayError, error_body
 
 logger = logging.getLogger(__name__)
 
@@ -30,14 +34,25 @@ _DRF_CODES = {
 }
 
 
+# Errors of the gateway's own backends: the request cannot be served now,
+# but will be once they are back (503 + Retry-After, never a 500).
+BACKEND_ERRORS = (OperationalError, InterfaceError, redis.ConnectionError, redis.TimeoutError)
+
+
 def exception_handler(exc, context):
     """DRF exception handler: every error becomes the brief's error body."""
+    if isinstance(exc, BACKEND_ERRORS):
+        logger.warning("Backend unavailable: %s: %s", type(exc).__name__, str(exc).strip()[:200])
+        exc = BackendUnavailable()
     if isinstance(exc, GatewayError):
-        return Response(error_body(exc.code, exc.message, exc.details), status=exc.status_code)
+        headers = {"Retry-After": str(exc.retry_after_s)} if getattr(exc, "retry_after_s", None) else None
+        return Response(error_body(exc.code, exc.message, exc.details), status=exc.status_code, headers=headers)
     if isinstance(exc, Http404):
         exc = drf.NotFound()
     elif isinstance(exc, DjangoPermissionDenied):
         exc = drf.PermissionDenied()
+    elif isinstance(exc, DjangoValidationError):
+        exc = drf.ValidationError(exc.messages)
     if isinstance(exc, drf.APIException):
         return _drf_response(exc)
     view = context.get("view")
@@ -69,6 +84,22 @@ def _is_api(request):
     return request.path.startswith("/api/")
 
 
+def backend_unavailable_response(request):
+    """503 + Retry-After for a request that failed on PostgreSQL or Redis outside DRF."""
+    error = BackendUnavailable()
+    headers = {"Retry-After": str(error.retry_after_s)}
+    if _is_api(request):
+        response = JsonResponse(error_body(error.code, error.message), status=503)
+    else:
+        response = HttpResponse(
+            "<h1>Service unavailable</h1><p>The database or Redis is unavailable; retry shortly.</p>",
+            status=503,
+        )
+    for name, value in headers.items():
+        response[name] = value
+    return response
+
+
 def page_not_found(request, exception=None):
     """404 for unknown routes: JSON under /api/, Django's page elsewhere."""
     if _is_api(request):
@@ -79,7 +110,13 @@ def page_not_found(request, exception=None):
 
 
 def server_error(request):
-    """500 outside DRF views: JSON under /api/, Django's page elsewhere."""
+    """500 outside DRF views: JSON under /api/, Django's page elsewhere.
+
+    Django calls it while handling the exception, so a PostgreSQL or Redis
+    outage (in a middleware, a page or the admin) is still told apart: 503.
+    """
+    if isinstance(sys.exc_info()[1], BACKEND_ERRORS):
+        return backend_unavailable_response(request)
     if _is_api(request):
         return JsonResponse(error_body("INTERNAL_ERROR", "An internal error occurred."), status=500)
     return defaults.server_error(request)

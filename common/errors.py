@@ -45,6 +45,16 @@ class Conflict(GatewayError):
     default_message = "The operation conflicts with the resource's current state."
 
 
+class BackendUnavailable(GatewayError):
+    """Raised (or mapped from a driver error) when PostgreSQL or Redis cannot serve the request."""
+
+    status_code = 503
+    code = "SERVICE_UNAVAILABLE"
+    default_message = "The gateway's database or Redis is unavailable; retry shortly."
+    retryable = True
+    retry_after_s = 5
+
+
 def error_body(code, message, details=None):
     """The one JSON body every error response uses."""
     error = {"code": code, "message": message}

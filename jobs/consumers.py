@@ -11,13 +11,13 @@ seq exactly once, in order.
 
 Close codes (the connection is accepted first so the code reaches the client):
 4400 malformed ``after``, 4401 missing, invalid or expired credentials,
-4404 unknown job.
+4404 unknown job, or a path that is not ``/ws/<job_id>``.
 """
 
 from urllib.parse import parse_qs, urlsplit
 
 from channels.db import database_sync_to_async
-from channels.generic.websocket import AsyncJsonWebsocketConsumer
+from channels.generic.websocket import AsyncJsonWebsocketConsumer, AsyncWebsocketConsumer
 from django.conf import settings
 from django.http.request import split_domain_port, validate_host
 from django.utils import timezone
@@ -114,3 +114,11 @@ class JobProgressConsumer(AsyncJsonWebsocketConsumer):
         origin = dict(self.scope.get("headers", [])).get(b"origin", b"").decode("latin1")
         domain, _ = split_domain_port(urlsplit(origin).netloc)
         return bool(domain) and validate_host(domain, settings.ALLOWED_HOSTS)
+
+
+class UnknownRouteConsumer(AsyncWebsocketConsumer):
+    """Any WebSocket path other than ``/ws/<job_id>``: accepted, then closed with 4404."""
+
+    async def connect(self):
+        await self.accept()
+        await self.close(code=CLOSE_NOT_FOUND)

@@ -16,6 +16,7 @@ from django.db import IntegrityError, transaction
 from django.utils import timezone
 
 from common.errors import InvalidInput
+from common.json_values import unstorable_reason
 from jobs import errors
 from jobs.events import CONTACT_SUPPORT, RETRY_AVAILABLE, append_events, event
 from jobs.models import (
@@ -128,40 +129,18 @@ FEATURE_NAME = re.compile(r"[-a-zA-Z0-9_]{1,64}")
 
 
 def check_input_data(input_data):
-    """Refuse input_data that is not an object, too big, too deep, or unstorable."""
+    """Refuse input_data that is not an object, too deep, unstorable, or too big."""
     if not isinstance(input_data, dict):
         raise InvalidInput("input_data must be a JSON object.", details={"input_data": "expected an object"})
+    reason = unstorable_reason(input_data, max_depth=settings.CAO_MAX_INPUT_DEPTH)
+    if reason:
+        raise InvalidInput(f"input_data {reason}.", details={"input_data": reason})
     size = len(json.dumps(input_data, ensure_ascii=False).encode())
     if size > settings.CAO_MAX_INPUT_BYTES:
         raise InvalidInput(
             f"input_data is {size} bytes once encoded; the limit is {settings.CAO_MAX_INPUT_BYTES}.",
             details={"input_data": "too large"},
         )
-    # Walk without recursion: the depth itself is what is being checked.
-    stack = [(input_data, 1)]
-    while stack:
-        value, depth = stack.pop()
-        if depth > settings.CAO_MAX_INPUT_DEPTH:
-            raise InvalidInput(
-                f"input_data is nested more than {settings.CAO_MAX_INPUT_DEPTH} levels deep.",
-                details={"input_data": "too deep"},
-            )
-        if isinstance(value, dict):
-            for key, item in value.items():
-                if "\x00" in key:
-                    raise _nul_error()
-                stack.append((item, depth + 1))
-        elif isinstance(value, list):
-            stack.extend((item, depth + 1) for item in value)
-        elif isinstance(value, str) and "\x00" in value:
-            raise _nul_error()
-
-
-def _nul_error():
-    # PostgreSQL's jsonb cannot store U+0000.
-    return InvalidInput(
-        "input_data must not contain the NUL character (\\u0000).", details={"input_data": "contains NUL"}
-    )
 
 
 def job_create(*, feature_name, input_data, owner=None, idempotency_key=None):
