@@ -167,7 +167,7 @@ CAO_METRICS_ALLOWED_IPS = env_list("CAO_METRICS_ALLOWED_IPS", ["127.0.0.1", "::1
 # Threads serving HTTP requests in the API process (each keeps a DB connection).
 CAO_HTTP_THREADS = env_int("CAO_HTTP_THREADS", 8)
 
-# Shared by every process: DRF throttle counters live here.
+# Django's cache, shared by every process (the throttle keeps its own keys).
 CACHES = {
     "default": {
         "BACKEND": "django.core.cache.backends.redis.RedisCache",
@@ -224,6 +224,10 @@ DRAMATIQ_AUTODISCOVER_MODULES = ["actors"]
 INTERNAL_API_KEY = env_str("INTERNAL_API_KEY")
 HTTP_CONNECT_TIMEOUT_S = env_float("HTTP_CONNECT_TIMEOUT_S", 3.0)
 HTTP_READ_TIMEOUT_S = env_float("HTTP_READ_TIMEOUT_S", 30.0)
+# A service's reply is read up to this many bytes and nested at most this
+# deep; beyond either the attempt fails with MALFORMED_RESPONSE.
+CAO_MAX_REPLY_BYTES = env_int("CAO_MAX_REPLY_BYTES", 8 * 1024 * 1024)
+CAO_MAX_REPLY_DEPTH = env_int("CAO_MAX_REPLY_DEPTH", 64)
 # Per-check timeout of GET /api/v1/health/services (checks run concurrently).
 CAO_HEALTH_TIMEOUT_S = env_float("CAO_HEALTH_TIMEOUT_S", 2.0)
 
@@ -284,6 +288,11 @@ CAO_THROTTLE_RATES = {
     "client": env_str("CAO_THROTTLE_RATE", "1200/min"),
     "job_create": env_str("CAO_JOB_CREATE_THROTTLE_RATE", "300/min"),
 }
+for _name, _rate in CAO_THROTTLE_RATES.items():
+    if not re.fullmatch(r"(?i)none|[1-9][0-9]*/(s|sec|second|m|min|minute|h|hour|d|day)", _rate.strip()):
+        raise ImproperlyConfigured(
+            f"The {_name} throttle rate must look like 600/min (per s, min, h or day) or none, got {_rate!r}"
+        )
 # Browsers on these origins may call the API (CORS); none by default. The
 # admin and web pages are same-origin only.
 CORS_ALLOWED_ORIGINS = env_list("CAO_CORS_ALLOWED_ORIGINS", [])

@@ -3,7 +3,7 @@
 import uuid
 
 from jobs.errors import JobNotFound
-from jobs.models import Job, JobEvent, JobStatus, StepState, step_key
+from jobs.models import AttemptOutcome, Job, JobEvent, JobStatus, StepAttempt, StepState, step_key
 
 
 def parse_job_id(raw):
@@ -110,3 +110,12 @@ def step_timeline(job, attempts):
             }
         )
     return timeline
+
+
+def attempt_recorded(job_id, *, token):
+    """Whether the attempt run under ``token`` has its result (success or failure) stored."""
+    return (
+        StepAttempt.objects.filter(job_id=job_id, token=token)
+        .exclude(outcome__in=(AttemptOutcome.RUNNING, AttemptOutcome.LOST))
+        .exists()
+    )

@@ -12,7 +12,7 @@ from django.db import InterfaceError, OperationalError
 import dramatiq
 
 from orchestration.engine import Engine
-from orchestration.messages import step_actor_name
+from orchestration.messages import step_actor_name, step_time_limit_s
 
 # Failures of the gateway's own backends (PostgreSQL, Redis): the message is
 # retried with backoff, and nothing is lost while they come back.
@@ -37,9 +37,17 @@ def _declare_step_actor(queue):
         retry_when=retry_when,
         min_backoff=500,
         max_backoff=30_000,
-        # The engine bounds each call by the service timeout; this only stops a
-        # runaway message (the longest step plus recording retries).
-        time_limit=int((settings.HTTP_READ_TIMEOUT_S + settings.CAO_RECORD_RETRY_SECONDS + 120) * 1000),
+        # Each step message carries its own limit, sized from its service's
+        # timeout (dispatch.send_step); this default only covers messages
+        # sent without one.
+        time_limit=int(
+            step_time_limit_s(
+                settings.HTTP_READ_TIMEOUT_S,
+                record_retry_s=settings.CAO_RECORD_RETRY_SECONDS,
+                connect_timeout_s=settings.HTTP_CONNECT_TIMEOUT_S,
+            )
+            * 1000
+        ),
     )
 
 

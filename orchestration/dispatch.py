@@ -16,7 +16,7 @@ from jobs import services as job_services
 from jobs.errors import ForceNotAllowed, JobNotFound
 from jobs.selectors import parse_job_id, visible_jobs
 from orchestration.leases import get_limiter, lease_member, parse_handoff
-from orchestration.messages import step_message
+from orchestration.messages import step_message, step_time_limit_s
 from services_registry.selectors import service_live
 
 logger = logging.getLogger(__name__)
@@ -31,7 +31,15 @@ def send_step(dispatch):
     # with a clear error instead of leaving it queued forever.
     queue = service.queue if service and service.queue in settings.CAO_QUEUES else settings.CAO_QUEUES[-1]
     message = step_message(
-        queue=queue, job_id=dispatch.job_id, step_index=dispatch.step_index, token=dispatch.token
+        queue=queue,
+        job_id=dispatch.job_id,
+        step_index=dispatch.step_index,
+        token=dispatch.token,
+        time_limit_s=step_time_limit_s(
+            service.effective_timeout_s if service else settings.HTTP_READ_TIMEOUT_S,
+            record_retry_s=settings.CAO_RECORD_RETRY_SECONDS,
+            connect_timeout_s=settings.HTTP_CONNECT_TIMEOUT_S,
+        ),
     )
     delay_ms = int(dispatch.delay_s * 1000) or None
     dramatiq.get_broker().enqueue(message, delay=delay_ms)

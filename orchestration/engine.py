@@ -18,13 +18,15 @@ from dataclasses import dataclass
 
 from django.conf import settings
 from django.db import InterfaceError, OperationalError, close_old_connections, transaction
+from django.utils import timezone
 
 from common import metrics
 from common.after_commit import after_commit
-from common.logs import bind, log_context
+from common.logs import bind, log_context, redact
 from jobs import selectors as job_selectors
 from jobs import services as job_services
-from jobs.models import JobStatus, StepState
+from jobs.events import publish
+from jobs.models import ACTIVE_STATUSES, JobStatus, StepState
 from orchestration import errors
 from orchestration.dispatch import release_step, send_after_commit, send_handoffs
 from orchestration.http_client import ServiceClient
@@ -46,6 +48,9 @@ class Claim:
     service: object
     attempt: int
     envelope: dict
+    # The job's last event seq once STEP_STARTED was written: what a record
+    # whose commit was ambiguous republishes from.
+    claimed_seq: int = 0
 
     @property
     def member(self):
@@ -90,23 +95,37 @@ class Engine:
         return self._keeper or get_keeper()
 
     def run_step(self, job_id, step_index, token):
-        """Handle one step message; returns the Claim when a call was made."""
+        """Handle one step message; returns the Claim when a call was made.
+
+        Once a slot is taken, every way out of the call and record phases
+        gives it back: a reply that cannot be stored, or a bug, ends the
+        attempt as a typed failure instead of stranding the job and the slot.
+        """
         with log_context(job_id=str(job_id), step_index=step_index):
             claim = self.claim(job_id, step_index, token)
             if claim is None:
                 return None
-            with self.keeper.keep(claim.service.name, claim.member, claim.service.lease_ttl_s):
-                started = time.perf_counter()
-                try:
-                    reply = self.client.execute(
-                        claim.service, envelope=claim.envelope, idempotency_key=claim.idempotency_key
-                    )
-                except errors.StepError as error:
-                    reply = error
-                metrics.observe_call(claim.service.name, reply, time.perf_counter() - started)
-                self.record(claim, reply)
-            self._release(claim)
+            reply = None
+            try:
+                with self.keeper.keep(claim.service.name, claim.member, claim.service.lease_ttl_s):
+                    reply = self.call(claim)
+                    self.record(claim, reply)
+            finally:
+                self._release(claim, reply)
             return claim
+
+    def call(self, claim):
+        """POST the envelope; the ServiceReply, or the StepError that ended the attempt."""
+        started = time.perf_counter()
+        try:
+            reply = self.client.execute(claim.service, envelope=claim.envelope, idempotency_key=claim.idempotency_key)
+        except errors.StepError as error:
+            reply = error
+        except Exception as exc:
+            logger.exception("The call to %s failed inside the gateway.", claim.service.name)
+            reply = errors.GatewayFault(f"The gateway failed while calling {claim.service.name} ({type(exc).__name__}).")
+        metrics.observe_call(claim.service.name, reply, time.perf_counter() - started)
+        return reply
 
     # --- claim -----------------------------------------------------------------
 
@@ -154,7 +173,9 @@ class Engine:
                 self._release_quietly(*granted)
             raise
         logger.info("Started the call to %s.", service.name)
-        return Claim(step=step, service=service, attempt=attempt.attempt, envelope=envelope)
+        return Claim(
+            step=step, service=service, attempt=attempt.attempt, envelope=envelope, claimed_seq=job.last_event_seq
+        )
 
     def _drop(self, job, job_id, step_index, token):
         logger.info(
@@ -185,7 +206,11 @@ class Engine:
     # --- record ----------------------------------------------------------------
 
     def record(self, claim, reply):
-        """Store the attempt's result; retries the database until it answers."""
+        """Store the attempt's result; retries the database until it answers.
+
+        A reply the database refuses (or any other error while storing it)
+        is recorded instead as the attempt's failure, MALFORMED_RESPONSE.
+        """
         deadline = time.monotonic() + settings.CAO_RECORD_RETRY_SECONDS
         delay = 0.2
         while True:
@@ -194,6 +219,8 @@ class Engine:
             except INFRASTRUCTURE_ERRORS:
                 # The result is only in memory: keep trying (the lease is
                 # still being renewed) instead of losing the call's output.
+                # A commit that failed on the wire may have happened anyway:
+                # the next try finds out (see _record_once).
                 if time.monotonic() >= deadline:
                     logger.error("Giving up recording the result: database unavailable.")
                     raise
@@ -201,6 +228,14 @@ class Engine:
                 close_old_connections()
                 self.sleep(delay)
                 delay = min(delay * 2, 5.0)
+            except Exception as exc:
+                if isinstance(reply, errors.StepError):
+                    raise  # even the failure cannot be stored: maintenance recovers the step
+                logger.warning("The reply of %s could not be stored; recording a failure.", claim.service.name, exc_info=True)
+                reply = errors.MalformedResponse(
+                    f"{claim.service.name}'s reply could not be stored ({type(exc).__name__}: "
+                    f"{redact(str(exc).strip().splitlines()[0])[:200] if str(exc).strip() else 'no detail'})."
+                )
 
     def _record_once(self, claim, reply):
         with transaction.atomic():
@@ -236,6 +271,8 @@ class Engine:
                 if outcome.accepted and job.status == JobStatus.COMPLETED:
                     after_commit(metrics.JOBS_COMPLETED.labels(job.feature_name).inc)
             if not outcome.accepted:
+                if self._recorded_before(job, claim):
+                    return self._finish_ambiguous_commit(job, claim)
                 logger.warning("Discarded the result: the step moved on while it ran.")
             if outcome.dispatch:
                 send_after_commit(outcome.dispatch)
@@ -243,8 +280,42 @@ class Engine:
 
     # --- release ---------------------------------------------------------------
 
-    def _release(self, claim):
-        self._release_quietly(claim.step, claim.service)
+    def _recorded_before(self, job, claim):
+        """Whether an earlier try of this record committed although its commit raised."""
+        return job_selectors.attempt_recorded(job.id, token=claim.step.token)
+
+    def _finish_ambiguous_commit(self, job, claim):
+        # The commit went through but its after-commit work never ran: send
+        # the next step's message (still ours if its token is the next one)
+        # and push the events, instead of leaving both to maintenance.
+        logger.warning("The result was stored by an earlier try whose commit raised; finishing its work.")
+        dispatch = None
+        if job.status in ACTIVE_STATUSES and job.step_state == StepState.QUEUED and job.step_token == claim.step.token + 1:
+            due_in_s = (job.step_due_at - timezone.now()).total_seconds() if job.step_due_at else 0.0
+            dispatch = job_services.current_dispatch(job, delay_s=max(0.0, due_in_s))
+            send_after_commit(dispatch)
+        after_commit(publish, str(job.id), job_selectors.job_events(job.id, after=claim.claimed_seq))
+        return job_services.RecordOutcome(accepted=True, dispatch=dispatch)
+
+    # --- release ---------------------------------------------------------------
+
+    def _release(self, claim, reply=None):
+        if isinstance(reply, errors.DownstreamTimeout):
+            self._hold_after_timeout(claim)
+        else:
+            self._release_quietly(claim.step, claim.service)
+
+    def _hold_after_timeout(self, claim):
+        # A service that timed out may still be working on the request:
+        # freeing its slot now would let a retry (or another job) push it
+        # past its limit. The slot stays held for one more timeout period,
+        # then expires by itself and goes to the next waiter.
+        hold_s = claim.service.effective_timeout_s
+        try:
+            self.limiter.renew(claim.service.name, claim.member, ttl_s=hold_s)
+            logger.info("Keeping the slot of %s for %.1f s after the timeout.", claim.service.name, hold_s)
+        except Exception:
+            logger.warning("Could not extend the slot after a timeout; it expires by itself.", exc_info=True)
 
     def _release_quietly(self, step, service):
         try:

@@ -63,6 +63,12 @@ class MalformedResponse(TransientStepError):
     code = "MALFORMED_RESPONSE"
 
 
+class GatewayFault(TransientStepError):
+    """Raised when the gateway itself failed while calling a service or storing its reply."""
+
+    code = "GATEWAY_ERROR"
+
+
 class DownstreamRejected(PermanentStepError):
     """Raised when the service answered a 4xx other than 429: the request is wrong."""
 

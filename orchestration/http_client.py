@@ -3,21 +3,30 @@
 One small class: mandatory timeouts, no hidden retries (the engine owns
 retries), one ``requests.Session`` per thread so connections are reused, and
 every non-success reply turned into a typed ``StepError``.
+
+A service is trusted with nothing: its reply is read up to
+CAO_MAX_REPLY_BYTES, parsed as strict JSON, refused when the database could
+not store it (NaN, Infinity, NUL, lone surrogates, nesting deeper than
+CAO_MAX_REPLY_DEPTH), and every string kept from it is masked of
+INTERNAL_API_KEY, which a hostile or buggy service might echo back.
 """
 
-import json
 import threading
 import time
 from dataclasses import dataclass
 
 import requests
 from django.conf import settings
+from urllib3.exceptions import ReadTimeoutError
 
+from common import json_values
 from common.logs import redact
 from orchestration import errors
 from services_registry.health import describe_request_error as _reason
 
 MAX_ERROR_TEXT = 500
+MAX_CODE_TEXT = 64
+READ_CHUNK_BYTES = 64 * 1024
 
 
 @dataclass(frozen=True)
@@ -58,13 +67,19 @@ class ServiceClient:
 
     def execute(self, service, *, envelope, idempotency_key):
         """Call the service once; return its ServiceReply or raise a StepError."""
-        timeout = (settings.HTTP_CONNECT_TIMEOUT_S, min(service.timeout_s, settings.HTTP_READ_TIMEOUT_S))
+        connect_s, read_s = timeout = (settings.HTTP_CONNECT_TIMEOUT_S, service.effective_timeout_s)
         headers = {"Idempotency-Key": idempotency_key, **auth_headers(service)}
         started = self._clock()
         try:
             response = self._session().post(
-                service.execute_url, json=envelope, headers=headers, timeout=timeout, allow_redirects=False
+                service.execute_url, json=envelope, headers=headers, timeout=timeout, allow_redirects=False,
+                stream=True,
             )
+            with response:
+                # The read timeout bounds each wait for bytes; the deadline
+                # bounds the whole reply, so a trickle cannot hold the slot.
+                deadline = started + connect_s + read_s
+                body = _read_limited(service.name, response, settings.CAO_MAX_REPLY_BYTES, deadline, self._clock)
         except requests.Timeout:
             raise errors.DownstreamTimeout(
                 f"{service.name} did not answer within {timeout[1]:g} s."
@@ -74,19 +89,53 @@ class ServiceClient:
         except requests.RequestException as exc:
             raise errors.DownstreamUnreachable(f"{service.name} call failed: {redact(_reason(exc))}") from None
         elapsed_ms = int((self._clock() - started) * 1000)
-        return parse_reply(service.name, response, elapsed_ms)
+        return parse_reply(service.name, response, elapsed_ms, body=body)
 
 
-def parse_reply(service_name, response, elapsed_ms):
-    """Turn an HTTP response into a ServiceReply or a typed StepError."""
-    status = response.status_code
+def _read_limited(service_name, response, limit, deadline, clock):
+    """The reply body; MalformedResponse past ``limit`` bytes, DownstreamTimeout past ``deadline``."""
+    declared = response.headers.get("Content-Length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise _too_large(service_name, response.status_code, limit)
+    chunks, size = [], 0
     try:
-        body = response.json()
-    except (ValueError, json.JSONDecodeError):
-        body = None
+        for chunk in response.iter_content(READ_CHUNK_BYTES):
+            size += len(chunk)
+            if size > limit:
+                raise _too_large(service_name, response.status_code, limit)
+            if clock() > deadline:
+                raise requests.Timeout()
+            chunks.append(chunk)
+    except requests.ConnectionError as exc:
+        # requests reports a read timeout while streaming a body as a
+        # ConnectionError wrapping urllib3's ReadTimeoutError.
+        if exc.args and isinstance(exc.args[0], ReadTimeoutError):
+            raise requests.Timeout() from None
+        raise
+    return b"".join(chunks)
+
+
+def _too_large(service_name, status, limit):
+    return errors.MalformedResponse(
+        f"{service_name} answered {status} with more than {limit} bytes (CAO_MAX_REPLY_BYTES).", status_code=status
+    )
+
+
+def parse_reply(service_name, response, elapsed_ms, *, body=None):
+    """Turn an HTTP response into a ServiceReply or a typed StepError.
+
+    ``body``: the raw bytes already read (default: ``response.content``).
+    """
+    status = response.status_code
+    raw = response.content if body is None else body
+    problem = None
+    try:
+        parsed = json_values.loads(raw) if raw else None
+    except json_values.InvalidJSON as exc:
+        parsed, problem = None, str(exc)
     if 200 <= status < 300:
-        return _success(service_name, status, body, elapsed_ms)
-    code, message = _error_detail(body)
+        return _success(service_name, status, parsed, elapsed_ms, problem)
+    code, message = _error_detail(parsed)
     text = f"{service_name} answered {status}" + (f" ({code})" if code else "") + (f": {message}" if message else ".")
     if status in (429, 503):
         raise errors.ResourceExhausted(text, status_code=status, retry_after_s=_retry_after(response))
@@ -95,9 +144,12 @@ def parse_reply(service_name, response, elapsed_ms):
     raise errors.DownstreamRejected(text, status_code=status)
 
 
-def _success(service_name, status, body, elapsed_ms):
+def _success(service_name, status, body, elapsed_ms, problem=None):
     if not isinstance(body, dict):
-        raise errors.MalformedResponse(f"{service_name} answered {status} without a JSON object.", status_code=status)
+        detail = f": {problem}" if problem else ""
+        raise errors.MalformedResponse(
+            f"{service_name} answered {status} without a JSON object{detail}.", status_code=status
+        )
     outcome = body.get("status")
     if outcome == "SUCCESS":
         data = body.get("data", {})
@@ -106,8 +158,15 @@ def _success(service_name, status, body, elapsed_ms):
             raise errors.MalformedResponse(
                 f"{service_name} answered SUCCESS but 'data' and 'metrics' must be objects.", status_code=status
             )
+        reason = json_values.unstorable_reason(
+            {"data": data, "metrics": metrics}, max_depth=settings.CAO_MAX_REPLY_DEPTH
+        )
+        if reason:
+            raise errors.MalformedResponse(
+                f"{service_name} answered SUCCESS with output that cannot be stored: {reason}.", status_code=status
+            )
         metrics = {"execution_time_ms": elapsed_ms, **metrics, "gateway_latency_ms": elapsed_ms}
-        return ServiceReply(data=data, metrics=metrics, status_code=status)
+        return ServiceReply(data=mask_secrets(data), metrics=mask_secrets(metrics), status_code=status)
     if outcome == "FAILED":
         error = body.get("error") if isinstance(body.get("error"), dict) else {}
         code, message = _error_detail(body)
@@ -118,21 +177,43 @@ def _success(service_name, status, body, elapsed_ms):
             status_code=status,
         )
     raise errors.MalformedResponse(
-        f"{service_name} answered {status} with status {str(outcome)[:40]!r}; expected SUCCESS or FAILED.",
+        f"{service_name} answered {status} with status {_kept_text(outcome, 40)!r}; expected SUCCESS or FAILED.",
         status_code=status,
     )
 
 
 def _error_detail(body):
-    """(code, message) from a ``{"error": {...}}`` body, truncated; (None, None) if absent."""
+    """(code, message) from a ``{"error": {...}}`` body, masked then truncated; (None, None) if absent."""
     if not isinstance(body, dict) or not isinstance(body.get("error"), dict):
         return None, None
     error = body["error"]
     code = error.get("code")
     message = error.get("message")
-    code = redact(str(code)[:64]) if code else None
-    message = redact(str(message)[:MAX_ERROR_TEXT]) if message else None
+    code = _kept_text(code, MAX_CODE_TEXT) if code else None
+    message = _kept_text(message, MAX_ERROR_TEXT) if message else None
     return code, message
+
+
+def _kept_text(value, limit):
+    """A downstream value as text the gateway may keep: masked first, then cut to ``limit``.
+
+    Masking after cutting would let a prefix of a secret survive the cut.
+    """
+    text = str(value)
+    if json_values.unstorable_reason(text, max_depth=1):
+        text = text.encode("utf-8", "replace").decode("utf-8").replace("\x00", "")
+    return redact(text)[:limit]
+
+
+def mask_secrets(value):
+    """``value`` with INTERNAL_API_KEY (and API keys) masked in every string and key."""
+    if isinstance(value, dict):
+        return {mask_secrets(key): mask_secrets(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [mask_secrets(item) for item in value]
+    if isinstance(value, str):
+        return redact(value)
+    return value
 
 
 def _retry_after(response):

@@ -41,7 +41,9 @@ class ServiceListApi(APIView):
         name = serializers.CharField()
         queue = serializers.CharField()
         concurrency_limit = serializers.IntegerField()
-        timeout_s = serializers.FloatField()
+        timeout_s = serializers.FloatField(
+            source="effective_timeout_s", help_text="Read timeout of one call (the service's, else the default)."
+        )
         lease_ttl_s = serializers.FloatField()
         max_attempts = serializers.IntegerField()
         enabled = serializers.BooleanField()

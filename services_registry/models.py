@@ -67,8 +67,10 @@ class Service(models.Model):
         help_text="At most this many calls in flight at once, across every worker.",
     )
     timeout_s = models.FloatField(
+        null=True,
+        blank=True,
         validators=[MinValueValidator(0.001)],
-        help_text="Read timeout of one call, in seconds (capped by HTTP_READ_TIMEOUT_S).",
+        help_text="Read timeout of one call, in seconds. Blank: HTTP_READ_TIMEOUT_S.",
     )
     lease_ttl_s = models.FloatField(
         help_text="How long a crashed caller keeps its slot, in seconds. Must exceed the timeout.",
@@ -99,9 +101,12 @@ class Service(models.Model):
             models.CheckConstraint(
                 condition=models.Q(concurrency_limit__gte=1), name="service_limit_at_least_one"
             ),
-            models.CheckConstraint(condition=models.Q(timeout_s__gt=0), name="service_timeout_positive"),
             models.CheckConstraint(
-                condition=models.Q(lease_ttl_s__gt=models.F("timeout_s")),
+                condition=models.Q(timeout_s__isnull=True) | models.Q(timeout_s__gt=0),
+                name="service_timeout_positive",
+            ),
+            models.CheckConstraint(
+                condition=models.Q(timeout_s__isnull=True) | models.Q(lease_ttl_s__gt=models.F("timeout_s")),
                 name="service_lease_ttl_exceeds_timeout",
             ),
             models.CheckConstraint(
@@ -117,12 +122,12 @@ class Service(models.Model):
         queues = list(settings.CAO_QUEUES)
         if self.queue not in queues:
             errors["queue"] = f"Unknown queue {self.queue!r}: choose one of {', '.join(queues)}."
-        if self.timeout_s is not None and self.lease_ttl_s is not None:
-            if self.lease_ttl_s <= self.timeout_s:
-                errors["lease_ttl_s"] = (
-                    f"Lease TTL ({self.lease_ttl_s:g}s) must be greater than the timeout "
-                    f"({self.timeout_s:g}s), or a live call could lose its slot."
-                )
+        if self.lease_ttl_s is not None and self.lease_ttl_s <= self.effective_timeout_s:
+            source = "the timeout" if self.timeout_s is not None else "HTTP_READ_TIMEOUT_S"
+            errors["lease_ttl_s"] = (
+                f"Lease TTL ({self.lease_ttl_s:g}s) must be greater than {source} "
+                f"({self.effective_timeout_s:g}s), or a live call could lose its slot."
+            )
         for field in ("execute_path", "health_path"):
             value = getattr(self, field)
             if value and not value.startswith("/"):
@@ -131,6 +136,11 @@ class Service(models.Model):
             errors["auth_header_name"] = "Name the header that carries the key, e.g. X-API-Key."
         if errors:
             raise ValidationError(errors)
+
+    @property
+    def effective_timeout_s(self):
+        """The read timeout of a call: the service's own, else HTTP_READ_TIMEOUT_S."""
+        return self.timeout_s if self.timeout_s is not None else settings.HTTP_READ_TIMEOUT_S
 
     @property
     def url_env_var(self):

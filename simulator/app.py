@@ -83,6 +83,14 @@ async def _read_body(receive, limit=MAX_BODY_BYTES):
             return b"".join(chunks)
 
 
+def _sent_credential(headers, api_key_header):
+    """The credential the caller sent (bearer token or key header), or None."""
+    scheme, _, token = headers.get("authorization", "").partition(" ")
+    if scheme.lower() == "bearer" and token.strip():
+        return token.strip()
+    return headers.get(api_key_header.lower())
+
+
 async def _wait_disconnect(receive):
     while (await receive())["type"] != "http.disconnect":
         pass
@@ -210,7 +218,8 @@ class SimulatorApp:
                 await _send_json(send, plan.status, body)
             elif plan.malformed:
                 outcome = 200
-                await _send_bytes(send, 200, malformed_body(plan.malformed, service))
+                secret = _sent_credential(headers, self.api_key_header)
+                await _send_bytes(send, 200, malformed_body(plan.malformed, service, secret=secret))
             else:
                 outcome = 200
                 elapsed_ms = int((self._clock() - started) * 1000)

@@ -6,7 +6,9 @@ and the control API (``{"fail": {"summarizer_pro": "503x2"}}``):
 - latency      ``200ms``, ``2s``, ``0``, with optional jitter ``200ms~50ms``
 - fail         ``503`` (always) or ``503x2`` (first 2 calls per Idempotency-Key); ``x0`` = always
 - hang         ``30s``, ``30sx1``, or nothing / ``x1`` for "forever" (an hour)
-- malformed    nothing / ``invalid_json``, ``nostatus`` or ``empty``, each with optional ``xN``
+- malformed    nothing / ``invalid_json``, ``nostatus``, ``empty``, or a hostile reply (``nan``,
+               ``infinity``, ``nul``, ``surrogate``, ``deep``, ``oversized``, ``echo_secret``,
+               ``echo_secret_failed``, ``echo_secret_data``), each with optional ``xN``
 - health_fail  nothing (503) or a status such as ``500``
 - health_hang  a duration, or nothing for "forever"
 
@@ -21,7 +23,12 @@ from dataclasses import dataclass, field, replace
 from simulator.errors import KnobError
 
 FOREVER_S = 3600.0
-MALFORMED_KINDS = ("invalid_json", "nostatus", "empty")
+MALFORMED_KINDS = (
+    "invalid_json", "nostatus", "empty",
+    # Valid-looking replies a database cannot store or a gateway must not keep:
+    "nan", "infinity", "nul", "surrogate", "deep", "oversized",
+    "echo_secret", "echo_secret_failed", "echo_secret_data",
+)
 ALL_SERVICES = "*"
 
 _DURATION = re.compile(r"(?P<number>\d+(?:\.\d+)?|\.\d+)(?P<unit>ms|s|m|h)?")

@@ -43,12 +43,40 @@ def injected_failure_body(service, status, *, retryable):
     return failure_body(code, f"{service} failed on purpose with {status} (simulated).", retryable=retryable)
 
 
-def malformed_body(kind, service):
-    """Bytes of a broken 200 reply of ``kind`` (see knobs.MALFORMED_KINDS)."""
+# Replies a database cannot store or a gateway must not keep, as a hostile
+# or buggy service might send them (knobs.MALFORMED_KINDS).
+_HOSTILE = {
+    "nan": b'{"status": "SUCCESS", "data": {"x": NaN}}',
+    "infinity": b'{"status": "SUCCESS", "data": {"x": Infinity, "y": 1e999}}',
+    "nul": b'{"status": "SUCCESS", "data": {"text": "nul\\u0000byte"}}',
+    "surrogate": b'{"status": "SUCCESS", "data": {"text": "\\ud800"}}',
+    "deep": b'{"status": "SUCCESS", "data": {"x": ' + b"[" * 2000 + b"]" * 2000 + b"}}",
+}
+
+
+def malformed_body(kind, service, *, secret=None):
+    """Bytes of a broken 200 reply of ``kind`` (see knobs.MALFORMED_KINDS).
+
+    The ``echo_secret*`` kinds repeat ``secret`` (the credential the gateway
+    sent) in the status and error, in a reported failure, or in the output,
+    as a hostile service would.
+    """
     if kind == "nostatus":
         return json.dumps({"data": {"note": f"{service} forgot the status field (simulated)"}}).encode()
     if kind == "empty":
         return b""
+    if kind == "oversized":
+        return json.dumps({"status": "SUCCESS", "data": {"blob": "x" * (9 * 1024 * 1024)}}).encode()
+    secret = secret or ""
+    if kind == "echo_secret":
+        return json.dumps({"status": secret, "error": {"code": secret, "message": secret}}).encode()
+    if kind == "echo_secret_failed":
+        error = {"code": f"E{secret}", "message": f"bad key {secret}", "retryable": False}
+        return json.dumps({"status": "FAILED", "error": error}).encode()
+    if kind == "echo_secret_data":
+        return json.dumps({"status": "SUCCESS", "data": {"echo_header": secret, secret: "as a key"}}).encode()
+    if kind in _HOSTILE:
+        return _HOSTILE[kind]
     return b'{"status": "SUCCESS", "data": {"truncated'
 
 
