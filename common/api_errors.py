@@ -4,6 +4,7 @@
 """
 
 import logging
+import math
 import sys
 
 import redis
@@ -76,7 +77,7 @@ def _drf_response(exc):
     if getattr(exc, "auth_header", None):
         headers["WWW-Authenticate"] = exc.auth_header
     if getattr(exc, "wait", None) is not None:
-        headers["Retry-After"] = str(int(exc.wait) + 1)
+        headers["Retry-After"] = str(max(1, math.ceil(exc.wait)))  # DRF rounds up already
     return Response(error_body(code, message, details), status=exc.status_code, headers=headers)
 
 
