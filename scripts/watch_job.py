@@ -30,17 +30,40 @@ def describe(event):
     return f"#{event['seq']:<3} {event['type']:<16} {step}{event.get('message', '')}"
 
 
-async def watch(url, *, out=print, timeout=None):
-    """Print events until the job ends; returns the exit status."""
+# A silent socket is asked for news this often (the server answers a ping
+# with whatever its log holds that was not sent yet, then a pong).
+PING_AFTER_S = 15.0
+
+
+async def watch(url, *, out=print, timeout=None, ping_after_s=PING_AFTER_S):
+    """Print events until the job ends; returns the exit status.
+
+    ``timeout`` bounds the whole watch, whatever state it is in: connecting,
+    reconnecting, or connected to a job that says nothing.
+    """
+    try:
+        async with asyncio.timeout(timeout):
+            return await _follow(url, out=out, ping_after_s=ping_after_s)
+    except TimeoutError:
+        out("timed out")
+        return 2
+
+
+async def _follow(url, *, out, ping_after_s):
     last_seq, failures = 0, 0
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout if timeout else None
     while True:
         try:
             async with connect(with_after(url, last_seq), open_timeout=10) as socket:
                 failures = 0
-                async for raw in socket:
+                while True:
+                    try:
+                        raw = await asyncio.wait_for(socket.recv(), ping_after_s)
+                    except asyncio.TimeoutError:
+                        await socket.send(json.dumps({"type": "ping"}))
+                        continue
                     event = json.loads(raw)
+                    if event["type"] == "pong":
+                        continue
                     if event["type"] == "WS_CONNECTED":
                         if last_seq == 0:
                             out(f"connected: job {event['job_id']} is {event['status']} "
@@ -61,9 +84,6 @@ async def watch(url, *, out=print, timeout=None):
             if failures > 5:
                 out(f"could not connect: {error}")
                 return 2
-        if deadline and loop.time() > deadline:
-            out("timed out")
-            return 2
         await asyncio.sleep(min(5.0, 0.2 * 2**failures))
 
 

@@ -8,7 +8,7 @@ are written and the slot comes back at once.
 import pytest
 from django.db import connection
 
-from jobs.models import Job, JobEvent, JobStatus, StepAttempt
+from jobs.models import Job, JobStatus, StepAttempt
 from orchestration.engine import Engine
 from orchestration.http_client import ServiceReply
 from orchestration.leases import get_limiter, lease_member
