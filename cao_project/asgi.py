@@ -22,7 +22,7 @@ from channels.auth import AuthMiddlewareStack  # noqa: E402
 from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
 from django.conf import settings  # noqa: E402
 
-from cao_project.backends import require_backends  # noqa: E402
+from common.backends import require_backends  # noqa: E402
 from common.asgi_body_limit import RequestBodyLimit  # noqa: E402
 from jobs.routing import websocket_urlpatterns  # noqa: E402
 

@@ -5,7 +5,7 @@ from rest_framework import serializers
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from cao_project.backends import check_database, check_redis
+from common.backends import check_database, check_redis
 
 
 class HealthApi(APIView):

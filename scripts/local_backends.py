@@ -88,7 +88,7 @@ def start_redis(port):
 
 
 def ensure_postgres(database_url):
-    from cao_project.backends import redact_url
+    from common.backends import redact_url
 
     parts = urlsplit(database_url)
     host, port = parts.hostname or "127.0.0.1", parts.port or 5432
@@ -107,7 +107,7 @@ def ensure_database(database_url):
     import psycopg2
     from psycopg2 import sql
 
-    from cao_project.backends import redact_url
+    from common.backends import redact_url
 
     parts = urlsplit(database_url)
     name = parts.path.lstrip("/")
@@ -143,7 +143,7 @@ def ensure_database(database_url):
 def ensure_redis(redis_url):
     import redis
 
-    from cao_project.backends import redact_url
+    from common.backends import redact_url
 
     parts = urlsplit(redis_url)
     host, port = parts.hostname or "127.0.0.1", parts.port or 6379

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from cao_project.backends import redact_url
+from common.backends import redact_url
 
 ROOT = Path(__file__).resolve().parent.parent
 
