@@ -3,7 +3,8 @@
 Per service, under one hash tag (``cao:lim:{<service>}:``): ``holders`` (ZSET
 member -> lease expiry), ``waiters`` (ZSET member -> arrival ticket),
 ``granted`` (ZSET member -> reservation expiry, the waiters a freed slot was
-handed to) and ``payloads`` (HASH member -> message to dispatch on hand-off).
+handed to), ``payloads`` (HASH member -> message to dispatch on hand-off)
+and ``owners`` (HASH holder -> the process running its call).
 
 Invariants, kept by Lua scripts in ``lua/`` (one atomic call per operation):
 
@@ -24,7 +25,12 @@ passed on every call, so a changed limit takes effect at the next call.
 If Redis loses the keys while calls are in flight, acquire grants nothing
 until a census has re-seeded ``holders`` from the caller's system of record
 (``census`` argument of :meth:`Limiter.acquire`), so the limit holds across
-a Redis restart too.
+a Redis restart too. A census is valid for one run of the Redis server (its
+``run_id``): a restart from a snapshot, which restores the census key but
+not the holders written since, takes a new one.
+
+A holder's owner lets :meth:`Limiter.reclaim` free the slots of a process
+known to be dead (its heartbeat lapsed) at once, instead of at lease expiry.
 """
 
 import logging
@@ -37,10 +43,6 @@ from pathlib import Path
 logger = logging.getLogger(__name__)
 
 LUA_DIR = Path(__file__).resolve().parent / "lua"
-
-HOLDER = "holder"
-GRANTED = "granted"
-WAITER = "waiter"
 
 
 @dataclass(frozen=True)
@@ -128,7 +130,9 @@ class Limiter:
     lost, the reservation lapses and the next pump dispatches it again.
     """
 
-    _operations = ("acquire", "census", "renew", "release", "redispatch", "reap", "locate", "occupancy")
+    _operations = (
+        "acquire", "census", "renew", "release", "redispatch", "reap", "reclaim", "locate", "occupancy",
+    )
 
     def __init__(self, client, *, prefix: str = "cao:lim", grant_ttl_s: float = 30.0):
         self.client = client
@@ -143,13 +147,16 @@ class Limiter:
     def keys(self, service: str) -> list[str]:
         """The script KEYS of one service, in the order the scripts expect."""
         base = f"{self.prefix}:{{{service}}}:"
-        return [base + name for name in ("holders", "granted", "waiters", "payloads", "ticket", "census")]
+        return [
+            base + name
+            for name in ("holders", "granted", "waiters", "payloads", "ticket", "census", "owners", "moved")
+        ]
 
     def _call(self, name, service, *args):
         return self._scripts[name](keys=self.keys(service), args=args)
 
     def acquire(
-        self, service: str, member: str, *, limit: int, ttl_s: float, payload: str, census=None
+        self, service: str, member: str, *, limit: int, ttl_s: float, payload: str, census=None, owner: str = ""
     ) -> Acquisition:
         """Take a slot for ``member`` or park it with ``payload``; never blocks.
 
@@ -160,8 +167,11 @@ class Limiter:
         flight for ``service`` by the system of record. It is called only
         when Redis has no census for the service (new, or its data lost),
         and those members are counted as holders before anything is granted.
+
+        ``owner``: the id of the calling process, recorded with the lease so
+        :meth:`reclaim` can free it if that process dies.
         """
-        args = (member, _limit(limit), _ms(ttl_s), self.grant_ttl_ms, payload)
+        args = (member, _limit(limit), _ms(ttl_s), self.grant_ttl_ms, payload, owner)
         granted, position, handoffs = self._call("acquire", service, *args)
         if int(granted) == -1:
             seeded = self.take_census(service, census() if census else (), ttl_s=ttl_s)
@@ -183,9 +193,9 @@ class Limiter:
         """Seed ``holders`` with ``members`` unless a census exists; return how many were added."""
         return int(self._call("census", service, _ms(ttl_s), *members))
 
-    def renew(self, service: str, member: str, *, ttl_s: float) -> bool:
-        """Extend a lease; False if it was lost (it is re-added all the same)."""
-        return bool(self._call("renew", service, member, _ms(ttl_s)))
+    def renew(self, service: str, member: str, *, ttl_s: float, owner: str = "") -> bool:
+        """Extend a lease; False if it was lost (it is re-added all the same, with its owner)."""
+        return bool(self._call("renew", service, member, _ms(ttl_s), owner))
 
     def release(self, service: str, member: str, *, limit: int) -> tuple[str, ...]:
         """Give up a lease, reservation or place in the queue; return hand-offs."""
@@ -195,6 +205,25 @@ class Limiter:
         """Hand free slots (dead holders', lapsed reservations') to waiters."""
         return _texts(self._call("redispatch", service, _limit(limit), self.grant_ttl_ms))
 
+    def redispatch_many(self, services) -> tuple[str, ...]:
+        """:meth:`redispatch_waiters` for many ``(service, limit)`` pairs, in one round trip."""
+        if not services:
+            return ()
+        pipeline = self.client.pipeline(transaction=False)
+        for service, limit in services:
+            self._scripts["redispatch"](keys=self.keys(service), args=(_limit(limit), self.grant_ttl_ms), client=pipeline)
+        return tuple(_text(payload) for handoffs in pipeline.execute() for payload in handoffs)
+
+    def reclaim(self, service: str, dead_owners, *, limit: int) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """Drop the leases of processes known to be dead; return (released members, hand-offs)."""
+        released, handoffs = self._call("reclaim", service, _limit(limit), self.grant_ttl_ms, *dead_owners)
+        return _texts(released), _texts(handoffs)
+
+    def last_moved(self, service: str) -> float | None:
+        """When a slot of ``service`` was last granted (UNIX seconds, server clock), or None."""
+        value = self.client.get(self.keys(service)[7])
+        return int(value) / 1000 if value is not None else None
+
     def reap(self, service: str) -> int:
         """Drop expired leases and reservations; return how many."""
         return int(self._call("reap", service))
@@ -202,6 +231,15 @@ class Limiter:
     def locate(self, service: str, member: str) -> str | None:
         """``"holder"``, ``"granted"``, ``"waiter"`` or None (expired = absent)."""
         return _text(self._call("locate", service, member))
+
+    def locate_many(self, pairs) -> list[str | None]:
+        """:meth:`locate` for many ``(service, member)`` pairs, in one round trip."""
+        if not pairs:
+            return []
+        pipeline = self.client.pipeline(transaction=False)
+        for service, member in pairs:
+            self._scripts["locate"](keys=self.keys(service), args=(member,), client=pipeline)
+        return [_text(place) for place in pipeline.execute()]
 
     def occupancy(self, service: str) -> Occupancy:
         now_ms, holders, granted, waiters = self._call("occupancy", service)
@@ -235,19 +273,32 @@ class LeaseKeeper:
     wake at all while nothing is tracked. Renewal errors are logged and
     retried at the next due time, never raised into the call.
 
+    With a ``heartbeat`` (``orchestration.liveness.ProcessHeartbeat``), the
+    same thread also says the process is alive every ``heartbeat.period_s``
+    while it holds a lease, and retires the process one period after its
+    last lease; leases are renewed under ``heartbeat.owner``.
+
     ``autostart=False`` leaves renewals to explicit :meth:`tick` calls, so a
     test driving ``clock`` by hand does not race the thread.
     """
 
-    def __init__(self, limiter: Limiter, *, clock=time.monotonic, autostart: bool = True):
+    def __init__(self, limiter: Limiter, *, clock=time.monotonic, autostart: bool = True, heartbeat=None):
         self.limiter = limiter
         self.clock = clock
         self.autostart = autostart
+        self.heartbeat = heartbeat
         self.wakeups = 0  # times the thread woke up; lets tests see it idle
         self._cond = threading.Condition()
         self._leases: set[_Lease] = set()
         self._thread = None
         self._closed = False
+        self._beat_due = None  # when the heartbeat is next due; None: nothing to say
+        self._beating = False
+
+    @property
+    def owner(self) -> str:
+        """The id recorded with this process's leases ("" without a heartbeat)."""
+        return self.heartbeat.owner if self.heartbeat else ""
 
     @contextmanager
     def keep(self, service: str, member: str, ttl_s: float):
@@ -262,6 +313,8 @@ class LeaseKeeper:
         lease = _Lease(service, member, ttl_s, due=self.clock() + ttl_s / 3)
         with self._cond:
             self._leases.add(lease)
+            if self.heartbeat and self._beat_due is None:
+                self._beat_due = self.clock()  # say so at once: this process now holds a slot
             self._ensure_thread()
             self._cond.notify_all()
         return lease
@@ -283,17 +336,21 @@ class LeaseKeeper:
             return len(self._leases)
 
     def tick(self) -> float | None:
-        """Renew every due lease; return seconds to the next one, None if idle."""
+        """Renew every due lease (and beat when due); return seconds to the next due, None if idle."""
         with self._cond:
             now = self.clock()
             due = [lease for lease in self._leases if lease.due <= now and not lease.renewing]
             for lease in due:
                 lease.renewing = True
+            beat = self._beat_due is not None and self._beat_due <= now and not self._beating
+            busy = bool(self._leases)
+            self._beating = self._beating or beat
         # Network calls happen outside the lock so keep() never waits on them,
         # except to untrack the very lease being renewed.
+        beat_ok = self._beat(busy) if beat else True
         for lease in due:
             try:
-                if not self.limiter.renew(lease.service, lease.member, ttl_s=lease.ttl_s):
+                if not self.limiter.renew(lease.service, lease.member, ttl_s=lease.ttl_s, owner=self.owner):
                     logger.warning(
                         "Lease of %s on %s was lost (Redis state lost or renewals late); re-added.",
                         lease.member,
@@ -311,8 +368,25 @@ class LeaseKeeper:
             for lease in due:
                 lease.renewing = False
                 lease.due = now + lease.period
+            if beat:
+                self._beating = False
+                # Busy (or a retirement that failed): beat again in a period.
+                # Retired: nothing to say until the next lease is tracked.
+                retired = beat_ok and not busy and not self._leases
+                self._beat_due = None if retired else now + self.heartbeat.period_s
             self._cond.notify_all()
             return self._next_delay(now)
+
+    def _beat(self, busy):
+        try:
+            if busy:
+                self.heartbeat.beat()
+            else:
+                self.heartbeat.retire()
+            return True
+        except Exception:
+            logger.warning("Could not send this process's heartbeat; retrying in a period.", exc_info=True)
+            return False
 
     def close(self) -> None:
         """Stop the thread (tests; a worker process just exits)."""
@@ -326,6 +400,8 @@ class LeaseKeeper:
     def _next_delay(self, now: float) -> float | None:
         # Leases being renewed are skipped: tick() notifies when they are done.
         dues = [lease.due for lease in self._leases if not lease.renewing]
+        if self._beat_due is not None and not self._beating:
+            dues.append(self._beat_due)
         return max(0.0, min(dues) - now) if dues else None
 
     def _ensure_thread(self) -> None:

@@ -65,7 +65,7 @@ def check_invariants(occupancy, limit):
 def test_keys_share_one_hash_tag(limiter):
     keys = limiter.keys("billing")
     assert all(key.startswith("cao:lim:{billing}:") for key in keys)
-    assert len(set(keys)) == 6
+    assert len(set(keys)) == 8
 
 
 def test_acquire_is_idempotent_for_a_holder(limiter):
@@ -350,9 +350,9 @@ class CountingLimiter(Limiter):
         super().__init__(*args, **kwargs)
         self.renewals = []
 
-    def renew(self, service, member, *, ttl_s):
+    def renew(self, service, member, *, ttl_s, owner=""):
         self.renewals.append(member)
-        return super().renew(service, member, ttl_s=ttl_s)
+        return super().renew(service, member, ttl_s=ttl_s, owner=owner)
 
 
 def test_lease_keeper_renews_each_lease_every_third_of_its_ttl(client):
@@ -670,3 +670,31 @@ def test_expiries_follow_the_redis_server_clock(client, limiter):
     assert occupancy.holders[0].expires_at == lease
     assert server_before - 0.002 <= occupancy.waiters[0].since <= server_after
     assert server_after - 0.002 <= occupancy.now <= server_after + 1
+
+
+def test_a_restart_from_a_snapshot_takes_a_new_census(private_redis):
+    # Given a census and one call in flight, saved in a snapshot (redis-server SAVE)
+    client = redis.Redis.from_url(private_redis.url(), decode_responses=True)
+    limiter = Limiter(client)
+    in_flight = []
+
+    def census():
+        return list(in_flight)
+
+    assert limiter.acquire(SERVICE, "a", limit=2, ttl_s=600, payload="pa", census=census).granted
+    in_flight.append("a")
+    client.save()
+    # ... then a second call starts, after the snapshot
+    assert limiter.acquire(SERVICE, "b", limit=2, ttl_s=600, payload="pb", census=census).granted
+    in_flight.append("b")
+
+    # When Redis crashes and reloads the snapshot: the census key is back, "b" is not
+    private_redis.restart()
+    client = redis.Redis.from_url(private_redis.url(), decode_responses=True)
+    limiter = Limiter(client)
+    assert client.exists(limiter.keys(SERVICE)[5]) and not client.zscore(limiter.keys(SERVICE)[0], "b")
+
+    # Then the next caller takes a census before granting: no third call at a limit of 2
+    third = limiter.acquire(SERVICE, "c", limit=2, ttl_s=600, payload="pc", census=census)
+    assert not third.granted
+    assert {holder.member for holder in limiter.occupancy(SERVICE).holders} == {"a", "b"}

@@ -1,27 +1,31 @@
 -- acquire: take a slot for member, or park it as a waiter.
 --
--- KEYS: holders, granted, waiters, payloads, ticket (see limiter_common.lua)
+-- KEYS: see limiter_common.lua
 -- ARGV[1] member        the lease holder id (e.g. a step attempt)
 -- ARGV[2] limit         concurrency limit, read live by the caller
 -- ARGV[3] ttl_ms        lease time to live
 -- ARGV[4] grant_ttl_ms  how long a hand-off reserves a slot for its waiter
 -- ARGV[5] payload       message to dispatch when this member is handed a slot
+-- ARGV[6] owner         id of the caller's process ("" if unknown)
 --
 -- Returns {granted (1|0), position (0-based rank among waiters, -1 when
 -- granted), {payloads to dispatch...}}, or {-1, -1, {}} without touching
--- anything when the census key is missing: the caller takes a census
--- (limiter_census.lua) and acquires again.
+-- anything when the census is missing or was taken on another run of the
+-- Redis server: the caller takes a census (limiter_census.lua) and acquires
+-- again.
 
 local member = ARGV[1]
 local limit = tonumber(ARGV[2])
 local ttl_ms = tonumber(ARGV[3])
 local grant_ttl_ms = tonumber(ARGV[4])
 local payload = ARGV[5]
+local owner = ARGV[6]
 
--- No census: Redis is new or lost its data (restart without persistence,
--- failover, flush). Calls still in flight are missing from holders until
--- their next renewal, so granting now could exceed the limit.
-if redis.call("exists", census) == 0 then
+-- No census of this run: Redis is new or lost its data (restart without
+-- persistence, restart from a snapshot, failover, flush). Calls still in
+-- flight are missing from holders until their next renewal, so granting now
+-- could exceed the limit.
+if redis.call("get", census) ~= run_id() then
     return {-1, -1, {}}
 end
 
@@ -32,7 +36,7 @@ drop_expired(now_ms)
 -- Reserved by an earlier hand-off: the reservation becomes the lease, so
 -- occupancy does not change even if the limit was lowered meanwhile.
 if redis.call("zscore", holders, member) or redis.call("zscore", granted, member) then
-    hold(member, now_ms, ttl_ms)
+    hold(member, now_ms, ttl_ms, owner)
     local handoffs = pump(now_ms, limit, grant_ttl_ms, nil)
     return {1, -1, handoffs}
 end
@@ -41,7 +45,8 @@ end
 -- that hold reservations already own their slots, so they are not "ahead".
 local unreserved = redis.call("zcard", waiters) - redis.call("zcard", granted)
 if unreserved == 0 and occupied() < limit then
-    hold(member, now_ms, ttl_ms)
+    hold(member, now_ms, ttl_ms, owner)
+    redis.call("set", moved, int(now_ms))
     return {1, -1, {}}
 end
 
@@ -59,7 +64,7 @@ redis.call("hset", payloads, member, payload)
 -- the pump grants in queue order, possibly reaching this member too.
 local handoffs, me_granted = pump(now_ms, limit, grant_ttl_ms, member)
 if me_granted then
-    hold(member, now_ms, ttl_ms)
+    hold(member, now_ms, ttl_ms, owner)
     return {1, -1, handoffs}
 end
 return {0, redis.call("zrank", waiters, member), handoffs}

@@ -8,13 +8,18 @@
 -- says are running. The first caller to arrive does it; later ones find the
 -- key and change nothing.
 --
--- KEYS: holders, granted, waiters, payloads, ticket, census (see limiter_common.lua)
+-- The census key holds the run_id of the server it was taken on: a restart
+-- from a snapshot restores the key but not the holders written after the
+-- snapshot, and changes the run_id, so a census is taken again.
+--
+-- KEYS: see limiter_common.lua
 -- ARGV[1] ttl_ms        lease time to live given to each seeded member
 -- ARGV[2...] members    the calls in flight
 --
--- Returns how many members were added to holders (0 if the census existed).
+-- Returns how many members were added to holders (0 if this run has a census).
 
-if redis.call("exists", census) == 1 then
+local current = run_id()
+if redis.call("get", census) == current then
     return 0
 end
 local now_ms = server_now()
@@ -24,5 +29,5 @@ for i = 2, #ARGV do
     -- NX: a lease renewed since the loss keeps its own expiry.
     added = added + redis.call("zadd", holders, "NX", expiry, ARGV[i])
 end
-redis.call("set", census, "1")
+redis.call("set", census, current)
 return added

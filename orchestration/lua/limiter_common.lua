@@ -13,9 +13,15 @@
 --   KEYS[3] waiters   ZSET  member -> arrival ticket, us, strictly increasing
 --   KEYS[4] payloads  HASH  member -> opaque message dispatched on hand-off
 --   KEYS[5] ticket    STRING the last ticket handed out
---   KEYS[6] census    STRING set once holders has been seeded with the calls
---                           the system of record says are in flight; absent
---                           after Redis lost its data (see limiter_census.lua)
+--   KEYS[6] census    STRING the run_id of the Redis server whose holders were
+--                           seeded with the calls the system of record says
+--                           are in flight; absent or stale after Redis lost
+--                           its data (see limiter_census.lua)
+--   KEYS[7] owners    HASH  holder -> id of the process running its call, so a
+--                           dead process's slots can be reclaimed at once
+--                           (limiter_reclaim.lua) instead of at lease expiry
+--   KEYS[8] moved     STRING when a slot was last granted, ms: whether the
+--                           line moves, for stuck-job detection
 --
 -- Occupied slots = |holders| + |granted|. Every time comes from the server's
 -- TIME, never from a client, so hosts with skewed clocks agree on expiries.
@@ -26,6 +32,8 @@ local waiters = KEYS[3]
 local payloads = KEYS[4]
 local ticket = KEYS[5]
 local census = KEYS[6]
+local owners = KEYS[7]
+local moved = KEYS[8]
 
 -- Scores and tickets exceed the 14 significant digits of Lua's tostring(),
 -- so integers always cross into Redis through an explicit format.
@@ -40,10 +48,21 @@ local function server_now()
     return s * 1000 + math.floor(us / 1000), s * 1000000 + us
 end
 
+-- The id of this Redis server's run: it changes at every restart, also one
+-- that reloads a snapshot (RDB/AOF) or a failover to a replica, which keep
+-- the census key while losing the holders written after the snapshot.
+local function run_id()
+    return string.match(redis.call("info", "server"), "run_id:(%x+)")
+end
+
 -- Drops expired leases and lapsed reservations; returns how many. A lapsed
 -- reservation only loses its slot: the waiter stays at the head of the queue
 -- and the next pump grants it (and dispatches its payload) again.
 local function drop_expired(now_ms)
+    local expired = redis.call("zrangebyscore", holders, "-inf", int(now_ms))
+    for _, member in ipairs(expired) do
+        redis.call("hdel", owners, member)
+    end
     return redis.call("zremrangebyscore", holders, "-inf", int(now_ms))
         + redis.call("zremrangebyscore", granted, "-inf", int(now_ms))
 end
@@ -72,6 +91,7 @@ local function pump(now_ms, limit, grant_ttl_ms, me)
         end
         if not redis.call("zscore", granted, member) then
             redis.call("zadd", granted, expiry, member)
+            redis.call("set", moved, int(now_ms))
             free = free - 1
             if member == me then
                 me_granted = true
@@ -95,8 +115,13 @@ local function forget_waiter(member)
     redis.call("hdel", payloads, member)
 end
 
-local function hold(member, now_ms, ttl_ms)
+-- Makes member a holder until now + ttl; `owner` (may be nil or "") names
+-- the process whose call it is.
+local function hold(member, now_ms, ttl_ms, owner)
     forget_waiter(member)
     redis.call("zadd", holders, int(now_ms + ttl_ms), member)
+    if owner and owner ~= "" then
+        redis.call("hset", owners, member, owner)
+    end
 end
 

@@ -1,7 +1,7 @@
 -- locate: where member stands. Read-only: expired entries are filtered by
 -- score instead of removed, which gives the same answer as a cleanup.
 --
--- KEYS: holders, granted, waiters, payloads, ticket (see limiter_common.lua)
+-- KEYS: see limiter_common.lua
 -- ARGV[1] member
 --
 -- Returns "holder", "granted", "waiter" or nil.

@@ -1,7 +1,7 @@
 -- occupancy: one consistent snapshot of a service, for ops pages and
 -- metrics. Read-only: expired entries are filtered by score, not removed.
 --
--- KEYS: holders, granted, waiters, payloads, ticket (see limiter_common.lua)
+-- KEYS: see limiter_common.lua
 -- ARGV: none
 --
 -- Returns {now_ms, {holder, expiry_ms, ...}, {granted, expiry_ms, ...},

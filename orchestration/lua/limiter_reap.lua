@@ -1,6 +1,6 @@
 -- reap: drop expired leases and lapsed reservations, without granting.
 --
--- KEYS: holders, granted, waiters, payloads, ticket (see limiter_common.lua)
+-- KEYS: see limiter_common.lua
 -- ARGV: none
 --
 -- Returns how many entries were dropped.

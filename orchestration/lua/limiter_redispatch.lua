@@ -2,7 +2,7 @@
 -- of dead holders, and reservations whose message was lost, reach the
 -- waiters even when no acquire or release happens.
 --
--- KEYS: holders, granted, waiters, payloads, ticket (see limiter_common.lua)
+-- KEYS: see limiter_common.lua
 -- ARGV[1] limit
 -- ARGV[2] grant_ttl_ms
 --
