@@ -199,6 +199,7 @@ DRAMATIQ_MIDDLEWARE = [
     "dramatiq.middleware.Retries",
     "django_dramatiq.middleware.DbConnectionsMiddleware",
     "orchestration.middleware.RequireBackends",
+    "orchestration.middleware.AnnounceWorker",
 ]
 if BROKER_URL.startswith(("amqp://", "amqps://")):
     # RabbitMQ pushes messages to consumers and returns a dead consumer's
@@ -252,6 +253,13 @@ CAO_REGISTRY_CACHE_SECONDS = env_float("CAO_REGISTRY_CACHE_SECONDS", 1.0)
 # Retries of a failed step: exponential backoff with jitter, from base to cap.
 CAO_RETRY_BASE_DELAY_S = env_float("CAO_RETRY_BASE_DELAY_S", 1.0)
 CAO_RETRY_MAX_DELAY_S = env_float("CAO_RETRY_MAX_DELAY_S", 60.0)
+# A process holding slots says it is alive this often; one silent for
+# CAO_WORKER_DEAD_AFTER_S is presumed dead: its slots are reclaimed and its
+# steps re-run at once (a stall that long costs a duplicate call).
+CAO_WORKER_HEARTBEAT_S = env_float("CAO_WORKER_HEARTBEAT_S", 1.0)
+CAO_WORKER_DEAD_AFTER_S = env_float("CAO_WORKER_DEAD_AFTER_S", 5.0)
+# The scheduler checks for dead processes and Redis restarts this often.
+CAO_RECOVERY_TICK_S = env_float("CAO_RECOVERY_TICK_S", 1.0)
 # How long a freed slot stays reserved for the waiter it was handed to.
 CAO_HANDOFF_TTL_S = env_float("CAO_HANDOFF_TTL_S", 30.0)
 # Maintenance re-sends a step whose message, place in line or lease vanished

@@ -451,11 +451,11 @@ def _fail_job(job, failure, *, now, step_index=None):
     )
 
 
-def step_requeue(*, job):
-    """Send the current step again under a fresh token (its message was lost)."""
-    _next_token(job, now=timezone.now())
+def step_requeue(*, job, delay_s=0.0):
+    """Send the current step again under a fresh token (its message was lost), due after ``delay_s``."""
+    _next_token(job, now=timezone.now(), delay_s=delay_s)
     _save(job, "step_state", "step_token", "step_due_at")
-    return current_dispatch(job)
+    return current_dispatch(job, delay_s=delay_s)
 
 
 def job_fail(*, job, failure):

@@ -28,6 +28,7 @@ from jobs import services as job_services
 from jobs.events import publish
 from jobs.models import ACTIVE_STATUSES, JobStatus, StepState
 from orchestration import errors
+from orchestration.errors import failure_from
 from orchestration.dispatch import release_step, send_after_commit, send_handoffs
 from orchestration.http_client import ServiceClient
 from orchestration.leases import get_keeper, get_limiter, handoff_payload, lease_member
@@ -152,6 +153,7 @@ class Engine:
                     ttl_s=service.lease_ttl_s,
                     payload=handoff_payload(job_services.current_dispatch(job)),
                     census=lambda: [lease_member(*call) for call in job_selectors.calls_in_flight(service.name)],
+                    owner=self.keeper.owner,
                 )
                 if acquisition.handoffs:
                     after_commit(send_handoffs, acquisition.handoffs)
@@ -326,13 +328,6 @@ class Engine:
                 "Could not release the slot of job_id=%s step_index=%s on %s; it expires by itself.",
                 step.job_id, step.step_index, step.service, exc_info=True,
             )
-
-
-def failure_from(error):
-    """The job-side record of a StepError."""
-    return job_services.Failure(
-        code=error.code, message=error.message, retryable=error.retryable, http_status=error.status_code
-    )
 
 
 def _log_failure(error, delay, accepted):

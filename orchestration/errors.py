@@ -1,9 +1,11 @@
-"""Errors of step execution.
+"""Errors of step execution, and how they are recorded on a job.
 
 A downstream failure is either transient (worth retrying: the service was
 busy, slow, unreachable or answered garbage) or permanent (it refused the
 request). Each type carries the code stored on the job and shown to clients.
 """
+
+from jobs.services import Failure
 
 
 class StepError(Exception):
@@ -97,3 +99,8 @@ def reported_failure(code, message, *, retryable, status_code):
     """The error for a 2xx reply whose body says ``"status": "FAILED"``."""
     kind = TransientStepError if retryable else PermanentStepError
     return kind(message, status_code=status_code, code=code or "DOWNSTREAM_FAILED")
+
+
+def failure_from(error):
+    """The job-side record (``jobs.services.Failure``) of a StepError."""
+    return Failure(code=error.code, message=error.message, retryable=error.retryable, http_status=error.status_code)

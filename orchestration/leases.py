@@ -11,16 +11,29 @@ import threading
 
 from django.conf import settings
 
+import dramatiq
+from dramatiq.brokers.redis import RedisBroker
+
 from common.redis import get_redis
 from jobs.services import StepDispatch
 from orchestration.limiter import LeaseKeeper, Limiter
+from orchestration.liveness import Liveness, ProcessHeartbeat, ProcessIdentity
 
-_lock = threading.Lock()
+_lock = threading.RLock()  # factories may build other singletons
 _state = {}
 
 
 def lease_member(job_id, step_index, token):
     return f"{job_id}:{step_index}:{token}"
+
+
+def parse_member(member):
+    """``(job_id, step_index, token)`` of a lease member, or None if it is not a step's."""
+    try:
+        job_id, step_index, token = member.rsplit(":", 2)
+        return job_id, int(step_index), int(token)
+    except (AttributeError, ValueError):
+        return None
 
 
 def handoff_payload(dispatch):
@@ -52,5 +65,28 @@ def get_limiter():
     )
 
 
+def get_liveness():
+    return _per_process("liveness", lambda: Liveness(get_redis()))
+
+
+def get_identity():
+    """Who this process is (a new identity in each forked child)."""
+
+    def identify():
+        broker = dramatiq.get_broker()
+        return ProcessIdentity.current(broker_id=broker.broker_id if isinstance(broker, RedisBroker) else None)
+
+    return _per_process("identity", identify)
+
+
 def get_keeper():
-    return _per_process("keeper", lambda: LeaseKeeper(get_limiter()))
+    def build():
+        heartbeat = ProcessHeartbeat(
+            get_liveness(),
+            get_identity(),
+            period_s=settings.CAO_WORKER_HEARTBEAT_S,
+            dead_after_s=settings.CAO_WORKER_DEAD_AFTER_S,
+        )
+        return LeaseKeeper(get_limiter(), heartbeat=heartbeat)
+
+    return _per_process("keeper", build)

@@ -8,6 +8,7 @@ import pytest
 from django.utils import timezone
 
 from jobs.models import Job, JobEvent, JobStatus, StepAttempt, StepState
+from services_registry.models import Service
 from orchestration.dispatch import DISPATCH_MARKER, submit_job
 from orchestration.leases import get_limiter, lease_member
 from orchestration.maintenance import SUSPECT_KEY, run_maintenance
@@ -216,3 +217,183 @@ def test_messages_fetched_by_a_dead_worker_go_back_to_their_queue(registry, redi
 
     # Then the message is back on its queue for a live worker
     assert queued_messages("default") == 1
+
+
+# --- Every lost step is found, and fast (issue: nothing lost) ---------------------------------
+
+
+def test_a_first_sighting_outlives_the_gap_between_two_passes(registry, settings, redis_db):
+    # prompt_enhancer's lease lives 15 s: a sighting kept 3 x 15 s would be
+    # gone by the next pass, 60 s later, and the step never declared LOST.
+    settings.CAO_REDISPATCH_GRACE_SECONDS = 5
+    settings.SANITY_CHECK_INTERVAL_SECONDS = 60
+    job = running_job(registry, seconds_ago=60)
+
+    run_maintenance()
+
+    ttl_ms = redis_db.pttl(SUSPECT_KEY.format(member=lease_member(job.pk, 0, 1)))
+    assert ttl_ms > 2 * 60_000
+
+
+def test_a_missing_lease_is_not_declared_lost_before_a_renewal_period_has_passed(registry, settings, redis_db):
+    # A live worker re-adds a lease Redis forgot within ttl/3: two passes in
+    # quick succession must not call its step lost (it would run twice).
+    settings.CAO_REDISPATCH_GRACE_SECONDS = 5
+    job = running_job(registry, seconds_ago=60)
+
+    first, second = run_maintenance(), run_maintenance()
+
+    assert (first.lost_attempts, second.lost_attempts) == (0, 0)
+    assert Job.objects.get(pk=job.pk).step_state == StepState.RUNNING
+
+
+def test_an_old_lost_step_is_found_behind_more_than_a_batch_of_healthy_waiters(registry, settings, redis_db):
+    # Given an old job whose message was lost, and 510 newer healthy ones parked in line
+    settings.CAO_REDISPATCH_GRACE_SECONDS = 5
+    lost = new_job(registry)
+    redis_db.delete(DISPATCH_MARKER.format(job_id=lost.pk))
+    age(lost.pk, 3600, times=["created_at", "step_due_at"])
+    limiter = get_limiter()
+    limiter.acquire("prompt_enhancer", "blocker", limit=1, ttl_s=600, payload="x")
+    now = timezone.now()
+    waiters = Job.objects.bulk_create(
+        Job(
+            feature_name="business_plan", steps=lost.steps, status=JobStatus.PENDING, step_state=StepState.WAITING,
+            context={}, step_due_at=now, last_progress_at=now,
+        )
+        for _ in range(510)
+    )
+    for waiter in waiters:
+        limiter.acquire("prompt_enhancer", lease_member(waiter.pk, 0, 1), limit=1, ttl_s=15, payload="p")
+    Job.objects.filter(pk__in=[w.pk for w in waiters]).update(updated_at=now - timedelta(seconds=60))
+
+    # When maintenance runs
+    report = run_maintenance()
+
+    # Then the old job is re-sent, and none of the healthy ones
+    assert report.redispatched == 1
+    assert Job.objects.get(pk=lost.pk).step_token == 2
+
+
+def test_a_pending_job_without_progress_is_failed_stuck(registry, settings):
+    settings.JOB_STUCK_SECONDS = 60
+    job = new_job(registry)  # PENDING: its first step never started
+    age(job.pk, 120, times=["last_progress_at"])
+
+    report = run_maintenance()
+
+    assert report.stuck_failed == 1
+    assert Job.objects.get(pk=job.pk).error_code == "STUCK_DETECTED"
+
+
+def waiting_job(registry, *, step_index, status):
+    job = new_job(registry)
+    Job.objects.filter(pk=job.pk).update(status=status, step_state=StepState.WAITING, current_step_index=step_index)
+    return Job.objects.get(pk=job.pk)
+
+
+@pytest.mark.parametrize("step_index, status", [(0, JobStatus.PENDING), (1, JobStatus.RUNNING)])
+def test_a_step_waiting_in_a_line_that_moves_is_not_stuck(registry, settings, step_index, status):
+    # Given a job parked for longer than JOB_STUCK_SECONDS, keeping its place behind another waiter...
+    settings.JOB_STUCK_SECONDS = 60
+    job = waiting_job(registry, step_index=step_index, status=status)
+    service = job.steps[step_index]
+    Service.objects.filter(name=service).update(concurrency_limit=1)
+    limiter = get_limiter()
+    limiter.acquire(service, "ahead", limit=1, ttl_s=600, payload="x")
+    limiter.acquire(service, "front", limit=1, ttl_s=600, payload="x")
+    limiter.acquire(service, lease_member(job.pk, step_index, 1), limit=1, ttl_s=15, payload="p")
+    age(job.pk, 120, times=["last_progress_at"])
+    # ... in a line that moved just now: the slot went on to the waiter in front
+    limiter.release(service, "ahead", limit=1)
+
+    report = run_maintenance()
+
+    assert report.stuck_failed == 0
+    assert Job.objects.get(pk=job.pk).status == status
+    assert limiter.locate(service, lease_member(job.pk, step_index, 1)) == "waiter"
+
+
+def test_a_step_waiting_in_a_line_that_does_not_move_is_stuck(registry, settings, redis_db):
+    settings.JOB_STUCK_SECONDS = 60
+    job = waiting_job(registry, step_index=1, status=JobStatus.RUNNING)
+    Service.objects.filter(name="fast_chat_llm").update(concurrency_limit=1)
+    limiter = get_limiter()
+    limiter.acquire("fast_chat_llm", "forever", limit=1, ttl_s=600, payload="x")
+    limiter.acquire("fast_chat_llm", lease_member(job.pk, 1, 1), limit=1, ttl_s=15, payload="p")
+    age(job.pk, 120, times=["last_progress_at"])
+    # The last grant was longer ago than JOB_STUCK_SECONDS
+    redis_db.set(limiter.keys("fast_chat_llm")[7], int((time.time() - 3600) * 1000))
+
+    assert run_maintenance().stuck_failed == 1
+    assert limiter.locate("fast_chat_llm", lease_member(job.pk, 1, 1)) is None  # its place is withdrawn
+
+
+def test_a_deleted_jobs_reservation_does_not_block_the_line(registry, settings):
+    # Given a limit of 1: job A was handed the slot (a reservation), then deleted; B waits behind it
+    Service.objects.filter(name="prompt_enhancer").update(concurrency_limit=1)
+    limiter = get_limiter()
+    a, b = new_job(registry), new_job(registry)
+    member_a, member_b = lease_member(a.pk, 0, 1), lease_member(b.pk, 0, 1)
+    assert limiter.acquire("prompt_enhancer", "holder", limit=1, ttl_s=600, payload="h").granted
+    for member, job in ((member_a, a), (member_b, b)):
+        limiter.acquire("prompt_enhancer", member, limit=1, ttl_s=15, payload=f'["{job.pk}", 0, 1, "prompt_enhancer"]')
+    Job.objects.filter(pk__in=[a.pk, b.pk]).update(step_state=StepState.WAITING)
+    limiter.release("prompt_enhancer", "holder", limit=1)  # the slot is reserved for A
+    assert limiter.locate("prompt_enhancer", member_a) == "granted"
+    Job.objects.filter(pk=a.pk).delete()
+
+    # When maintenance runs
+    report = run_maintenance()
+
+    # Then A's place is gone and the slot is B's
+    assert report.orphans_removed == 1
+    assert limiter.locate("prompt_enhancer", member_a) is None
+    assert limiter.locate("prompt_enhancer", member_b) == "granted"
+
+
+def test_a_waiter_of_a_finished_or_resent_job_leaves_the_line(registry):
+    limiter = get_limiter()
+    done, resent = new_job(registry), new_job(registry)
+    limiter.acquire("prompt_enhancer", "holder", limit=1, ttl_s=600, payload="h")
+    for job in (done, resent):
+        limiter.acquire("prompt_enhancer", lease_member(job.pk, 0, 1), limit=1, ttl_s=15, payload="p")
+    Job.objects.filter(pk=done.pk).update(status=JobStatus.CANCELLED, step_state=StepState.IDLE)
+    Job.objects.filter(pk=resent.pk).update(step_token=2)
+
+    assert run_maintenance().orphans_removed == 2
+    assert [w.member for w in limiter.occupancy("prompt_enhancer").waiters] == []
+
+
+def test_a_cancelled_jobs_call_whose_worker_died_is_closed(registry, settings, redis_db):
+    # Given a cancelled job whose call was running when its worker died (no lease)
+    settings.CAO_REDISPATCH_GRACE_SECONDS = 5
+    job = running_job(registry, seconds_ago=60)
+    Job.objects.filter(pk=job.pk).update(status=JobStatus.CANCELLED)
+    redis_db.set(SUSPECT_KEY.format(member=lease_member(job.pk, 0, 1)), 0)  # seen missing long ago
+
+    report = run_maintenance()
+
+    job.refresh_from_db()
+    assert report.lost_attempts == 1
+    assert (job.status, job.step_state) == (JobStatus.CANCELLED, StepState.IDLE)
+    assert StepAttempt.objects.get(job=job, token=1).outcome == "LOST"
+    assert queued_messages("default") == 1  # only the job's first message: nothing is re-sent
+
+
+def test_after_a_redis_loss_queued_steps_are_resent_at_once_delayed_retries_keep_their_delay(registry, settings, redis_db):
+    # Given a step queued a moment ago and a retry due in 30 s, both lost with Redis
+    settings.CAO_REDISPATCH_GRACE_SECONDS = 30
+    fresh, retry = new_job(registry), new_job(registry)
+    Job.objects.filter(pk=retry.pk).update(step_due_at=timezone.now() + timedelta(seconds=30))
+    redis_db.flushdb()
+
+    # When maintenance runs knowing Redis lost its data
+    report = run_maintenance(after_redis_loss=True)
+
+    # Then both are re-sent now, without waiting for the grace
+    assert report.redispatched == 2
+    broker = dramatiq.get_broker()
+    assert queued_messages("default") == 1
+    assert broker.client.llen(f"{broker.namespace}:default.DQ") == 1
+    assert Job.objects.get(pk=fresh.pk).step_token == 2
