@@ -13,6 +13,7 @@ from common.errors import InvalidInput
 from jobs import selectors
 from jobs.models import JobStatus
 from jobs.monitor import monitor_url
+from jobs.permissions import OPERATE_JOBS, READ_JOBS, START_JOBS
 from jobs.services import FEATURE_NAME
 from orchestration import dispatch
 
@@ -86,6 +87,8 @@ class JobDetailSerializer(JobSummarySerializer):
 
 class JobCreateApi(APIView):
     """Start a feature. Send ``Idempotency-Key`` to make retries of this request safe."""
+
+    session_permissions = {"POST": START_JOBS}
 
     class JobCreateInputSerializer(serializers.Serializer):
         feature_name = serializers.RegexField(
@@ -168,6 +171,8 @@ class JobPagination(CursorPagination):
 class JobListApi(APIView):
     """Your jobs, newest first (staff keys see everyone's)."""
 
+    session_permissions = {"GET": READ_JOBS}
+
     class JobListFilterSerializer(serializers.Serializer):
         # Blank means "any", as an HTML form's empty option sends it.
         status = serializers.ChoiceField(choices=JobStatus.choices, required=False, allow_blank=True)
@@ -208,6 +213,8 @@ class JobListApi(APIView):
 
 
 class JobDetailApi(APIView):
+    session_permissions = {"GET": READ_JOBS}
+
     @extend_schema(summary="Get a job", responses=JobDetailSerializer)
     def get(self, request, job_id):
         owner, is_staff = caller_scope(request)
@@ -217,6 +224,8 @@ class JobDetailApi(APIView):
 
 class JobResumeApi(APIView):
     """Continue a FAILED job from its current step with a fresh attempt budget."""
+
+    session_permissions = {"POST": OPERATE_JOBS}
 
     class JobResumeInputSerializer(serializers.Serializer):
         force = serializers.BooleanField(
@@ -251,6 +260,8 @@ class JobResumeApi(APIView):
 class JobCancelApi(APIView):
     """Stop a job: no further step starts; a call already running finishes and is recorded."""
 
+    session_permissions = {"POST": OPERATE_JOBS}
+
     class JobCancelledSerializer(serializers.Serializer):
         success = serializers.BooleanField()
         job_id = serializers.UUIDField()
@@ -272,6 +283,8 @@ class JobCancelApi(APIView):
 
 class JobEventsApi(APIView):
     """The job's stored events with seq greater than ``after``, in order."""
+
+    session_permissions = {"GET": READ_JOBS}
 
     class JobEventsFilterSerializer(serializers.Serializer):
         after = serializers.IntegerField(min_value=0, required=False, default=0)
@@ -296,4 +309,5 @@ class JobEventsApi(APIView):
 class JobCollectionApi(JobListApi, JobCreateApi):
     """``/jobs``: GET lists (JobListApi), POST creates (JobCreateApi)."""
 
+    session_permissions = {**JobListApi.session_permissions, **JobCreateApi.session_permissions}
     throttle_classes = [ClientRateThrottle, JobCreateRateThrottle]

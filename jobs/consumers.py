@@ -25,6 +25,7 @@ from django.utils import timezone
 from jobs import selectors
 from jobs.errors import JobNotFound
 from jobs.monitor import token_allows
+from jobs.permissions import may_read_jobs
 from jobs.publisher import group_name
 
 CLOSE_BAD_REQUEST = 4400
@@ -42,7 +43,7 @@ class JobProgressConsumer(AsyncJsonWebsocketConsumer):
         await self.accept()
         query = parse_qs(self.scope.get("query_string", b"").decode("latin1"))
         token = (query.get("token") or [""])[0]
-        if not (token_allows(token, self.job_id) or self._is_staff_from_allowed_origin()):
+        if not await database_sync_to_async(self._may_watch)(token):
             await self.close(code=CLOSE_UNAUTHORIZED)
             return
         try:
@@ -105,9 +106,13 @@ class JobProgressConsumer(AsyncJsonWebsocketConsumer):
             if len(events) < REPLAY_BATCH:
                 return
 
+    def _may_watch(self, token):
+        """The job's monitor token, or a staff session allowed to read jobs (runs in a thread: it queries)."""
+        return token_allows(token, self.job_id) or self._is_staff_from_allowed_origin()
+
     def _is_staff_from_allowed_origin(self):
-        user = self.scope.get("user")
-        if not (user and user.is_authenticated and user.is_staff):
+        # Only users the admin lets read jobs (jobs.view_job or jobs.change_job).
+        if not may_read_jobs(self.scope.get("user")):
             return False
         # A session cookie rides along with any page's WebSocket: accept it
         # only from our own pages (cross-site WebSocket hijacking).

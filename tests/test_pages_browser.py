@@ -16,8 +16,8 @@ pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.slow]
 
 
 @pytest.fixture
-def staff_user(django_user_model):
-    return django_user_model.objects.create_user("ops", password="ops-password", is_staff=True)
+def staff_user(make_staff):
+    return make_staff("ops", "jobs.view_job", "jobs.change_job", "jobs.add_job", password="ops-password")
 
 
 def steps_states(page):
@@ -87,3 +87,22 @@ def test_resume_a_failed_job_from_its_page(page, asgi_server, worker, simulator,
     page.wait_for_selector('#job-status:text-is("COMPLETED")', timeout=30_000)
     assert page.is_hidden("#error-box")
     assert steps_states(page) == ["done"] * 4
+
+
+def test_a_view_only_user_watches_live_without_buttons(page, asgi_server, worker, simulator, registry, make_staff):
+    from orchestration.dispatch import submit_job
+
+    make_staff("looker", "jobs.view_job", password="looker-password")
+    errors = []
+    page.on("pageerror", lambda error: errors.append(str(error)))
+    login(page, asgi_server.base_url, "looker", "looker-password")
+    job, _ = submit_job(feature_name="viral_video", input_data={})
+
+    page.goto(f"{asgi_server.base_url}/jobs/{job.pk}/")
+    page.wait_for_selector('#job-status:text-is("COMPLETED")', timeout=30_000)
+    page.goto(f"{asgi_server.base_url}/jobs/")
+    page.wait_for_selector(f'tr[data-job-id="{job.pk}"]')
+
+    assert page.query_selector("#cancel") is None and page.query_selector("#resume") is None
+    assert page.query_selector("#new-job") is None
+    assert errors == []

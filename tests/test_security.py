@@ -5,6 +5,7 @@ import io
 import json
 import logging
 import threading
+import uuid
 
 import pytest
 import requests
@@ -97,6 +98,156 @@ def test_anonymous_access_is_off_by_default_and_scoped_when_enabled(registry, se
     assert Job.objects.get(pk=mine).owner is None
     assert [job["job_id"] for job in anonymous.get("/api/v1/jobs").json()["results"]] == [mine]
     assert anonymous.get(f"/api/v1/jobs/{owned}").status_code == 404
+
+
+# --- Staff sessions: exactly what the admin grants ------------------------------------
+
+
+def fail_job(job_id, *, retryable):
+    Job.objects.filter(pk=job_id).update(
+        status=JobStatus.FAILED, step_state="IDLE", retryable=retryable, error_code="DOWNSTREAM_REJECTED",
+        error_message="refused", current_step_index=1,
+    )
+
+
+def session_client(user):
+    client = APIClient()
+    client.force_login(user)
+    return client
+
+
+# permissions -> (read: job, list, events, pages; cancel; force-resume; start a job)
+SESSION_RIGHTS = [
+    ((), (403, 403, 403, 403)),
+    (("jobs.view_job",), (200, 403, 403, 403)),
+    (("jobs.change_job",), (200, 200, 200, 403)),
+    (("jobs.add_job",), (403, 403, 403, 201)),
+    (("jobs.view_job", "jobs.change_job", "jobs.add_job"), (200, 200, 200, 201)),
+]
+
+
+@pytest.mark.parametrize(
+    "permissions, expected", SESSION_RIGHTS, ids=["+".join(p.split(".")[1] for p in perms) or "none" for perms, _ in SESSION_RIGHTS]
+)
+def test_a_staff_session_gets_exactly_the_job_permissions_the_admin_grants(registry, make_staff, permissions, expected):
+    # Given a pending job, a non-retryable failed job, and a staff user with some permissions
+    from orchestration.dispatch import submit_job
+
+    pending, _ = submit_job(feature_name="business_plan", input_data={"secret_plan": "tea"})
+    failed, _ = submit_job(feature_name="business_plan", input_data={})
+    fail_job(failed.pk, retryable=False)
+    session = session_client(make_staff("ops", *permissions))
+    read, cancel, force, start = expected
+
+    # When it reads, cancels, force-resumes and starts jobs through the API and the pages
+    reads = [
+        session.get(f"/api/v1/jobs/{pending.pk}"),
+        session.get("/api/v1/jobs"),
+        session.get(f"/api/v1/jobs/{pending.pk}/events"),
+        session.get("/jobs/"),
+        session.get(f"/jobs/{pending.pk}/"),
+    ]
+    cancelled = session.post(f"/api/v1/jobs/{pending.pk}/cancel")
+    forced = session.post(f"/api/v1/jobs/{failed.pk}/resume", {"force": True}, format="json")
+    started = create(session)
+
+    # Then each answer is what its permission allows, and a refusal changes nothing
+    assert [response.status_code for response in reads] == [read] * 5
+    assert (cancelled.status_code, forced.status_code, started.status_code) == (cancel, force, start)
+    if read == 403:
+        assert "secret_plan" not in reads[0].content.decode()
+        assert error_code(reads[0]) == "PERMISSION_DENIED" and "jobs.view_job" in reads[0].json()["error"]["message"]
+    if cancel == 403:
+        assert Job.objects.get(pk=pending.pk).status == JobStatus.PENDING
+        assert "jobs.change_job" in cancelled.json()["error"]["message"]
+    if force == 403:
+        assert Job.objects.get(pk=failed.pk).status == JobStatus.FAILED
+    if start == 403:
+        assert Job.objects.count() == 2
+
+
+def test_a_refused_session_learns_nothing_about_which_jobs_exist(registry, make_staff):
+    from orchestration.dispatch import submit_job
+
+    job, _ = submit_job(feature_name="business_plan", input_data={})
+    session = session_client(make_staff("ops"))
+
+    real = session.get(f"/api/v1/jobs/{job.pk}")
+    unknown = session.get(f"/api/v1/jobs/{uuid.uuid4()}")
+
+    assert real.status_code == unknown.status_code == 403
+    assert real.json() == unknown.json()
+    assert session.get(f"/jobs/{job.pk}/").status_code == session.get(f"/jobs/{uuid.uuid4()}/").status_code == 403
+
+
+def test_the_pages_offer_only_the_buttons_the_permissions_allow(registry, make_staff):
+    from orchestration.dispatch import submit_job
+
+    job, _ = submit_job(feature_name="business_plan", input_data={})
+    viewer = session_client(make_staff("viewer", "jobs.view_job"))
+    operator = session_client(make_staff("operator", "jobs.change_job", "jobs.add_job"))
+
+    viewed = viewer.get(f"/jobs/{job.pk}/").content.decode(), viewer.get("/jobs/").content.decode()
+    operated = operator.get(f"/jobs/{job.pk}/").content.decode(), operator.get("/jobs/").content.decode()
+
+    assert 'id="cancel"' not in viewed[0] and 'id="resume"' not in viewed[0] and 'id="new-job"' not in viewed[1]
+    assert 'id="cancel"' in operated[0] and 'id="resume"' in operated[0] and 'id="new-job"' in operated[1]
+
+
+def test_registry_endpoints_need_the_registry_view_permissions_for_sessions(registry, make_staff):
+    nothing = session_client(make_staff("ops"))
+    viewer = session_client(make_staff("viewer", "services_registry.view_recipe", "services_registry.view_service"))
+
+    assert nothing.get("/api/v1/features").status_code == 403
+    assert nothing.get("/api/v1/services").status_code == 403
+    assert viewer.get("/api/v1/features").status_code == 200
+    assert viewer.get("/api/v1/services").status_code == 200
+
+
+def login_over_http(base_url, username, password):
+    """A requests session logged in through the admin's form, and its CSRF token, as a browser would have them."""
+    session = requests.Session()
+    session.get(f"{base_url}/admin/login/", timeout=10)
+    response = session.post(
+        f"{base_url}/admin/login/",
+        data={
+            "username": username, "password": password, "next": "/admin/",
+            "csrfmiddlewaretoken": session.cookies["csrftoken"],
+        },
+        timeout=10,
+        allow_redirects=False,
+    )
+    assert response.status_code == 302, response.text[:500]
+    return session, session.cookies["csrftoken"]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_the_probe_a_view_only_staff_session_cannot_cancel_or_force_resume_over_http(registry, asgi_server, make_staff):
+    # Given a staff user the admin lets only look at jobs, logged in, with a CSRF token
+    from orchestration.dispatch import submit_job
+
+    make_staff("looker", "jobs.view_job", password="looker-password")
+    pending, _ = submit_job(feature_name="business_plan", input_data={})
+    failed, _ = submit_job(feature_name="business_plan", input_data={})
+    fail_job(failed.pk, retryable=False)
+    session, csrf = login_over_http(asgi_server.base_url, "looker", "looker-password")
+    headers = {"X-CSRFToken": csrf}
+
+    # When it cancels one job and force-resumes the other through the API
+    cancel = session.post(f"{asgi_server.base_url}/api/v1/jobs/{pending.pk}/cancel", headers=headers, timeout=10)
+    force = session.post(
+        f"{asgi_server.base_url}/api/v1/jobs/{failed.pk}/resume", json={"force": True}, headers=headers, timeout=10
+    )
+    admin_cancel = session.post(
+        f"{asgi_server.base_url}/admin/jobs/job/{pending.pk}/operate/cancel/", headers=headers, timeout=10
+    )
+
+    # Then the API refuses as the admin's button does, and both jobs are untouched
+    assert (cancel.status_code, force.status_code, admin_cancel.status_code) == (403, 403, 403)
+    assert cancel.json()["error"]["code"] == "PERMISSION_DENIED"
+    assert session.get(f"{asgi_server.base_url}/api/v1/jobs/{pending.pk}", timeout=10).status_code == 200
+    assert Job.objects.get(pk=pending.pk).status == JobStatus.PENDING
+    assert Job.objects.get(pk=failed.pk).status == JobStatus.FAILED
 
 
 # --- Limits ----------------------------------------------------------------------------
@@ -243,8 +394,8 @@ def test_configured_origins_may_call_the_api_but_not_the_admin(client, settings)
     assert "Access-Control-Allow-Origin" not in admin
 
 
-def test_api_keys_need_no_csrf_but_sessions_do(registry, django_user_model):
-    staff = django_user_model.objects.create_user("ops", password="pw", is_staff=True)
+def test_api_keys_need_no_csrf_but_sessions_do(registry, make_staff):
+    staff = make_staff("ops", "jobs.add_job")
     session = APIClient(enforce_csrf_checks=True)
     session.force_login(staff)
 
@@ -257,8 +408,8 @@ def test_api_keys_need_no_csrf_but_sessions_do(registry, django_user_model):
     assert create(keyed).status_code == 201
 
 
-def test_html_pages_carry_security_headers(client, django_user_model):
-    client.force_login(django_user_model.objects.create_user("ops", password="pw", is_staff=True))
+def test_html_pages_carry_security_headers(client, make_staff):
+    client.force_login(make_staff("ops", "jobs.view_job"))
 
     for url in ("/jobs/", "/admin/", "/api/v1/docs"):
         response = client.get(url)

@@ -196,14 +196,14 @@ def test_an_expired_token_is_refused(registry, settings):
     assert async_to_sync(scenario)()["code"] == CLOSE_UNAUTHORIZED
 
 
-def staff_scope(django_user_model, origin):
-    user = django_user_model.objects.create_user("ops", password="pw", is_staff=True)
-    return {"user": user, "headers": [(b"origin", origin.encode()), (b"host", b"localhost")]}
+def staff_scope(make_staff, origin, *permissions, host=b"localhost:8000"):
+    user = make_staff("ops", *(permissions or ("jobs.view_job",)))
+    return {"user": user, "headers": [(b"origin", origin.encode()), (b"host", host)]}
 
 
-def test_staff_sessions_from_our_own_pages_need_no_token(registry, django_user_model):
+def test_staff_sessions_from_our_own_pages_need_no_token(registry, make_staff):
     job = new_job(registry)
-    scope = staff_scope(django_user_model, "http://localhost:8000")
+    scope = staff_scope(make_staff, "http://localhost:8000")
 
     async def scenario():
         socket = await open_socket(path(job.pk), **scope)
@@ -214,9 +214,9 @@ def test_staff_sessions_from_our_own_pages_need_no_token(registry, django_user_m
     assert async_to_sync(scenario)()["type"] == "WS_CONNECTED"
 
 
-def test_staff_sessions_from_another_site_are_refused(registry, django_user_model):
+def test_staff_sessions_from_another_site_are_refused(registry, make_staff):
     job = new_job(registry)
-    scope = staff_scope(django_user_model, "https://evil.example")
+    scope = staff_scope(make_staff, "https://evil.example")
 
     async def scenario():
         socket = await open_socket(path(job.pk), **scope)
