@@ -95,9 +95,38 @@ def test_anonymous_access_is_off_by_default_and_scoped_when_enabled(registry, se
     owned = create(api).json()["job_id"]
     mine = create(anonymous).json()["job_id"]
 
-    assert Job.objects.get(pk=mine).owner is None
+    assert Job.objects.get(pk=mine).owner == ApiKey.objects.anonymous()
     assert [job["job_id"] for job in anonymous.get("/api/v1/jobs").json()["results"]] == [mine]
     assert anonymous.get(f"/api/v1/jobs/{owned}").status_code == 404
+
+
+def test_anonymous_clients_never_see_the_jobs_of_staff_sessions(registry, settings, make_staff):
+    # Given anonymous access on, and a job started from the staff pages (a session: no API key)
+    settings.CAO_ALLOW_ANONYMOUS = True
+    staff = APIClient()
+    staff.force_login(make_staff("ops", "jobs.add_job", "jobs.view_job"))
+    staff_job = create(staff).json()["job_id"]
+    anonymous = APIClient()
+    mine = create(anonymous).json()["job_id"]
+
+    # When an anonymous client lists and reads jobs
+    listed = [job["job_id"] for job in anonymous.get("/api/v1/jobs").json()["results"]]
+
+    # Then it sees its own job only, and the staff one is a 404 for it everywhere
+    assert listed == [mine]
+    for url in (f"/api/v1/jobs/{staff_job}", f"/api/v1/jobs/{staff_job}/events"):
+        assert anonymous.get(url).status_code == 404
+    assert anonymous.post(f"/api/v1/jobs/{staff_job}/cancel").status_code == 404
+    assert {job["job_id"] for job in staff.get("/api/v1/jobs").json()["results"]} == {mine, staff_job}
+
+
+def test_no_raw_key_authenticates_as_the_anonymous_owner(registry):
+    anonymous = ApiKey.objects.anonymous()
+
+    for raw_key in (f"cao_{anonymous.prefix}_" + "x" * 43, f"cao_{anonymous.prefix}_"):
+        response = APIClient().get("/api/v1/jobs", HTTP_X_API_KEY=raw_key)
+        assert response.status_code == 401, raw_key
+    assert not anonymous.matches("")
 
 
 # --- Staff sessions: exactly what the admin grants ------------------------------------
