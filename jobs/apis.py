@@ -130,7 +130,7 @@ class JobCreateApi(APIView):
         body = {
             "success": True,
             "job_id": job.id,
-            "monitor_url": monitor_url(request, job.id),
+            "monitor_url": monitor_url(request, job.id, key=owner),
             "status": job.status,
         }
         return Response(
