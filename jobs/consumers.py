@@ -14,14 +14,13 @@ Close codes (the connection is accepted first so the code reaches the client):
 4404 unknown job.
 """
 
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs
 
 from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncJsonWebsocketConsumer
-from django.conf import settings
-from django.http.request import split_domain_port, validate_host
 from django.utils import timezone
 
+from common.origins import scope_origin_allowed
 from jobs import selectors
 from jobs.errors import JobNotFound
 from jobs.monitor import token_allows
@@ -111,11 +110,7 @@ class JobProgressConsumer(AsyncJsonWebsocketConsumer):
         return token_allows(token, self.job_id) or self._is_staff_from_allowed_origin()
 
     def _is_staff_from_allowed_origin(self):
-        # Only users the admin lets read jobs (jobs.view_job or jobs.change_job).
-        if not may_read_jobs(self.scope.get("user")):
-            return False
-        # A session cookie rides along with any page's WebSocket: accept it
-        # only from our own pages (cross-site WebSocket hijacking).
-        origin = dict(self.scope.get("headers", [])).get(b"origin", b"").decode("latin1")
-        domain, _ = split_domain_port(urlsplit(origin).netloc)
-        return bool(domain) and validate_host(domain, settings.ALLOWED_HOSTS)
+        # A session cookie rides along with any page's WebSocket, whatever its
+        # port or scheme: accept it only from our own origin (cross-site
+        # WebSocket hijacking), and only for users the admin lets read jobs.
+        return scope_origin_allowed(self.scope) and may_read_jobs(self.scope.get("user"))

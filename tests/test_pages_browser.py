@@ -106,3 +106,60 @@ def test_a_view_only_user_watches_live_without_buttons(page, asgi_server, worker
     assert page.query_selector("#cancel") is None and page.query_selector("#resume") is None
     assert page.query_selector("#new-job") is None
     assert errors == []
+
+
+class CrossPortPage:
+    """A page of another origin (same host, another port) that opens the job's socket with the browser's cookies."""
+
+    def __init__(self, ws_url):
+        import http.server
+        import threading
+
+        body = (
+            '<!doctype html><p id="outcome"></p><script>'
+            f'const socket = new WebSocket("{ws_url}");'
+            'const outcome = document.getElementById("outcome");'
+            'socket.onmessage = (m) => { outcome.textContent = "message " + JSON.parse(m.data).type; socket.close(); };'
+            'socket.onclose = (c) => { if (!outcome.textContent) outcome.textContent = "closed " + c.code; };'
+            "</script>"
+        ).encode()
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                self.send_response(200)
+                self.send_header("Content-Type", "text/html")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_port}/"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_a_page_on_another_port_cannot_watch_a_job_with_the_staff_cookie(page, asgi_server, registry, staff_user):
+    from orchestration.dispatch import submit_job
+
+    # Given a staff user logged in to the gateway, and a page served from another port of the same host
+    login(page, asgi_server.base_url, "ops", "ops-password")
+    job, _ = submit_job(feature_name="business_plan", input_data={"plan": "confidential"})
+    other = CrossPortPage(f"{asgi_server.ws_url}/ws/{job.pk}")
+
+    # When that page opens the job's socket (the browser sends the session cookie along)
+    try:
+        page.goto(other.url)
+        outcome = page.wait_for_selector("#outcome:not(:empty)").inner_text()
+    finally:
+        other.close()
+
+    # Then the socket is refused, while the gateway's own page still goes live
+    assert outcome == "closed 4401"
+    page.goto(f"{asgi_server.base_url}/jobs/{job.pk}/")
+    page.wait_for_selector('#connection:text-is("live")')

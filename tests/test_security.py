@@ -437,6 +437,44 @@ def test_api_keys_need_no_csrf_but_sessions_do(registry, make_staff):
     assert create(keyed).status_code == 201
 
 
+@pytest.mark.parametrize(
+    "origin, host, secure, allowed",
+    [
+        ("http://localhost:8000", "localhost:8000", False, True),
+        ("https://localhost:8443", "localhost:8443", True, True),
+        ("http://localhost:9999", "localhost:8000", False, False),
+        ("https://127.0.0.1:1", "127.0.0.1:8000", False, False),
+        ("http://127.0.0.1:8000", "127.0.0.1:8000", True, False),
+        ("http://localhost", "localhost:8000", False, False),
+        ("http://evil.example:8000", "evil.example:8000", False, False),  # not in ALLOWED_HOSTS
+        ("", "localhost:8000", False, False),
+        ("null", "localhost:8000", False, False),
+        ("https://app.example", "localhost:8000", False, True),  # CSRF_TRUSTED_ORIGINS
+        ("https://ops.corp.example", "localhost:8000", False, True),  # https://*.corp.example
+        ("http://ops.corp.example", "localhost:8000", False, False),
+        ("https://corp.example.evil", "localhost:8000", False, False),
+    ],
+)
+def test_the_origin_check_compares_scheme_host_and_port_as_csrf_does(settings, origin, host, secure, allowed):
+    from common.origins import origin_allowed
+
+    settings.CSRF_TRUSTED_ORIGINS = ["https://app.example", "https://*.corp.example"]
+
+    assert origin_allowed(origin, host=host, secure=secure) is allowed
+
+
+def test_the_websocket_origin_check_reads_the_scheme_behind_a_tls_proxy(settings):
+    from common.origins import scope_origin_allowed
+
+    headers = [(b"origin", b"https://localhost"), (b"host", b"localhost"), (b"x-forwarded-proto", b"https")]
+    scope = {"type": "websocket", "scheme": "ws", "headers": headers}
+
+    assert not scope_origin_allowed(scope)
+    settings.SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
+    assert scope_origin_allowed(scope)
+    assert not scope_origin_allowed({**scope, "headers": [*headers[:2], (b"x-forwarded-proto", b"http")]})
+
+
 def test_html_pages_carry_security_headers(client, make_staff):
     client.force_login(make_staff("ops", "jobs.view_job"))
 

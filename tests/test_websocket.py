@@ -225,6 +225,38 @@ def test_staff_sessions_from_another_site_are_refused(registry, make_staff):
     assert async_to_sync(scenario)()["code"] == CLOSE_UNAUTHORIZED
 
 
+@pytest.mark.parametrize(
+    "origin, host",
+    [
+        ("http://localhost:9999", b"localhost:8000"),  # the same host, another port
+        ("https://127.0.0.1:1", b"127.0.0.1:8000"),  # another scheme and port
+        ("https://localhost:8000", b"localhost:8000"),  # another scheme only
+        ("http://localhost:8000", b"evil.example:8000"),  # a Host that is not ours
+        ("null", b"localhost:8000"),  # a sandboxed or file:// page
+    ],
+)
+def test_staff_sessions_are_refused_unless_the_full_origin_is_ours(registry, make_staff, origin, host):
+    job = new_job(registry)
+    scope = staff_scope(make_staff, origin, host=host)
+
+    async def scenario():
+        socket = await open_socket(path(job.pk), **scope)
+        return await socket.receive_output(timeout=5)
+
+    assert async_to_sync(scenario)()["code"] == CLOSE_UNAUTHORIZED
+
+
+def test_staff_sessions_need_the_view_permission_even_from_our_pages(registry, make_staff):
+    job = new_job(registry)
+    scope = staff_scope(make_staff, "http://localhost:8000", "jobs.add_job")
+
+    async def scenario():
+        socket = await open_socket(path(job.pk), **scope)
+        return await socket.receive_output(timeout=5)
+
+    assert async_to_sync(scenario)()["code"] == CLOSE_UNAUTHORIZED
+
+
 def test_anonymous_users_without_a_token_are_refused(registry):
     job = new_job(registry)
 
