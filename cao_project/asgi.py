@@ -5,6 +5,8 @@ would run in a thread made for it (asgiref's ThreadSensitiveContext), paying
 for the thread and, worse, for a new PostgreSQL connection per request, as
 persistent connections cannot outlive their thread. Through a2wsgi the WSGI
 handler runs on a fixed pool of threads, each keeping its connection.
+Before it, header names with underscores are dropped (they would alias
+hyphenated ones in the WSGI environ) and bodies are bounded.
 """
 
 import os
@@ -24,6 +26,7 @@ from django.conf import settings  # noqa: E402
 
 from cao_project.backends import require_backends  # noqa: E402
 from common.asgi_body_limit import RequestBodyLimit  # noqa: E402
+from common.asgi_headers import DropUnderscoreHeaders  # noqa: E402
 from jobs.routing import websocket_urlpatterns  # noqa: E402
 
 if settings.CAO_CHECK_BACKENDS_ON_START:
@@ -31,7 +34,9 @@ if settings.CAO_CHECK_BACKENDS_ON_START:
 
 application = ProtocolTypeRouter(
     {
-        "http": RequestBodyLimit(WSGIMiddleware(django_application, workers=settings.CAO_HTTP_THREADS)),
+        "http": DropUnderscoreHeaders(
+            RequestBodyLimit(WSGIMiddleware(django_application, workers=settings.CAO_HTTP_THREADS))
+        ),
         # Sessions let staff watch jobs from the web pages; API clients use
         # the monitor token in monitor_url instead (checked by the consumer).
         "websocket": AuthMiddlewareStack(URLRouter(websocket_urlpatterns)),

@@ -543,3 +543,35 @@ def test_secrets_never_reach_logs_errors_events_or_responses(registry, worker, s
     for text in [caplog.text, *bodies, *stored]:
         assert secret not in text
         assert raw_key not in text
+
+
+# --- Header spellings -------------------------------------------------------------------------
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.parametrize("header", ["X_API_Key", "X-Api_Key", "x_api_key"])
+def test_underscore_spellings_of_the_key_header_authenticate_nothing(registry, asgi_server, header):
+    # Given a valid key, and a proxy that would strip X-API-Key but not its underscore spellings
+    _, raw_key = ApiKey.objects.create_key(name="c")
+    url = f"{asgi_server.base_url}/api/v1/jobs"
+
+    # When the key comes in an underscore spelling, and then in the real one
+    aliased = requests.get(url, headers={header: raw_key}, timeout=10)
+    proper = requests.get(url, headers={"X-API-Key": raw_key}, timeout=10)
+
+    # Then only the real header authenticates
+    assert aliased.status_code == 401 and aliased.json()["error"]["code"] == "NOT_AUTHENTICATED"
+    assert proper.status_code == 200
+
+
+@pytest.mark.django_db(transaction=True)
+def test_an_underscore_spelling_cannot_pose_as_a_proxy_header(registry, asgi_server, settings):
+    settings.SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
+    _, raw_key = ApiKey.objects.create_key(name="c")
+
+    response = requests.post(
+        f"{asgi_server.base_url}/api/v1/jobs", json={"feature_name": "business_plan", "input_data": {}},
+        headers={"X-API-Key": raw_key, "X_Forwarded_Proto": "https"}, timeout=10,
+    )
+
+    assert response.status_code == 201 and response.json()["monitor_url"].startswith("ws://")
