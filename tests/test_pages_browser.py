@@ -163,3 +163,34 @@ def test_a_page_on_another_port_cannot_watch_a_job_with_the_staff_cookie(page, a
     assert outcome == "closed 4401"
     page.goto(f"{asgi_server.base_url}/jobs/{job.pk}/")
     page.wait_for_selector('#connection:text-is("live")')
+
+
+def test_the_pages_policy_lets_their_scripts_connect_to_their_own_origin_only(page, asgi_server, registry, staff_user):
+    from jobs.monitor import monitor_token
+    from orchestration.dispatch import submit_job
+
+    # Given a job page, live over its own origin (ws://127.0.0.1:<port>)
+    login(page, asgi_server.base_url, "ops", "ops-password")
+    job, _ = submit_job(feature_name="business_plan", input_data={})
+    page.goto(f"{asgi_server.base_url}/jobs/{job.pk}/")
+    page.wait_for_selector('#connection:text-is("live")')
+
+    # When a script on it (say, an injected one) opens a socket to another origin: the
+    # same server, named localhost, with a valid token
+    elsewhere = f"ws://localhost:{asgi_server.port}/ws/{job.pk}?token={monitor_token(job.pk)}"
+    outcome = page.evaluate(
+        """(url) => new Promise((resolve) => {
+            document.addEventListener("securitypolicyviolation", (e) => resolve("blocked " + e.violatedDirective));
+            setTimeout(() => resolve("no outcome within 10 s"), 10000);
+            try {
+                const socket = new WebSocket(url);
+                socket.onopen = () => resolve("open");
+            } catch (error) {
+                resolve("blocked " + error.name);
+            }
+        })""",
+        elsewhere,
+    )
+
+    # Then the Content-Security-Policy blocks it
+    assert outcome.startswith("blocked"), outcome

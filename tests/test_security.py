@@ -483,6 +483,8 @@ def test_html_pages_carry_security_headers(client, make_staff):
         assert response.status_code == 200, url
         assert "default-src 'self'" in response["Content-Security-Policy"], url
         assert "frame-ancestors 'none'" in response["Content-Security-Policy"]
+        # WebSockets and fetches go to the page's own origin only, not to any ws:/wss: host
+        assert "connect-src 'self';" in response["Content-Security-Policy"] + ";", url
         assert response["X-Frame-Options"] == "DENY"
         assert response["X-Content-Type-Options"] == "nosniff"
         assert response["Referrer-Policy"] == "same-origin"
