@@ -277,6 +277,9 @@ CAO_MONITOR_TOKEN_MAX_AGE_S = env_int("CAO_MONITOR_TOKEN_MAX_AGE_S", 24 * 3600)
 CAO_MAX_BODY_BYTES = env_int("CAO_MAX_BODY_BYTES", 256 * 1024)
 DATA_UPLOAD_MAX_MEMORY_SIZE = CAO_MAX_BODY_BYTES
 CAO_MAX_INPUT_BYTES = env_int("CAO_MAX_INPUT_BYTES", 64 * 1024)
+# A request's line and headers together; beyond, 431 before the app runs
+# (common.http_protocol, the API server's HTTP protocol).
+CAO_MAX_HEADER_BYTES = env_int("CAO_MAX_HEADER_BYTES", 64 * 1024)
 CAO_MAX_INPUT_DEPTH = env_int("CAO_MAX_INPUT_DEPTH", 32)
 # Requests per client (API key, else staff user, else IP), DRF rate syntax
 # ("600/min"); "none" turns a limit off. Job creation has its own, lower one.

@@ -577,3 +577,140 @@ def test_an_underscore_spelling_cannot_pose_as_a_proxy_header(registry, asgi_ser
     )
 
     assert response.status_code == 201 and response.json()["monitor_url"].startswith("ws://")
+
+
+# --- Request heads: bounded before the app runs -----------------------------------------------
+
+
+class ApiProcess:
+    """The API server started as a process, the way ``launcher`` starts it: the local stack or the container."""
+
+    def __init__(self, launcher, tmp_path, env=None):
+        import os
+        import subprocess
+        import sys
+        from pathlib import Path
+
+        from scripts.stack import stack_processes
+        from scripts.testbed import free_port
+
+        root = Path(__file__).resolve().parent.parent
+        self.port = free_port()
+        self.base_url = f"http://127.0.0.1:{self.port}"
+        bin_dir = os.path.dirname(sys.executable)
+        self.env = {
+            **os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "CAO_ENV_FILE": "", "PYTHONUNBUFFERED": "1",
+            "CAO_CHECK_BACKENDS_ON_START": "false", "SECRET_KEY": "test-secret", **(env or {}),
+        }
+        if launcher == "stack":
+            (spec,) = [
+                spec
+                for spec in stack_processes(python=sys.executable, host="127.0.0.1", port=self.port, simulator_port=1)
+                if spec.name == "api"
+            ]
+            command = spec.command
+        else:  # the container's entrypoint, as docker-compose runs it
+            command = ["sh", str(root / "docker-entrypoint.sh"), "api"]
+            self.env.update(HOST="127.0.0.1", PORT=str(self.port), RUN_MIGRATIONS_ON_STARTUP="false")
+        self.log_path = tmp_path / f"api-{launcher}.log"
+        with open(self.log_path, "wb") as log:
+            self.process = subprocess.Popen(command, cwd=root, env=self.env, stdout=log, stderr=subprocess.STDOUT)
+
+    def __enter__(self):
+        from scripts.testbed import wait_until
+
+        def healthy():
+            assert self.process.poll() is None, self.log()
+            try:
+                return requests.get(f"{self.base_url}/api/v1/health", timeout=1).ok
+            except requests.RequestException:
+                return False
+
+        wait_until(healthy, timeout=30, interval=0.1, message="the API process to answer")
+        return self
+
+    def __exit__(self, *exc_info):
+        self.process.terminate()
+        try:
+            self.process.wait(10)
+        except Exception:
+            self.process.kill()
+            self.process.wait(10)
+
+    def log(self):
+        return self.log_path.read_text(errors="replace")
+
+    def peak_rss_kb(self):
+        with open(f"/proc/{self.process.pid}/status") as status:
+            return next(int(line.split()[1]) for line in status if line.startswith("VmHWM"))
+
+
+def send_oversized_header(port, megabytes):
+    """Send a request whose one header is ``megabytes`` long; ``(status line or None, seconds to the answer)``."""
+    import select
+    import socket
+    import time
+
+    started = time.monotonic()
+    chunk = b"a" * 65536
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        try:
+            sock.sendall(b"GET /api/v1/health HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Big: ")
+            for _ in range(megabytes * 16):
+                sock.sendall(chunk)
+                if select.select([sock], [], [], 0)[0]:
+                    break  # the server answered before the end: stop sending
+            else:
+                sock.sendall(b"\r\n\r\n")
+        except OSError:
+            pass  # the server closed the connection: its answer, if any, is still readable
+        try:
+            reply = sock.recv(4096)
+        except OSError:
+            reply = b""
+    return (reply.split(b"\r\n", 1)[0].decode() or None), time.monotonic() - started
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("launcher", ["stack", "entrypoint"])
+def test_oversized_headers_get_431_at_once_and_other_requests_go_on(tmp_path, launcher):
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ApiProcess(launcher, tmp_path) as api:
+        rss_before = api.peak_rss_kb()
+        # When three clients send 32 MB headers while another checks the health, over and over
+        with ThreadPoolExecutor(4) as pool:
+            floods = [pool.submit(lambda: [send_oversized_header(api.port, 32) for _ in range(3)]) for _ in range(3)]
+            health = []
+            while not all(flood.done() for flood in floods) or len(health) < 10:
+                started = time.monotonic()
+                ok = requests.get(f"{api.base_url}/api/v1/health", timeout=30).ok
+                health.append((ok, time.monotonic() - started))
+        answers = [answer for flood in floods for answer in flood.result()]
+        near_limit = requests.get(f"{api.base_url}/api/v1/health", headers={"X-Fits": "a" * 60_000}, timeout=10)
+        over_limit = requests.get(f"{api.base_url}/api/v1/health", headers={"X-Over": "a" * 70_000}, timeout=10)
+        rss_growth_mb = (api.peak_rss_kb() - rss_before) / 1024
+
+    # Then each oversized request is refused with 431 within a moment (about 5 ms measured),
+    # the health checks are answered as usual, and the process does not grow
+    assert {status for status, _ in answers} == {"HTTP/1.1 431 Request Header Fields Too Large"}, api.log()
+    assert max(seconds for _, seconds in answers) < 1.0
+    assert all(ok for ok, _ in health) and max(seconds for _, seconds in health) < 1.0, health
+    assert near_limit.status_code == 200
+    assert over_limit.status_code == 431 and over_limit.json()["error"] == {
+        "code": "HEADERS_TOO_LARGE",
+        "message": "The request line and headers exceed 65536 bytes.",
+        "details": {"limit_bytes": 65536},
+    }
+    assert rss_growth_mb < 30, f"the API process grew by {rss_growth_mb:.0f} MB"
+
+
+@pytest.mark.slow
+def test_the_header_limit_is_a_setting(tmp_path):
+    with ApiProcess("stack", tmp_path, env={"CAO_MAX_HEADER_BYTES": "4096"}) as api:
+        fits = requests.get(f"{api.base_url}/api/v1/health", headers={"X-Fits": "a" * 3000}, timeout=10)
+        over = requests.get(f"{api.base_url}/api/v1/health", headers={"X-Over": "a" * 5000}, timeout=10)
+
+    assert fits.status_code == 200
+    assert over.status_code == 431 and over.json()["error"]["details"] == {"limit_bytes": 4096}
