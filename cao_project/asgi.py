@@ -27,7 +27,12 @@ from django.conf import settings  # noqa: E402
 from cao_project.backends import require_backends  # noqa: E402
 from common.asgi_body_limit import RequestBodyLimit  # noqa: E402
 from common.asgi_headers import DropUnderscoreHeaders  # noqa: E402
+from common.logs import SERVER_LOGGERS, redact_loggers  # noqa: E402
 from jobs.routing import websocket_urlpatterns  # noqa: E402
+
+# uvicorn configured its own loggers before Django's; their lines carry URLs
+# (monitor tokens, keys sent as query parameters): mask them as ours are.
+redact_loggers(*SERVER_LOGGERS)
 
 if settings.CAO_CHECK_BACKENDS_ON_START:
     require_backends()

@@ -714,3 +714,92 @@ def test_the_header_limit_is_a_setting(tmp_path):
 
     assert fits.status_code == 200
     assert over.status_code == 431 and over.json()["error"]["details"] == {"limit_bytes": 4096}
+
+
+# --- Credentials in the servers' logs -----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "line, masked",
+    [
+        ('"WebSocket /ws/1b0c?token=IjFiMGMi:1uX:sig-_x" [accepted]', '"WebSocket /ws/1b0c?token=***" [accepted]'),
+        ("GET /api/v1/jobs?status=FAILED&api_key=anything HTTP/1.1", "GET /api/v1/jobs?status=FAILED&api_key=*** HTTP/1.1"),
+        ("GET /api/v1/jobs?Token=x&after=3 HTTP/1.1", "GET /api/v1/jobs?Token=***&after=3 HTTP/1.1"),
+        ("Sent job_id=1 step_index=0 token=5 to queue default", "Sent job_id=1 step_index=0 token=5 to queue default"),
+    ],
+)
+def test_credential_query_parameters_are_masked(line, masked):
+    from common.logs import redact
+
+    assert redact(line) == masked
+
+
+def test_uvicorns_access_lines_are_masked_and_still_format():
+    from uvicorn.logging import AccessFormatter
+
+    from common.logs import redact_loggers
+
+    # Given uvicorn's access logger, as uvicorn configures it, with the filter the API process puts on it
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(AccessFormatter('%(client_addr)s - "%(request_line)s" %(status_code)s', use_colors=False))
+    access = logging.getLogger("uvicorn.access")
+    saved = access.handlers, access.propagate, access.level
+    access.handlers, access.propagate = [handler], False
+    access.setLevel(logging.INFO)
+    redact_loggers("uvicorn.access")
+    _, raw_key = ApiKey.objects.create_key(name="c")
+    try:
+        # When a request with a key in its query string is logged
+        access.info('%s - "%s %s HTTP/%s" %d', "127.0.0.1:5000", "GET", f"/api/v1/jobs?api_key={raw_key}", "1.1", 200)
+    finally:
+        access.handlers, access.propagate, _ = saved
+        access.setLevel(saved[2])
+
+    # Then the line is uvicorn's, without the key
+    assert stream.getvalue() == '127.0.0.1:5000 - "GET /api/v1/jobs?api_key=*** HTTP/1.1" 200 OK\n'
+
+
+@pytest.mark.e2e
+@pytest.mark.slow
+@pytest.mark.django_db(transaction=True)
+def test_no_key_nor_monitor_token_in_any_process_log_after_a_run(testbed, tmp_path):
+    import asyncio
+
+    from websockets.asyncio.client import connect
+
+    async def watch_to_the_end(monitor_url):
+        async with connect(monitor_url, open_timeout=10) as socket:
+            while json.loads(await asyncio.wait_for(socket.recv(), 60))["type"] != "JOB_COMPLETED":
+                pass
+
+    # Given the whole stack as processes, and a second API started as the container starts it
+    # (uvicorn's access log on), both against the same database and Redis
+    with testbed() as bed:
+        shared = {name: bed.env[name] for name in ("DATABASE_URL", "REDIS_URL", "BROKER_URL", "SECRET_KEY")}
+        with ApiProcess("entrypoint", tmp_path, env=shared) as container_api:
+            # When a client uses both as clients do: a key in the header, a key where it does not
+            # belong (the query string), and each job's monitor_url until the job completes
+            secrets_seen = [bed.api_key]
+            for base_url in (bed.base_url, container_api.base_url):
+                created = requests.post(
+                    f"{base_url}/api/v1/jobs", json={"feature_name": "viral_video", "input_data": {}},
+                    headers={"X-API-Key": bed.api_key}, timeout=30,
+                ).json()
+                monitor_url = created["monitor_url"]
+                secrets_seen.append(monitor_url.split("token=")[1])
+                asyncio.run(watch_to_the_end(monitor_url))
+                requests.get(f"{base_url}/api/v1/jobs?api_key={bed.api_key}", timeout=10)
+                requests.get(f"{base_url}/api/v1/nowhere?token={secrets_seen[-1]}", timeout=10)
+        container_log = container_api.log()
+    logs = {path.name: path.read_text(errors="replace") for path in (tmp_path / "logs").glob("*.log")}
+    logs["container api"] = container_log
+
+    # Then no process logged a key or a token, though the lines that carried them were logged
+    assert {"api.log", "worker_default.log", "worker_heavy.log", "scheduler.log", "simulator.log"} <= set(logs)
+    for name, text in logs.items():
+        for secret in secrets_seen:
+            assert secret not in text, f"{name} has {secret[:12]}…"
+            assert secret.rsplit(":", 1)[-1] not in text, f"{name} has a token's signature"
+    assert "?token=***" in logs["api.log"] and "?token=***" in logs["container api"]
+    assert "api_key=***" in logs["container api"]
