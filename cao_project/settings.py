@@ -8,6 +8,7 @@ prefixed ``CAO_``.
 
 import os
 import re
+from datetime import timedelta
 from pathlib import Path
 
 import dj_database_url
@@ -101,6 +102,8 @@ INSTALLED_APPS = [
     "orchestration",
     "simulator",
     "ops",
+    # Admin login lockout (see AXES_* below).
+    "axes",
 ]
 
 MIDDLEWARE = [
@@ -115,6 +118,14 @@ MIDDLEWARE = [
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
     "csp.middleware.CSPMiddleware",
+    # Last, as django-axes asks: turns a locked-out login into its 429.
+    "axes.middleware.AxesMiddleware",
+]
+
+AUTHENTICATION_BACKENDS = [
+    # Refuses logins of a locked-out username and address before checking the password.
+    "axes.backends.AxesStandaloneBackend",
+    "django.contrib.auth.backends.ModelBackend",
 ]
 
 ROOT_URLCONF = "cao_project.urls"
@@ -316,6 +327,15 @@ CONTENT_SECURITY_POLICY = {
         "base-uri": ["'self'"],
     },
 }
+
+# Admin logins (django-axes): after CAO_LOGIN_FAILURE_LIMIT failures for one
+# username from one address, that pair gets 429 for CAO_LOGIN_COOLOFF_MINUTES,
+# the right password included; a success resets the count. Attempts are
+# rows in PostgreSQL, listed (and deletable, to unlock) in the admin.
+AXES_FAILURE_LIMIT = env_int("CAO_LOGIN_FAILURE_LIMIT", 5)
+AXES_COOLOFF_TIME = timedelta(minutes=env_float("CAO_LOGIN_COOLOFF_MINUTES", 15))
+AXES_LOCKOUT_PARAMETERS = [["username", "ip_address"]]
+AXES_RESET_ON_SUCCESS = True
 
 # Behind a TLS-terminating proxy that sets X-Forwarded-Proto, monitor_url uses wss://.
 if env_bool("CAO_TRUST_X_FORWARDED_PROTO", False):

@@ -803,3 +803,48 @@ def test_no_key_nor_monitor_token_in_any_process_log_after_a_run(testbed, tmp_pa
             assert secret.rsplit(":", 1)[-1] not in text, f"{name} has a token's signature"
     assert "?token=***" in logs["api.log"] and "?token=***" in logs["container api"]
     assert "api_key=***" in logs["container api"]
+
+
+# --- Admin logins ---------------------------------------------------------------------------------
+
+
+def admin_login(session, base_url, username, password):
+    session.get(f"{base_url}/admin/login/", timeout=10)
+    return session.post(
+        f"{base_url}/admin/login/",
+        data={"username": username, "password": password, "next": "/admin/",
+              "csrfmiddlewaretoken": session.cookies.get("csrftoken", "")},
+        timeout=10,
+        allow_redirects=False,
+    )
+
+
+@pytest.mark.django_db(transaction=True)
+def test_repeated_failed_admin_logins_are_locked_out_with_429(asgi_server, make_staff, settings):
+    # Given a staff account, and a limit of 5 failures per username and address
+    settings.AXES_FAILURE_LIMIT = 5
+    make_staff("ops", "jobs.view_job", password="the-right-one")
+    session = requests.Session()
+
+    # When someone keeps guessing its password
+    guesses = [admin_login(session, asgi_server.base_url, "ops", f"guess-{n}").status_code for n in range(8)]
+    right_one = admin_login(session, asgi_server.base_url, "ops", "the-right-one")
+
+    # Then the guesses after the fifth get 429, even the right password, while other accounts log in
+    assert guesses == [200] * 4 + [429] * 4
+    assert right_one.status_code == 429 and "too many login attempts" in right_one.text
+    make_staff("oncall", password="theirs")
+    assert admin_login(requests.Session(), asgi_server.base_url, "oncall", "theirs").status_code == 302
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_successful_login_resets_the_failure_count(asgi_server, make_staff, settings):
+    settings.AXES_FAILURE_LIMIT = 3
+    make_staff("ops", password="pw-right")
+    session = requests.Session()
+
+    before = [admin_login(session, asgi_server.base_url, "ops", "wrong").status_code for _ in range(2)]
+    assert admin_login(session, asgi_server.base_url, "ops", "pw-right").status_code == 302
+    after = [admin_login(requests.Session(), asgi_server.base_url, "ops", "wrong").status_code for _ in range(2)]
+
+    assert before == after == [200, 200]
