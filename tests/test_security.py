@@ -490,6 +490,60 @@ def test_html_pages_carry_security_headers(client, make_staff):
         assert response["Referrer-Policy"] == "same-origin"
 
 
+# --- What the probe found to hold: stored XSS, open redirects -------------------------------------
+
+HOSTILE = '<script>alert(1)</script><img src=x onerror=alert(2)>"\'>'
+
+
+def test_hostile_text_in_a_job_is_escaped_on_every_page(registry, client, django_user_model):
+    # Given a job whose input, idempotency key, error and events carry markup (errors come from downstream)
+    from jobs.events import append_events, event
+    from orchestration.dispatch import submit_job
+
+    job, _ = submit_job(feature_name="business_plan", input_data={"name": HOSTILE}, idempotency_key=HOSTILE[:60])
+    fail_job(job.pk, retryable=True)
+    Job.objects.filter(pk=job.pk).update(error_message=HOSTILE, error_code="X<b>Y")
+    locked = Job.objects.get(pk=job.pk)
+    append_events(locked, event("STEP_RETRYING", step_index=0, message=HOSTILE))
+    locked.save(update_fields=["last_event_seq"])
+    client.force_login(django_user_model.objects.create_superuser("root", "r@example.com", "pw"))
+
+    # When ops open the pages and the admin that show it
+    pages = {
+        url: client.get(url).content.decode()
+        for url in ("/jobs/", f"/jobs/{job.pk}/", "/admin/jobs/job/", f"/admin/jobs/job/{job.pk}/change/")
+    }
+
+    # Then the markup is shown as text, never as markup
+    for url, page in pages.items():
+        assert "<script>alert(1)" not in page and "<img src=x" not in page and "X<b>Y" not in page, url
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in pages[f"/jobs/{job.pk}/"]
+    assert "&lt;script&gt;alert(1)" in pages[f"/admin/jobs/job/{job.pk}/change/"]
+
+
+@pytest.mark.parametrize("target", ["https://evil.example/", "//evil.example/", "/\\evil.example/", "http:evil.example"])
+def test_logins_and_admin_buttons_never_redirect_off_site(registry, client, django_user_model, target):
+    from urllib.parse import quote
+
+    django_user_model.objects.create_superuser("root", "r@example.com", "pw")
+    login = client.post(f"/admin/login/?next={quote(target)}", {"username": "root", "password": "pw", "next": target})
+    job = create_failed_job()
+    operate = client.post(f"/admin/jobs/job/{job.pk}/operate/cancel/?_changelist_filters={quote(target)}")
+
+    for response in (login, operate):
+        assert response.status_code == 302
+        assert response["Location"].startswith("/") and not response["Location"].startswith("//")
+        assert "evil.example" not in response["Location"].split("?")[0]
+
+
+def create_failed_job():
+    from orchestration.dispatch import submit_job
+
+    job, _ = submit_job(feature_name="business_plan", input_data={})
+    fail_job(job.pk, retryable=True)
+    return job
+
+
 # --- Secrets ------------------------------------------------------------------------------
 
 
