@@ -27,8 +27,11 @@ if [ "${1:-api}" = "api" ]; then
     case "$(echo "${RUN_MIGRATIONS_ON_STARTUP:-true}" | tr '[:upper:]' '[:lower:]')" in
         1|true|yes|on) migrate_with_retries ;;
     esac
+    # h11 with a limit on request heads (431 beyond CAO_MAX_HEADER_BYTES):
+    # uvicorn's default parser reads a header of any size. As scripts/stack.py.
     exec uvicorn cao_project.asgi:application \
-        --host "${HOST:-0.0.0.0}" --port "${PORT:-8000}" --lifespan off --proxy-headers "$@"
+        --host "${HOST:-0.0.0.0}" --port "${PORT:-8000}" --lifespan off --proxy-headers \
+        --http common.http_protocol:H11Protocol "$@"
 fi
 
 exec "$@"

@@ -1,4 +1,10 @@
-"""DRF authentication by API key, and the permission every job endpoint uses."""
+"""DRF authentication by API key, and the permission every API endpoint uses.
+
+Callers are API keys (a client key acts on its own jobs, a staff key on all
+of them), staff users' sessions (the web pages; CSRF-checked), which get
+exactly the model permissions the admin grants them, or, only when
+CAO_ALLOW_ANONYMOUS is on, anonymous clients.
+"""
 
 from datetime import timedelta
 
@@ -43,8 +49,28 @@ class ApiKeyAuthentication(authentication.BaseAuthentication):
         return "Api-Key"
 
 
+def is_staff_session(user):
+    """Whether ``user`` is a logged-in, active staff user (an API key is not)."""
+    return (
+        not isinstance(user, ApiKey)
+        and getattr(user, "is_authenticated", False)
+        and getattr(user, "is_active", False)
+        and getattr(user, "is_staff", False)
+    )
+
+
+def session_has_any(user, permissions):
+    """Whether ``user`` is a staff session holding at least one of ``permissions`` (as the admin grants them)."""
+    return is_staff_session(user) and any(user.has_perm(permission) for permission in permissions)
+
+
 class IsApiClient(permissions.BasePermission):
-    """An API key, a staff session, or anonymous access when explicitly enabled."""
+    """An API key; a staff session holding a permission the view names; anonymous access when enabled.
+
+    A view lists what a session needs per method in ``session_permissions``,
+    e.g. ``{"GET": ("jobs.view_job", "jobs.change_job")}`` (any one will do).
+    A method it does not list is closed to sessions.
+    """
 
     message = "Send an API key as 'Authorization: Api-Key <key>' or 'X-API-Key: <key>'."
 
@@ -52,16 +78,31 @@ class IsApiClient(permissions.BasePermission):
         user = request.user
         if isinstance(user, ApiKey):
             return True
-        if getattr(user, "is_staff", False) and user.is_active:
-            return True
+        if is_staff_session(user):
+            method = "GET" if request.method in ("HEAD", "OPTIONS") else request.method
+            needed = getattr(view, "session_permissions", {}).get(method, ())
+            if session_has_any(user, needed):
+                return True
+            self.message = (
+                f"Your account needs the {' or '.join(needed)} permission; an administrator grants it in the admin."
+                if needed
+                else "This endpoint takes an API key, not a session."
+            )
+            return False
         return settings.CAO_ALLOW_ANONYMOUS
 
 
 def caller_scope(request):
-    """``(owner, is_staff)`` of the request: whose jobs it may see and act on."""
+    """``(owner, is_staff)`` of the request: whose jobs it may see and act on, and whether it may force.
+
+    A staff session reaches a view only with the permission the view names
+    (``IsApiClient``), and then acts as staff does.
+    """
     user = request.user
     if isinstance(user, ApiKey):
         return user, user.is_staff
-    if getattr(user, "is_staff", False):
+    if is_staff_session(user):
         return None, True
-    return None, False
+    # Anonymous clients (CAO_ALLOW_ANONYMOUS) share a key of their own, so
+    # they never see the jobs of staff sessions, which have no owner.
+    return ApiKey.objects.anonymous(), False

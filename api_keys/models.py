@@ -8,6 +8,12 @@ from django.db import models
 
 KEY_PREFIX_LENGTH = 8
 
+# The owner of jobs created without a key (CAO_ALLOW_ANONYMOUS), so they are
+# kept apart from the jobs of staff sessions, which have no owner. No raw key
+# matches it: generated prefixes are hex, and its hash is no SHA-256 digest.
+ANONYMOUS_PREFIX = "anon0000"
+UNUSABLE_HASH = "!"
+
 
 def hash_key(key):
     # Keys are 256-bit random strings, so a fast hash is enough: there is no
@@ -22,6 +28,14 @@ class ApiKeyManager(models.Manager):
         raw_key = api_key.set_new_key()
         api_key.save()
         return api_key, raw_key
+
+    def anonymous(self):
+        """The key that owns the jobs of anonymous clients (created on first use)."""
+        api_key, _ = self.get_or_create(
+            prefix=ANONYMOUS_PREFIX,
+            defaults={"name": "anonymous clients (CAO_ALLOW_ANONYMOUS)", "key_hash": UNUSABLE_HASH},
+        )
+        return api_key
 
 
 class ApiKey(models.Model):

@@ -5,6 +5,8 @@ would run in a thread made for it (asgiref's ThreadSensitiveContext), paying
 for the thread and, worse, for a new PostgreSQL connection per request, as
 persistent connections cannot outlive their thread. Through a2wsgi the WSGI
 handler runs on a fixed pool of threads, each keeping its connection.
+Before it, header names with underscores are dropped (they would alias
+hyphenated ones in the WSGI environ) and bodies are bounded.
 """
 
 import os
@@ -24,14 +26,22 @@ from django.conf import settings  # noqa: E402
 
 from common.backends import require_backends  # noqa: E402
 from common.asgi_body_limit import RequestBodyLimit  # noqa: E402
+from common.asgi_headers import DropUnderscoreHeaders  # noqa: E402
+from common.logs import SERVER_LOGGERS, redact_loggers  # noqa: E402
 from jobs.routing import websocket_urlpatterns  # noqa: E402
+
+# uvicorn configured its own loggers before Django's; their lines carry URLs
+# (monitor tokens, keys sent as query parameters): mask them as ours are.
+redact_loggers(*SERVER_LOGGERS)
 
 if settings.CAO_CHECK_BACKENDS_ON_START:
     require_backends()
 
 application = ProtocolTypeRouter(
     {
-        "http": RequestBodyLimit(WSGIMiddleware(django_application, workers=settings.CAO_HTTP_THREADS)),
+        "http": DropUnderscoreHeaders(
+            RequestBodyLimit(WSGIMiddleware(django_application, workers=settings.CAO_HTTP_THREADS))
+        ),
         # Sessions let staff watch jobs from the web pages; API clients use
         # the monitor token in monitor_url instead (checked by the consumer).
         "websocket": AuthMiddlewareStack(URLRouter(websocket_urlpatterns)),

@@ -8,6 +8,7 @@ prefixed ``CAO_``.
 
 import os
 import re
+from datetime import timedelta
 from pathlib import Path
 
 import dj_database_url
@@ -101,6 +102,8 @@ INSTALLED_APPS = [
     "orchestration",
     "simulator",
     "ops",
+    # Admin login lockout (see AXES_* below).
+    "axes",
 ]
 
 MIDDLEWARE = [
@@ -115,6 +118,14 @@ MIDDLEWARE = [
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
     "csp.middleware.CSPMiddleware",
+    # Last, as django-axes asks: turns a locked-out login into its 429.
+    "axes.middleware.AxesMiddleware",
+]
+
+AUTHENTICATION_BACKENDS = [
+    # Refuses logins of a locked-out username and address before checking the password.
+    "axes.backends.AxesStandaloneBackend",
+    "django.contrib.auth.backends.ModelBackend",
 ]
 
 ROOT_URLCONF = "cao_project.urls"
@@ -292,6 +303,9 @@ CAO_MONITOR_TOKEN_MAX_AGE_S = env_int("CAO_MONITOR_TOKEN_MAX_AGE_S", 24 * 3600)
 CAO_MAX_BODY_BYTES = env_int("CAO_MAX_BODY_BYTES", 256 * 1024)
 DATA_UPLOAD_MAX_MEMORY_SIZE = CAO_MAX_BODY_BYTES
 CAO_MAX_INPUT_BYTES = env_int("CAO_MAX_INPUT_BYTES", 64 * 1024)
+# A request's line and headers together; beyond, 431 before the app runs
+# (common.http_protocol, the API server's HTTP protocol).
+CAO_MAX_HEADER_BYTES = env_int("CAO_MAX_HEADER_BYTES", 64 * 1024)
 CAO_MAX_INPUT_DEPTH = env_int("CAO_MAX_INPUT_DEPTH", 32)
 # Requests per client (API key, else staff user, else IP), DRF rate syntax
 # ("600/min"); "none" turns a limit off. Job creation has its own, lower one.
@@ -318,19 +332,30 @@ X_FRAME_OPTIONS = "DENY"
 SECURE_CONTENT_TYPE_NOSNIFF = True
 SECURE_REFERRER_POLICY = "same-origin"
 # Content-Security-Policy of HTML pages (django-csp): our pages load only
-# their own scripts and styles and open WebSockets to this host.
+# their own scripts and styles, and connect (fetch and WebSocket) only to
+# their own origin: in CSP Level 3, 'self' covers ws:// and wss:// of the
+# page's own host and port.
 CONTENT_SECURITY_POLICY = {
     "DIRECTIVES": {
         "default-src": ["'self'"],
         "script-src": ["'self'"],
         "style-src": ["'self'", "'unsafe-inline'"],
         "img-src": ["'self'", "data:"],
-        "connect-src": ["'self'", "ws:", "wss:"],
+        "connect-src": ["'self'"],
         "frame-ancestors": ["'none'"],
         "form-action": ["'self'"],
         "base-uri": ["'self'"],
     },
 }
+
+# Admin logins (django-axes): after CAO_LOGIN_FAILURE_LIMIT failures for one
+# username from one address, that pair gets 429 for CAO_LOGIN_COOLOFF_MINUTES,
+# the right password included; a success resets the count. Attempts are
+# rows in PostgreSQL, listed (and deletable, to unlock) in the admin.
+AXES_FAILURE_LIMIT = env_int("CAO_LOGIN_FAILURE_LIMIT", 5)
+AXES_COOLOFF_TIME = timedelta(minutes=env_float("CAO_LOGIN_COOLOFF_MINUTES", 15))
+AXES_LOCKOUT_PARAMETERS = [["username", "ip_address"]]
+AXES_RESET_ON_SUCCESS = True
 
 # Behind a TLS-terminating proxy that sets X-Forwarded-Proto, monitor_url uses wss://.
 if env_bool("CAO_TRUST_X_FORWARDED_PROTO", False):

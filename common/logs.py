@@ -4,8 +4,11 @@
 fields for everything logged inside it (in this thread or task), and
 ``bind(...)`` adds to the innermost binding. ``JobContextFilter`` puts the
 fields on every record: the readable format appends them, the JSON format
-emits them as keys. ``RedactSecretsFilter`` masks INTERNAL_API_KEY and
-anything shaped like an API key before a line is written.
+emits them as keys. ``RedactSecretsFilter`` masks INTERNAL_API_KEY,
+anything shaped like an API key, and the values of credential-bearing query
+parameters (``?token=``, ``api_key=``, ...) before a line is written;
+``redact_loggers`` puts it on loggers outside Django's configuration, such
+as uvicorn's access and error logs, whose lines carry request URLs.
 """
 
 import contextvars
@@ -17,6 +20,11 @@ from django.conf import settings
 
 JOB_FIELDS = ("job_id", "step_index", "service", "attempt")
 API_KEY_PATTERN = re.compile(r"cao_[0-9a-f]{8}_[A-Za-z0-9_\-]{20,}")
+# The value of a query parameter that carries a credential, e.g. the monitor
+# token of /ws/<job_id>?token=... (a plain "token=3" in a sentence is left alone).
+CREDENTIAL_PARAMETER_PATTERN = re.compile(
+    r"(?i)([?&](?:token|access_token|api_key|apikey|api-key|key|password|secret)=)[^&\s\"'#]+"
+)
 
 _context = contextvars.ContextVar("cao_log_context", default=None)
 
@@ -53,9 +61,19 @@ class JobContextFilter(logging.Filter):
 
 
 class RedactSecretsFilter(logging.Filter):
-    """Masks INTERNAL_API_KEY and API keys in the message and traceback text."""
+    """Masks secrets in the message and traceback text.
+
+    String arguments are masked in place, so formatters that read
+    ``record.args`` themselves (uvicorn's access log) keep working; a secret
+    that only shows once the message is formatted collapses the record to
+    its masked text.
+    """
 
     def filter(self, record):
+        if isinstance(record.args, tuple):
+            record.args = tuple(redact(arg) if isinstance(arg, str) else arg for arg in record.args)
+        elif isinstance(record.args, dict):
+            record.args = {key: redact(arg) if isinstance(arg, str) else arg for key, arg in record.args.items()}
         message = record.getMessage()
         redacted = redact(message)
         if redacted != message:
@@ -71,4 +89,22 @@ def redact(text):
     secret = getattr(settings, "INTERNAL_API_KEY", "")
     if secret:
         text = text.replace(secret, "***")
+    text = CREDENTIAL_PARAMETER_PATTERN.sub(r"\1***", text)
     return API_KEY_PATTERN.sub("cao_***", text)
+
+
+# uvicorn's loggers: its error log carries every WebSocket URL, its access
+# log every request's, query string included.
+SERVER_LOGGERS = ("uvicorn", "uvicorn.error", "uvicorn.access", "uvicorn.asgi")
+
+
+def redact_loggers(*names):
+    """Put RedactSecretsFilter on the loggers ``names`` (once), whatever handlers they have.
+
+    A logger's filters see the records logged on it, not those of its
+    children, hence one name per logger that writes.
+    """
+    for name in names:
+        logger = logging.getLogger(name)
+        if not any(isinstance(existing, RedactSecretsFilter) for existing in logger.filters):
+            logger.addFilter(RedactSecretsFilter())

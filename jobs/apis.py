@@ -14,6 +14,7 @@ from common.errors import InvalidInput
 from jobs import selectors
 from jobs.models import JobStatus
 from jobs.monitor import monitor_url
+from jobs.permissions import OPERATE_JOBS, READ_JOBS, START_JOBS
 from jobs.services import FEATURE_NAME
 from orchestration import dispatch
 
@@ -88,6 +89,8 @@ class JobDetailSerializer(JobSummarySerializer):
 class JobCreateApi(APIView):
     """Start a feature. Send ``Idempotency-Key`` to make retries of this request safe."""
 
+    session_permissions = {"POST": START_JOBS}
+
     class JobCreateInputSerializer(serializers.Serializer):
         feature_name = serializers.RegexField(
             rf"^{FEATURE_NAME.pattern}$", help_text="A feature from GET /api/v1/features, e.g. business_plan."
@@ -128,7 +131,7 @@ class JobCreateApi(APIView):
         body = {
             "success": True,
             "job_id": job.id,
-            "monitor_url": monitor_url(request, job.id),
+            "monitor_url": monitor_url(request, job.id, key=owner),
             "status": job.status,
         }
         return Response(
@@ -187,6 +190,8 @@ FEATURE_FILTER_PATTERN = rf"^(?:{FEATURE_NAME.pattern})?$"
 class JobListApi(APIView):
     """Your jobs, newest first (staff keys see everyone's)."""
 
+    session_permissions = {"GET": READ_JOBS}
+
     class JobListFilterSerializer(serializers.Serializer):
         # Blank means "any", as an HTML form's empty option sends it.
         status = serializers.ChoiceField(choices=JobStatus.choices, required=False, allow_blank=True)
@@ -230,6 +235,8 @@ class JobListApi(APIView):
 
 
 class JobDetailApi(APIView):
+    session_permissions = {"GET": READ_JOBS}
+
     @extend_schema(summary="Get a job", responses=JobDetailSerializer)
     def get(self, request, job_id):
         owner, is_staff = caller_scope(request)
@@ -239,6 +246,8 @@ class JobDetailApi(APIView):
 
 class JobResumeApi(APIView):
     """Continue a FAILED job from its current step with a fresh attempt budget."""
+
+    session_permissions = {"POST": OPERATE_JOBS}
 
     class JobResumeInputSerializer(serializers.Serializer):
         force = serializers.BooleanField(
@@ -273,6 +282,8 @@ class JobResumeApi(APIView):
 class JobCancelApi(APIView):
     """Stop a job: no further step starts; a call already running finishes and is recorded."""
 
+    session_permissions = {"POST": OPERATE_JOBS}
+
     class JobCancelledSerializer(serializers.Serializer):
         success = serializers.BooleanField()
         job_id = serializers.UUIDField()
@@ -294,6 +305,8 @@ class JobCancelApi(APIView):
 
 class JobEventsApi(APIView):
     """The job's stored events with seq greater than ``after``, in order."""
+
+    session_permissions = {"GET": READ_JOBS}
 
     class JobEventsFilterSerializer(serializers.Serializer):
         after = serializers.IntegerField(min_value=0, required=False, default=0)
@@ -318,4 +331,5 @@ class JobEventsApi(APIView):
 class JobCollectionApi(JobListApi, JobCreateApi):
     """``/jobs``: GET lists (JobListApi), POST creates (JobCreateApi)."""
 
+    session_permissions = {**JobListApi.session_permissions, **JobCreateApi.session_permissions}
     throttle_classes = [ClientRateThrottle, JobCreateRateThrottle]

@@ -23,7 +23,7 @@ Close codes (the connection is accepted first so the code reaches the client):
 
 import asyncio
 import logging
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs
 
 from channels.db import database_sync_to_async
 from channels.exceptions import StopConsumer
@@ -32,12 +32,13 @@ from channels.layers import get_channel_layer
 from channels.utils import await_many_dispatch
 from django.conf import settings
 from django.db import DatabaseError
-from django.http.request import split_domain_port, validate_host
 from django.utils import timezone
 
+from common.origins import scope_origin_allowed
 from jobs import selectors
 from jobs.errors import JobNotFound
 from jobs.monitor import token_allows
+from jobs.permissions import may_read_jobs
 from jobs.publisher import group_name
 
 CLOSE_BAD_REQUEST = 4400
@@ -97,7 +98,7 @@ class JobProgressConsumer(AsyncJsonWebsocketConsumer):
         await self.accept()
         query = parse_qs(self.scope.get("query_string", b"").decode("latin1"))
         token = (query.get("token") or [""])[0]
-        if not (token_allows(token, self.job_id) or self._is_staff_from_allowed_origin()):
+        if not await database_sync_to_async(self._may_watch)(token):
             await self.close(code=CLOSE_UNAUTHORIZED)
             return
         try:
@@ -188,15 +189,15 @@ class JobProgressConsumer(AsyncJsonWebsocketConsumer):
             if len(events) < REPLAY_BATCH:
                 return
 
+    def _may_watch(self, token):
+        """The job's monitor token, or a staff session allowed to read jobs (runs in a thread: it queries)."""
+        return token_allows(token, self.job_id) or self._is_staff_from_allowed_origin()
+
     def _is_staff_from_allowed_origin(self):
-        user = self.scope.get("user")
-        if not (user and user.is_authenticated and user.is_staff):
-            return False
-        # A session cookie rides along with any page's WebSocket: accept it
-        # only from our own pages (cross-site WebSocket hijacking).
-        origin = dict(self.scope.get("headers", [])).get(b"origin", b"").decode("latin1")
-        domain, _ = split_domain_port(urlsplit(origin).netloc)
-        return bool(domain) and validate_host(domain, settings.ALLOWED_HOSTS)
+        # A session cookie rides along with any page's WebSocket, whatever its
+        # port or scheme: accept it only from our own origin (cross-site
+        # WebSocket hijacking), and only for users the admin lets read jobs.
+        return scope_origin_allowed(self.scope) and may_read_jobs(self.scope.get("user"))
 
 
 class UnknownRouteConsumer(AsyncWebsocketConsumer):

@@ -1,12 +1,19 @@
-"""Web pages for staff: recent jobs, and one job's live step timeline."""
+"""Web pages for staff: recent jobs, and one job's live step timeline.
+
+A page needs a staff login and then the job permissions the admin grants
+(``jobs.permissions``): reading to see anything, operating for the resume and
+cancel buttons, adding for the new-job form.
+"""
 
 from django.contrib.admin.views.decorators import staff_member_required
+from django.core.exceptions import PermissionDenied
 from django.shortcuts import redirect, render
 from django.views.decorators.http import require_GET
 
 from jobs import selectors
 from jobs.errors import JobNotFound
 from jobs.models import JobStatus
+from jobs.permissions import may_operate_jobs, may_read_jobs, may_start_jobs
 from jobs.services import FEATURE_NAME
 from services_registry.selectors import recipe_list
 
@@ -21,6 +28,7 @@ def home(request):
 @staff_member_required
 @require_GET
 def job_list_page(request):
+    _require_read(request)
     status = request.GET.get("status") or None
     feature_name = request.GET.get("feature") or None
     if status not in JobStatus.values:
@@ -34,6 +42,7 @@ def job_list_page(request):
         "features": [recipe.name for recipe in recipe_list(enabled_only=False)],
         "selected_status": status or "",
         "selected_feature": feature_name or "",
+        "may_start": may_start_jobs(request.user),
     }
     template = "jobs/_job_rows.html" if request.GET.get("partial") else "jobs/job_list.html"
     return render(request, template, context)
@@ -42,6 +51,7 @@ def job_list_page(request):
 @staff_member_required
 @require_GET
 def job_detail_page(request, job_id):
+    _require_read(request)
     try:
         job = selectors.job_get(job_id, is_staff=True)
     except JobNotFound:
@@ -53,5 +63,12 @@ def job_detail_page(request, job_id):
         # socket replays everything after job.last_event_seq, so an event
         # committed between the two reads must not be shown twice.
         "events": selectors.job_events(job.id, through=job.last_event_seq),
+        "may_operate": may_operate_jobs(request.user),
     }
     return render(request, "jobs/job_detail.html", context)
+
+
+def _require_read(request):
+    # The same answer for every job id: a refusal must not tell which jobs exist.
+    if not may_read_jobs(request.user):
+        raise PermissionDenied("Reading jobs needs the jobs.view_job permission.")

@@ -68,6 +68,17 @@ WORKER_POOLS = {"heavy": (1, 4), "medium": (1, 16), "default": (1, 16)}
 SERVICES = ["video_gen_v2", "fast_chat_llm", "summarizer_pro", "prompt_enhancer", "email_notifier"]
 
 
+# uvicorn's h11 protocol, with a limit on request heads (431 beyond
+# CAO_MAX_HEADER_BYTES): httptools, its default, reads a header of any size.
+# docker-entrypoint.sh passes the same options.
+API_SERVER_OPTIONS = ("--http", "common.http_protocol:H11Protocol")
+
+
+def api_server_options(root):
+    """API_SERVER_OPTIONS, unless ``root`` is an older checkout without that protocol (a benchmark's "before")."""
+    return API_SERVER_OPTIONS if (Path(root) / "common" / "http_protocol.py").exists() else ()
+
+
 def simulator_env(env, simulator_port):
     """Point every service whose URL the caller did not set at the bundled simulator."""
     return {
@@ -108,6 +119,7 @@ def stack_processes(
             [
                 python, "-m", "uvicorn", "cao_project.asgi:application", "--app-dir", str(root),
                 "--host", host, "--port", str(port), "--lifespan", "off", "--no-access-log",
+                *api_server_options(root),
             ],
         ),
     ]

@@ -13,6 +13,9 @@ from services_registry.health import check_services
 class FeatureListApi(APIView):
     """The features (recipes) a client can start, with their steps."""
 
+    # What a staff session needs, as the admin grants it (any one will do).
+    session_permissions = {"GET": ("services_registry.view_recipe", "services_registry.change_recipe")}
+
     class FeatureSerializer(serializers.Serializer):
         name = serializers.CharField()
         description = serializers.CharField()
@@ -37,6 +40,8 @@ class FeatureListApi(APIView):
 class ServiceListApi(APIView):
     """The downstream services and their limits."""
 
+    session_permissions = {"GET": ("services_registry.view_service", "services_registry.change_service")}
+
     class ServiceSerializer(serializers.Serializer):
         name = serializers.CharField()
         queue = serializers.CharField()
@@ -55,6 +60,8 @@ class ServiceListApi(APIView):
 
 class ServiceHealthApi(APIView):
     """Checks every enabled service's health URL concurrently."""
+
+    session_permissions = ServiceListApi.session_permissions
 
     check_serializer = inline_serializer(
         "ServiceHealthCheck",

@@ -254,3 +254,21 @@ def testbed(private_redis, tmp_path, settings):
     return make
 
 
+
+
+# --- Staff users with exactly the permissions the admin would grant them ------------------------
+
+
+@pytest.fixture
+def make_staff(django_user_model):
+    """A factory of staff users: ``make_staff("ops", "jobs.view_job", password="pw")``."""
+    from django.contrib.auth.models import Permission
+
+    def make(username, *permissions, password="pw"):
+        user = django_user_model.objects.create_user(username, password=password, is_staff=True)
+        for permission in permissions:
+            app_label, codename = permission.split(".")
+            user.user_permissions.add(Permission.objects.get(content_type__app_label=app_label, codename=codename))
+        return user
+
+    return make

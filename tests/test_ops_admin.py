@@ -406,6 +406,17 @@ def test_staff_without_change_job_can_look_but_not_operate(viewer, registry):
     assert log_messages(job) == []
 
 
+def test_staff_without_job_permissions_see_no_job_nor_its_context(client, django_user_model, registry):
+    job = failed_job(topic="confidential")
+    client.force_login(staff_with(django_user_model, "nobody"))
+
+    assert client.get(JOBS).status_code == 403
+    detail = client.get(f"{JOBS}{job.pk}/change/")
+    assert detail.status_code == 403 and "confidential" not in detail.content.decode()
+    assert client.post(f"{JOBS}{job.pk}/operate/force-resume/").status_code == 403
+    assert Job.objects.get(pk=job.pk).status == JobStatus.FAILED
+
+
 def test_staff_with_change_job_can_operate_but_not_edit_services(operator, registry):
     job = failed_job()
 

@@ -9,8 +9,8 @@ pytestmark = pytest.mark.django_db
 
 
 @pytest.fixture
-def staff_client(client, django_user_model):
-    client.force_login(django_user_model.objects.create_user("ops", password="pw", is_staff=True))
+def staff_client(client, make_staff):
+    client.force_login(make_staff("ops", "jobs.view_job"))
     return client
 
 

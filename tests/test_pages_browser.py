@@ -16,8 +16,8 @@ pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.slow]
 
 
 @pytest.fixture
-def staff_user(django_user_model):
-    return django_user_model.objects.create_user("ops", password="ops-password", is_staff=True)
+def staff_user(make_staff):
+    return make_staff("ops", "jobs.view_job", "jobs.change_job", "jobs.add_job", password="ops-password")
 
 
 def steps_states(page):
@@ -87,3 +87,110 @@ def test_resume_a_failed_job_from_its_page(page, asgi_server, worker, simulator,
     page.wait_for_selector('#job-status:text-is("COMPLETED")', timeout=30_000)
     assert page.is_hidden("#error-box")
     assert steps_states(page) == ["done"] * 4
+
+
+def test_a_view_only_user_watches_live_without_buttons(page, asgi_server, worker, simulator, registry, make_staff):
+    from orchestration.dispatch import submit_job
+
+    make_staff("looker", "jobs.view_job", password="looker-password")
+    errors = []
+    page.on("pageerror", lambda error: errors.append(str(error)))
+    login(page, asgi_server.base_url, "looker", "looker-password")
+    job, _ = submit_job(feature_name="viral_video", input_data={})
+
+    page.goto(f"{asgi_server.base_url}/jobs/{job.pk}/")
+    page.wait_for_selector('#job-status:text-is("COMPLETED")', timeout=30_000)
+    page.goto(f"{asgi_server.base_url}/jobs/")
+    page.wait_for_selector(f'tr[data-job-id="{job.pk}"]')
+
+    assert page.query_selector("#cancel") is None and page.query_selector("#resume") is None
+    assert page.query_selector("#new-job") is None
+    assert errors == []
+
+
+class CrossPortPage:
+    """A page of another origin (same host, another port) that opens the job's socket with the browser's cookies."""
+
+    def __init__(self, ws_url):
+        import http.server
+        import threading
+
+        body = (
+            '<!doctype html><p id="outcome"></p><script>'
+            f'const socket = new WebSocket("{ws_url}");'
+            'const outcome = document.getElementById("outcome");'
+            'socket.onmessage = (m) => { outcome.textContent = "message " + JSON.parse(m.data).type; socket.close(); };'
+            'socket.onclose = (c) => { if (!outcome.textContent) outcome.textContent = "closed " + c.code; };'
+            "</script>"
+        ).encode()
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                self.send_response(200)
+                self.send_header("Content-Type", "text/html")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_port}/"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_a_page_on_another_port_cannot_watch_a_job_with_the_staff_cookie(page, asgi_server, registry, staff_user):
+    from orchestration.dispatch import submit_job
+
+    # Given a staff user logged in to the gateway, and a page served from another port of the same host
+    login(page, asgi_server.base_url, "ops", "ops-password")
+    job, _ = submit_job(feature_name="business_plan", input_data={"plan": "confidential"})
+    other = CrossPortPage(f"{asgi_server.ws_url}/ws/{job.pk}")
+
+    # When that page opens the job's socket (the browser sends the session cookie along)
+    try:
+        page.goto(other.url)
+        outcome = page.wait_for_selector("#outcome:not(:empty)").inner_text()
+    finally:
+        other.close()
+
+    # Then the socket is refused, while the gateway's own page still goes live
+    assert outcome == "closed 4401"
+    page.goto(f"{asgi_server.base_url}/jobs/{job.pk}/")
+    page.wait_for_selector('#connection:text-is("live")')
+
+
+def test_the_pages_policy_lets_their_scripts_connect_to_their_own_origin_only(page, asgi_server, registry, staff_user):
+    from jobs.monitor import monitor_token
+    from orchestration.dispatch import submit_job
+
+    # Given a job page, live over its own origin (ws://127.0.0.1:<port>)
+    login(page, asgi_server.base_url, "ops", "ops-password")
+    job, _ = submit_job(feature_name="business_plan", input_data={})
+    page.goto(f"{asgi_server.base_url}/jobs/{job.pk}/")
+    page.wait_for_selector('#connection:text-is("live")')
+
+    # When a script on it (say, an injected one) opens a socket to another origin: the
+    # same server, named localhost, with a valid token
+    elsewhere = f"ws://localhost:{asgi_server.port}/ws/{job.pk}?token={monitor_token(job.pk)}"
+    outcome = page.evaluate(
+        """(url) => new Promise((resolve) => {
+            document.addEventListener("securitypolicyviolation", (e) => resolve("blocked " + e.violatedDirective));
+            setTimeout(() => resolve("no outcome within 10 s"), 10000);
+            try {
+                const socket = new WebSocket(url);
+                socket.onopen = () => resolve("open");
+            } catch (error) {
+                resolve("blocked " + error.name);
+            }
+        })""",
+        elsewhere,
+    )
+
+    # Then the Content-Security-Policy blocks it
+    assert outcome.startswith("blocked"), outcome

@@ -196,14 +196,14 @@ def test_an_expired_token_is_refused(registry, settings):
     assert async_to_sync(scenario)()["code"] == CLOSE_UNAUTHORIZED
 
 
-def staff_scope(django_user_model, origin):
-    user = django_user_model.objects.create_user("ops", password="pw", is_staff=True)
-    return {"user": user, "headers": [(b"origin", origin.encode()), (b"host", b"localhost")]}
+def staff_scope(make_staff, origin, *permissions, host=b"localhost:8000"):
+    user = make_staff("ops", *(permissions or ("jobs.view_job",)))
+    return {"user": user, "headers": [(b"origin", origin.encode()), (b"host", host)]}
 
 
-def test_staff_sessions_from_our_own_pages_need_no_token(registry, django_user_model):
+def test_staff_sessions_from_our_own_pages_need_no_token(registry, make_staff):
     job = new_job(registry)
-    scope = staff_scope(django_user_model, "http://localhost:8000")
+    scope = staff_scope(make_staff, "http://localhost:8000")
 
     async def scenario():
         socket = await open_socket(path(job.pk), **scope)
@@ -214,9 +214,41 @@ def test_staff_sessions_from_our_own_pages_need_no_token(registry, django_user_m
     assert async_to_sync(scenario)()["type"] == "WS_CONNECTED"
 
 
-def test_staff_sessions_from_another_site_are_refused(registry, django_user_model):
+def test_staff_sessions_from_another_site_are_refused(registry, make_staff):
     job = new_job(registry)
-    scope = staff_scope(django_user_model, "https://evil.example")
+    scope = staff_scope(make_staff, "https://evil.example")
+
+    async def scenario():
+        socket = await open_socket(path(job.pk), **scope)
+        return await socket.receive_output(timeout=5)
+
+    assert async_to_sync(scenario)()["code"] == CLOSE_UNAUTHORIZED
+
+
+@pytest.mark.parametrize(
+    "origin, host",
+    [
+        ("http://localhost:9999", b"localhost:8000"),  # the same host, another port
+        ("https://127.0.0.1:1", b"127.0.0.1:8000"),  # another scheme and port
+        ("https://localhost:8000", b"localhost:8000"),  # another scheme only
+        ("http://localhost:8000", b"evil.example:8000"),  # a Host that is not ours
+        ("null", b"localhost:8000"),  # a sandboxed or file:// page
+    ],
+)
+def test_staff_sessions_are_refused_unless_the_full_origin_is_ours(registry, make_staff, origin, host):
+    job = new_job(registry)
+    scope = staff_scope(make_staff, origin, host=host)
+
+    async def scenario():
+        socket = await open_socket(path(job.pk), **scope)
+        return await socket.receive_output(timeout=5)
+
+    assert async_to_sync(scenario)()["code"] == CLOSE_UNAUTHORIZED
+
+
+def test_staff_sessions_need_the_view_permission_even_from_our_pages(registry, make_staff):
+    job = new_job(registry)
+    scope = staff_scope(make_staff, "http://localhost:8000", "jobs.add_job")
 
     async def scenario():
         socket = await open_socket(path(job.pk), **scope)

@@ -128,3 +128,52 @@ def test_the_watch_script_reports_a_refusal(registry, asgi_server):
 
     assert asyncio.run(watch(f"{asgi_server.ws_url}/ws/{job.pk}?token=forged", out=lines.append)) == 2
     assert "4401" in lines[-1]
+
+
+async def first_frame(url):
+    """``("open", first message type)``, or ``("closed", code)`` when the server refuses."""
+    from websockets.exceptions import ConnectionClosed
+
+    async with connect(url, open_timeout=10) as socket:
+        try:
+            return "open", json.loads(await asyncio.wait_for(socket.recv(), 10))["type"]
+        except ConnectionClosed as closed:
+            return "closed", closed.rcvd.code
+
+
+def test_a_monitor_token_stops_working_when_its_key_is_deactivated_or_deleted(registry, asgi_server):
+    import requests
+
+    from api_keys.models import ApiKey
+
+    # Given two keys, each with a job and the monitor_url it was given
+    urls = {}
+    for name in ("deactivated", "deleted"):
+        api_key, raw_key = ApiKey.objects.create_key(name=name)
+        response = requests.post(
+            f"{asgi_server.base_url}/api/v1/jobs", json={"feature_name": "business_plan", "input_data": {}},
+            headers={"X-API-Key": raw_key}, timeout=10,
+        )
+        urls[name] = (api_key, response.json()["monitor_url"])
+    assert asyncio.run(first_frame(urls["deactivated"][1])) == ("open", "WS_CONNECTED")
+
+    # When one key is deactivated and the other deleted in the admin
+    ApiKey.objects.filter(pk=urls["deactivated"][0].pk).update(is_active=False)
+    urls["deleted"][0].delete()
+
+    # Then neither monitor_url opens the socket any more
+    assert asyncio.run(first_frame(urls["deactivated"][1])) == ("closed", 4401)
+    assert asyncio.run(first_frame(urls["deleted"][1])) == ("closed", 4401)
+
+
+def test_a_token_that_names_no_key_needs_the_jobs_owner_active(registry, asgi_server):
+    from api_keys.models import ApiKey
+
+    owner, _ = ApiKey.objects.create_key(name="client")
+    job, _ = submit_job(feature_name="business_plan", input_data={}, owner=owner)
+    url = f"{asgi_server.ws_url}/ws/{job.pk}?token={monitor_token(job.pk)}"  # as tokens were issued before
+    assert asyncio.run(first_frame(url)) == ("open", "WS_CONNECTED")
+
+    ApiKey.objects.filter(pk=owner.pk).update(is_active=False)
+
+    assert asyncio.run(first_frame(url)) == ("closed", 4401)

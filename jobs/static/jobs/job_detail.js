@@ -19,7 +19,7 @@
     const badge = $("job-status");
     badge.textContent = status;
     badge.className = "badge status-" + status.toLowerCase();
-    $("cancel").hidden = TERMINAL.includes(status);
+    if ($("cancel")) $("cancel").hidden = TERMINAL.includes(status);
     if (status !== "FAILED") $("error-box").hidden = true;
   }
 
@@ -65,7 +65,7 @@
         if (event.step_index !== undefined) setStep(event.step_index, "failed");
         $("error-code").textContent = event.error_code;
         $("error-message").textContent = event.message;
-        $("resume").textContent = retryable ? "Resume" : "Force resume";
+        if ($("resume")) $("resume").textContent = retryable ? "Resume" : "Force resume";
         $("error-box").hidden = false;
         break;
     }
@@ -111,8 +111,11 @@
     }
   }
 
-  $("resume").addEventListener("click", () => post(`/api/v1/jobs/${jobId}/resume`, { force: !retryable }));
-  $("cancel").addEventListener("click", () => post(`/api/v1/jobs/${jobId}/cancel`));
-  if (root.dataset.status === "FAILED" && !retryable) $("resume").textContent = "Force resume";
+  // The buttons are there only for users allowed to resume and cancel (jobs.change_job).
+  if ($("resume")) {
+    $("resume").addEventListener("click", () => post(`/api/v1/jobs/${jobId}/resume`, { force: !retryable }));
+    if (root.dataset.status === "FAILED" && !retryable) $("resume").textContent = "Force resume";
+  }
+  if ($("cancel")) $("cancel").addEventListener("click", () => post(`/api/v1/jobs/${jobId}/cancel`));
   connect();
 })();

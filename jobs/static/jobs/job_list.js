@@ -4,7 +4,8 @@
   const form = document.getElementById("new-job");
   const error = document.getElementById("new-job-error");
 
-  form.addEventListener("submit", async (event) => {
+  // The form is there only for users allowed to start jobs (jobs.add_job).
+  if (form) form.addEventListener("submit", async (event) => {
     event.preventDefault();
     error.textContent = "";
     let inputData;
