@@ -7,7 +7,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat requirements.txt requirements-dev.txt | cksum | cut -d' ' -f1)
 
-.PHONY: help install backends browser run serve test lint bench clean
+.PHONY: help install backends test-backends browser run serve test lint bench clean
 
 help:
 	@echo "make run     set up, start the whole stack and run a demo job"
@@ -30,6 +30,10 @@ install: $(STAMP)
 
 backends: install
 	@$(PY) scripts/local_backends.py
+
+# The tests also use RabbitMQ (the engine's tests run on both brokers).
+test-backends: install
+	@$(PY) scripts/local_backends.py --rabbitmq
 
 run: backends
 	$(PY) -m scripts.stack --demo
@@ -55,7 +59,7 @@ lint: install
 	$(VENV)/bin/lint-imports
 	$(VENV)/bin/ruff check .
 
-test: backends lint browser
+test: test-backends lint browser
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 # Figures in .run/bench/ and docs/PERFORMANCE.md; see benchmarks/run_all.py for BENCH_ARGS.
