@@ -65,6 +65,43 @@ def test_idempotency_key_returns_the_same_job(api, registry):
     assert Job.objects.count() == 1
 
 
+@pytest.mark.django_db(transaction=True)
+def test_two_concurrent_creates_with_one_idempotency_key_make_one_job(api, registry, wait):
+    from api_keys.models import ApiKey
+
+    assert api.get("/api/v1/jobs").status_code == 200  # the key's last_used_at is fresh: no write at auth
+    responses = []
+
+    def create_in_thread():
+        from rest_framework.test import APIClient
+
+        client = APIClient()
+        client.credentials(HTTP_X_API_KEY=api.api_key.raw_key)
+        try:
+            responses.append(create(client, HTTP_IDEMPOTENCY_KEY="order-77"))
+        except Exception as exc:
+            responses.append(exc)
+        finally:
+            connection.close()
+
+    # When two creates with the same key both look for an earlier job before either has inserted one:
+    # the test holds the API key's row, which each insert must lock (the owner foreign key)
+    threads = [threading.Thread(target=create_in_thread) for _ in range(2)]
+    with transaction.atomic():
+        ApiKey.objects.select_for_update().get(pk=api.api_key.pk)
+        for thread in threads:
+            thread.start()
+        wait(lambda: backends_waiting_for_a_lock() == 2, message="both inserts to wait")
+    for thread in threads:
+        thread.join(30)
+
+    # Then one creates the job, the other answers with that same job, and there is one row
+    assert all(not isinstance(response, Exception) for response in responses), responses
+    assert sorted(response.status_code for response in responses) == [200, 201]
+    assert len({response.json()["job_id"] for response in responses}) == 1
+    assert Job.objects.count() == 1
+
+
 def test_idempotency_key_reused_with_another_request_is_a_conflict(api, registry):
     create(api, HTTP_IDEMPOTENCY_KEY="order-42")
     response = create(api, input_data={"topic": "coffee"}, HTTP_IDEMPOTENCY_KEY="order-42")
