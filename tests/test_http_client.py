@@ -134,3 +134,50 @@ def test_only_a_2xx_can_succeed(status):
     # Redirects are not followed (allow_redirects=False): a SUCCESS body outside 2xx is not an output.
     with pytest.raises(errors.StepError):
         parse_reply(SERVICE, reply(status, SUCCESS), 1)
+
+
+@pytest.mark.parametrize(
+    "response, reported",
+    [
+        (reply(500, ERROR_BODY), ("OVERLOADED", "queue full")),
+        (reply(503, ERROR_BODY), ("OVERLOADED", "queue full")),
+        (reply(404, ERROR_BODY), ("OVERLOADED", "queue full")),
+        (reply(200, FAILED_RETRYABLE), ("try later",)),
+    ],
+)
+def test_the_services_own_error_detail_reaches_the_error_message(response, reported):
+    # What ops read in the job's error_message; the wording around it is not part of the contract.
+    with pytest.raises(errors.StepError) as raised:
+        parse_reply(SERVICE, response, 1)
+
+    assert all(text in raised.value.message for text in reported), raised.value.message
+
+
+@pytest.mark.parametrize(
+    "response",
+    [
+        reply(503),
+        reply(500, raw=b"oops", headers={"Content-Type": "text/plain"}),
+        reply(503, {"status": "FAILED", "error": {"code": "BUSY"}}),  # a code, no message
+        reply(502, {"status": "FAILED", "error": {"message": "upstream died"}}),  # a message, no code
+        reply(200, {"status": "FAILED"}),
+        reply(200, {"status": "FAILED", "error": {"code": "BUSY"}}),
+    ],
+)
+def test_a_reply_without_error_detail_writes_no_none_in_the_message(response):
+    with pytest.raises(errors.StepError) as raised:
+        parse_reply(SERVICE, response, 1)
+
+    assert "None" not in raised.value.message
+
+
+def test_a_reported_error_code_is_cut_to_fit_the_jobs_error_code_column():
+    from jobs.models import Job
+
+    column = Job._meta.get_field("error_code").max_length
+    body = {"status": "FAILED", "error": {"code": "E" * 100, "retryable": True}}
+
+    with pytest.raises(errors.TransientStepError) as raised:
+        parse_reply(SERVICE, reply(200, body), 1)
+
+    assert raised.value.code == "E" * column
