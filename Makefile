@@ -7,13 +7,14 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat requirements.txt requirements-dev.txt | cksum | cut -d' ' -f1)
 
-.PHONY: help install backends test-backends browser run serve test lint bench clean
+.PHONY: help install backends test-backends browser run serve test lint bench mutate clean
 
 help:
 	@echo "make run     set up, start the whole stack and run a demo job"
 	@echo "make serve   set up and start the whole stack, no demo job"
 	@echo "make test    set up and run the test suite"
 	@echo "make lint    check the dependency direction between apps, and pyflakes"
+	@echo "make mutate mutation testing of the decision modules (docs/TESTING.md)"
 	@echo "make bench   start the stack and run the benchmark suite (BENCH_ARGS=--quick, --only ..., --app-root DIR)"
 
 $(PY):
@@ -62,9 +63,21 @@ lint: install
 test: test-backends lint browser
 	$(PY) -m pytest $(PYTEST_ARGS)
 
+# Mutation testing of the decision modules with their fast unit tests (docs/TESTING.md); not
+# part of `make test`. mutmut skips module-level data, so the transition table has its own runner.
+# Its own databases, so it can run beside a test run. mutants/ is removed first: mutmut's cache
+# does not always notice changed tests, and a stale survivor would misstate the score.
+MUTATE_DATABASE_URL ?= postgresql://postgres@127.0.0.1:5432/cao_mutate
+MUTATE_REDIS_URL ?= redis://127.0.0.1:6379/13
+mutate: backends
+	rm -rf mutants
+	DATABASE_URL=$(MUTATE_DATABASE_URL) REDIS_URL=$(MUTATE_REDIS_URL) $(VENV)/bin/mutmut run --max-children 1
+	$(PY) -m tests.mutation_score
+	DATABASE_URL=$(MUTATE_DATABASE_URL) REDIS_URL=$(MUTATE_REDIS_URL) $(PY) -m tests.mutate_transitions
+
 # Figures in .run/bench/ and docs/PERFORMANCE.md; see benchmarks/run_all.py for BENCH_ARGS.
 bench: backends
 	$(PY) -m benchmarks.run_all $(BENCH_ARGS)
 
 clean:
-	rm -rf $(VENV) .run staticfiles
+	rm -rf $(VENV) .run staticfiles mutants
