@@ -7,7 +7,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat requirements.txt requirements-dev.txt | cksum | cut -d' ' -f1)
 
-.PHONY: help install backends browser run serve test fuzz lint bench clean
+.PHONY: help install backends test-backends browser run serve test fuzz lint bench mutate clean
 
 help:
 	@echo "make run     set up, start the whole stack and run a demo job"
@@ -15,6 +15,7 @@ help:
 	@echo "make test    set up and run the test suite"
 	@echo "make fuzz    explore the API with fresh random inputs (FUZZ_EXAMPLES=300 per operation)"
 	@echo "make lint    check the dependency direction between apps, and pyflakes"
+	@echo "make mutate mutation testing of the decision modules (docs/TESTING.md)"
 	@echo "make bench   start the stack and run the benchmark suite (BENCH_ARGS=--quick, --only ..., --app-root DIR)"
 
 $(PY):
@@ -31,6 +32,10 @@ install: $(STAMP)
 
 backends: install
 	@$(PY) scripts/local_backends.py
+
+# The tests also use RabbitMQ (the engine's tests run on both brokers).
+test-backends: install
+	@$(PY) scripts/local_backends.py --rabbitmq
 
 run: backends
 	$(PY) -m scripts.stack --demo
@@ -56,7 +61,7 @@ lint: install
 	$(VENV)/bin/lint-imports
 	$(VENV)/bin/ruff check .
 
-test: backends lint browser
+test: test-backends lint browser
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 # Property-based tests with fresh random draws and more examples; `make test`
@@ -65,9 +70,21 @@ FUZZ_EXAMPLES ?= 300
 fuzz: backends
 	CAO_HYPOTHESIS_PROFILE=explore CAO_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(PY) -m pytest tests/test_fuzz.py tests/test_limiter.py -k "fuzz or any_ or Model" -p no:cacheprovider $(PYTEST_ARGS)
 
+# Mutation testing of the decision modules with their fast unit tests (docs/TESTING.md); not
+# part of `make test`. mutmut skips module-level data, so the transition table has its own runner.
+# Its own databases, so it can run beside a test run. mutants/ is removed first: mutmut's cache
+# does not always notice changed tests, and a stale survivor would misstate the score.
+MUTATE_DATABASE_URL ?= postgresql://postgres@127.0.0.1:5432/cao_mutate
+MUTATE_REDIS_URL ?= redis://127.0.0.1:6379/13
+mutate: backends
+	rm -rf mutants
+	DATABASE_URL=$(MUTATE_DATABASE_URL) REDIS_URL=$(MUTATE_REDIS_URL) $(VENV)/bin/mutmut run --max-children 1
+	$(PY) -m tests.mutation_score
+	DATABASE_URL=$(MUTATE_DATABASE_URL) REDIS_URL=$(MUTATE_REDIS_URL) $(PY) -m tests.mutate_transitions
+
 # Figures in .run/bench/ and docs/PERFORMANCE.md; see benchmarks/run_all.py for BENCH_ARGS.
 bench: backends
 	$(PY) -m benchmarks.run_all $(BENCH_ARGS)
 
 clean:
-	rm -rf $(VENV) .run staticfiles
+	rm -rf $(VENV) .run staticfiles mutants

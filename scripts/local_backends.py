@@ -4,8 +4,15 @@ For a local server (127.0.0.1 / localhost) that is installed but stopped, it
 starts it; when it is not installed, it says what to install. It then creates
 the database named in DATABASE_URL when missing. It reads the URLs from the
 project settings, so the defaults live in one place.
+
+With ``--rabbitmq`` (what `make test` passes) it does the same for the
+RabbitMQ the broker tests use (CAO_TEST_RABBITMQ_URL): started with
+``rabbitmq-server -detached`` when installed but stopped. A RabbitMQ that is
+not installed is reported, not fatal: the broker tests then skip, or fail
+under CI=true (tests/requirements.py).
 """
 
+import argparse
 import os
 import shutil
 import socket
@@ -21,6 +28,11 @@ os.environ.setdefault("DJANGO_SETTINGS_MODULE", "cao_project.settings")
 os.environ.setdefault("SECRET_KEY", "local-backends-check")
 
 LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1", ""}
+# The broker tests' RabbitMQ (tests/conftest.py reads the same variable).
+RABBITMQ_TEST_URL = os.environ.get("CAO_TEST_RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:5672/%2F")
+# RabbitMQ (Erlang) takes several seconds to boot; a reachability check is short.
+RABBITMQ_START_SECONDS = 60
+RABBITMQ_CHECK_TIMEOUT_S = 2.0
 
 
 class Problem(Exception):
@@ -85,6 +97,55 @@ def start_redis(port):
     )
     if result.returncode != 0:
         raise Problem(f"redis-server could not start: {result.stderr.strip() or result.stdout.strip()}")
+
+
+def start_rabbitmq():
+    result = run(["rabbitmq-server", "-detached"])
+    if result.returncode != 0:
+        raise Problem(f"rabbitmq-server could not start: {result.stderr.strip() or result.stdout.strip()}")
+
+
+def rabbitmq_login_problem(url, timeout_s=RABBITMQ_CHECK_TIMEOUT_S):
+    """Why an AMQP login at ``url`` fails, or None when it succeeds."""
+    import pika
+
+    parameters = pika.URLParameters(url)
+    parameters.connection_attempts, parameters.retry_delay = 1, 0
+    parameters.socket_timeout = parameters.blocked_connection_timeout = timeout_s
+    try:
+        pika.BlockingConnection(parameters).close()
+    except (pika.exceptions.ProbableAuthenticationError, pika.exceptions.ProbableAccessDeniedError) as exc:
+        return f"it refused the login ({exc.__class__.__name__}); fix the user, password or vhost in CAO_TEST_RABBITMQ_URL"
+    except pika.exceptions.AMQPError as exc:
+        return f"no AMQP handshake ({exc.__class__.__name__}: {exc})"
+    return None
+
+
+def ensure_rabbitmq(url, *, which=shutil.which, start=start_rabbitmq, login_problem=rabbitmq_login_problem,
+                    start_seconds=RABBITMQ_START_SECONDS):
+    """Start a local RabbitMQ that is installed but stopped; return a warning when it is not installed."""
+    from cao_project.backends import redact_url
+
+    parts = urlsplit(url)
+    host, port = parts.hostname or "127.0.0.1", parts.port or 5672
+    if not port_open(host, port, timeout=RABBITMQ_CHECK_TIMEOUT_S):
+        if host not in LOCAL_HOSTS:
+            raise Problem(f"RabbitMQ at {redact_url(url)} does not answer; start it or fix CAO_TEST_RABBITMQ_URL.")
+        if not which("rabbitmq-server"):
+            return (
+                f"RabbitMQ is not installed (no rabbitmq-server) and nothing answers at {redact_url(url)}: "
+                "the broker tests will be skipped, and fail under CI=true. Install it "
+                "(Debian/Ubuntu: `sudo apt install rabbitmq-server`) or set CAO_TEST_RABBITMQ_URL."
+            )
+        print(f"RabbitMQ is not running on {host}:{port}; starting it.", flush=True)
+        start()
+        if not wait_for_port(host, port, start_seconds):
+            raise Problem(f"RabbitMQ did not start listening on {host}:{port} within {start_seconds} s.")
+    problem = login_problem(url)
+    if problem:
+        raise Problem(f"RabbitMQ at {redact_url(url)} answers but {problem}.")
+    print(f"RabbitMQ ok: {redact_url(url)}", flush=True)
+    return None
 
 
 def ensure_postgres(database_url):
@@ -161,15 +222,21 @@ def ensure_redis(redis_url):
     print(f"Redis ok: {redact_url(redis_url)}", flush=True)
 
 
-def main():
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rabbitmq", action="store_true", help="also the RabbitMQ of the broker tests")
+    options = parser.parse_args(argv)
     from django.conf import settings
 
     try:
         ensure_postgres(settings.DATABASE_URL)
         ensure_redis(settings.REDIS_URL)
+        warning = ensure_rabbitmq(RABBITMQ_TEST_URL) if options.rabbitmq else None
     except Problem as problem:
         print(f"\nerror: {problem}", file=sys.stderr)
         return 1
+    if warning:
+        print(f"\nwarning: {warning}", file=sys.stderr)
     return 0
 
 

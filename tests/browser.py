@@ -1,13 +1,16 @@
 """Headless Chromium (Debian's /usr/bin/chromium) driven by Playwright, for page tests.
 
 Import the fixtures in a test module with ``from tests.browser import *``;
-they skip, saying why, when Chromium is not installed (``make test`` installs it).
+they skip, saying why, when Chromium is not installed (``make test`` installs it),
+and fail instead under ``CI=true`` (``tests.requirements.require``).
 """
 
 import os
 import shutil
 
 import pytest
+
+from tests.requirements import require
 
 __all__ = ["chromium", "page", "login"]
 
@@ -26,12 +29,20 @@ CHROMIUM_ARGS = [
 ]
 
 
+def require_chromium(path=None):
+    """Skip (or fail under CI=true) when there is no Chromium at ``path``."""
+    path = path or CHROMIUM
+    require(
+        os.path.exists(path) or shutil.which(path),
+        f"Chromium not found at {path}; `make test` installs Debian's chromium package",
+    )
+
+
 @pytest.fixture(scope="module")
 def chromium():
     """One browser per test module: Playwright's sync API keeps an event loop
     in the main thread while it runs, which later non-browser tests must not see."""
-    if not (os.path.exists(CHROMIUM) or shutil.which(CHROMIUM)):
-        pytest.skip(f"Chromium not found at {CHROMIUM}; `make test` installs Debian's chromium package")
+    require_chromium()
     from playwright.sync_api import sync_playwright
 
     # That loop makes Django think the ORM is called from async code; the

@@ -114,18 +114,32 @@ def broker_kind():
 
 
 def rabbitmq_broker():
-    """A RabbitMQ broker with the project's middleware and step actors, or a skip."""
+    """A RabbitMQ broker with the project's middleware and step actors.
+
+    Unreachable: a skip with the reason (a failure under CI=true). Reachable
+    but refusing the credentials or vhost: an error, never a skip.
+    """
     import pika
     from django.conf import settings
     from django_dramatiq.utils import load_middleware
     from dramatiq.brokers.rabbitmq import RabbitmqBroker
 
     from orchestration.actors import STEP_ACTORS
+    from tests.requirements import require
 
+    where = RABBITMQ_URL.split("@")[-1]
+    parameters = pika.URLParameters(RABBITMQ_URL)
+    parameters.connection_attempts, parameters.retry_delay, parameters.socket_timeout = 1, 0, 2
     try:
-        pika.BlockingConnection(pika.URLParameters(RABBITMQ_URL)).close()
-    except Exception as exc:
-        pytest.skip(f"RabbitMQ not reachable at {RABBITMQ_URL.split('@')[-1]} ({exc.__class__.__name__})")
+        pika.BlockingConnection(parameters).close()
+    except (pika.exceptions.ProbableAuthenticationError, pika.exceptions.ProbableAccessDeniedError) as exc:
+        pytest.fail(
+            f"RabbitMQ at {where} refused the login of CAO_TEST_RABBITMQ_URL ({exc.__class__.__name__}): "
+            "fix the user, password or vhost",
+            pytrace=False,
+        )
+    except pika.exceptions.AMQPError as exc:
+        require(False, f"RabbitMQ not reachable at {where} ({exc.__class__.__name__}); `make test` starts it")
     broker = RabbitmqBroker(
         url=RABBITMQ_URL, middleware=[load_middleware(path) for path in settings.DRAMATIQ_MIDDLEWARE]
     )

@@ -9,6 +9,7 @@ import pytest
 from jobs.models import AttemptOutcome, Job, JobEvent, JobStatus, StepAttempt
 from orchestration.messages import step_message
 from services_registry.models import RecipeStep, Service
+from tests.gate import GatedService
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.slow]
 
@@ -160,17 +161,57 @@ def test_exhausted_retries_fail_retryable_then_resume_completes(
     assert job.error_code == "" and job.retryable is False
 
 
-def test_a_duplicated_step_message_calls_the_downstream_once(api, registry, simulator, worker, wait):
-    set_service("prompt_enhancer", queue="default")
-    simulator.configure(latency={"prompt_enhancer": "300ms"})
+class ProcessedMessages(dramatiq.Middleware):
+    """Ids of the messages the worker has finished handling (the actor returned)."""
+
+    def __init__(self):
+        self.ids = set()
+
+    def after_process_message(self, broker, message, *, result=None, exception=None):
+        self.ids.add(message.message_id)
+
+    after_skip_message = after_process_message
+
+
+@pytest.fixture
+def processed(worker):
+    broker = dramatiq.get_broker()
+    middleware = ProcessedMessages()
+    broker.add_middleware(middleware)
+    yield middleware
+    broker.middleware.remove(middleware)
+
+
+@pytest.fixture
+def gate(worker, settings):
+    """prompt_enhancer's calls held until the test opens the gate (closed before the worker stops)."""
+    with GatedService() as service:
+        settings.CAO_SERVICE_URL_OVERRIDES = {**settings.CAO_SERVICE_URL_OVERRIDES, "prompt_enhancer": service.base_url}
+        yield service
+
+
+def test_a_duplicated_step_message_calls_the_downstream_once_and_keeps_the_running_lease(
+    api, registry, simulator, worker, gate, processed, wait
+):
+    from orchestration.leases import get_limiter, lease_member
+
+    # Given the first step's call in flight, holding its lease (no renewal within the test)
+    set_service("prompt_enhancer", queue="default", lease_ttl_s=600)
     job_id = submit(api)
-    # The broker redelivers (or maintenance re-sends) the very same message.
-    dramatiq.get_broker().enqueue(step_message(queue="default", job_id=job_id, step_index=0, token=1))
+    gate.wait_in_flight(1)
+    lease = lease_member(job_id, 0, 1)
+    assert get_limiter().locate("prompt_enhancer", lease) == "holder"
 
+    # When the broker redelivers (or maintenance re-sends) the very same message, and it is handled
+    duplicate = dramatiq.get_broker().enqueue(step_message(queue="default", job_id=job_id, step_index=0, token=1))
+    wait(lambda: duplicate.message_id in processed.ids, message="the duplicate to be handled")
+
+    # Then the running call still holds its lease: the duplicate neither called nor released anything
+    assert gate.in_flight == 1
+    assert get_limiter().locate("prompt_enhancer", lease) == "holder"
+    gate.open()
     wait_status(wait, job_id, JobStatus.COMPLETED)
-
-    calls = simulator.stats()["prompt_enhancer"]["calls_by_key"]
-    assert calls == {f"{job_id}:0:prompt_enhancer": 1}
+    assert gate.calls == [f"{job_id}:0:prompt_enhancer"]
 
 
 def test_messages_for_cancelled_or_completed_jobs_do_nothing(api, registry, simulator, worker, wait):

@@ -4,7 +4,7 @@ import threading
 import uuid
 
 import pytest
-from django.db import connection
+from django.db import connection, transaction
 
 from jobs.models import Job, JobEvent, JobStatus, StepState
 from jobs.monitor import token_allows
@@ -65,6 +65,43 @@ def test_idempotency_key_returns_the_same_job(api, registry):
     assert Job.objects.count() == 1
 
 
+@pytest.mark.django_db(transaction=True)
+def test_two_concurrent_creates_with_one_idempotency_key_make_one_job(api, registry, wait):
+    from api_keys.models import ApiKey
+
+    assert api.get("/api/v1/jobs").status_code == 200  # the key's last_used_at is fresh: no write at auth
+    responses = []
+
+    def create_in_thread():
+        from rest_framework.test import APIClient
+
+        client = APIClient()
+        client.credentials(HTTP_X_API_KEY=api.api_key.raw_key)
+        try:
+            responses.append(create(client, HTTP_IDEMPOTENCY_KEY="order-77"))
+        except Exception as exc:
+            responses.append(exc)
+        finally:
+            connection.close()
+
+    # When two creates with the same key both look for an earlier job before either has inserted one:
+    # the test holds the API key's row, which each insert must lock (the owner foreign key)
+    threads = [threading.Thread(target=create_in_thread) for _ in range(2)]
+    with transaction.atomic():
+        ApiKey.objects.select_for_update().get(pk=api.api_key.pk)
+        for thread in threads:
+            thread.start()
+        wait(lambda: backends_waiting_for_a_lock() == 2, message="both inserts to wait")
+    for thread in threads:
+        thread.join(30)
+
+    # Then one creates the job, the other answers with that same job, and there is one row
+    assert all(not isinstance(response, Exception) for response in responses), responses
+    assert sorted(response.status_code for response in responses) == [200, 201]
+    assert len({response.json()["job_id"] for response in responses}) == 1
+    assert Job.objects.count() == 1
+
+
 def test_idempotency_key_reused_with_another_request_is_a_conflict(api, registry):
     create(api, HTTP_IDEMPOTENCY_KEY="order-42")
     response = create(api, input_data={"topic": "coffee"}, HTTP_IDEMPOTENCY_KEY="order-42")
@@ -99,12 +136,25 @@ def test_bad_create_requests_get_the_error_shape(api, registry, body, status, co
     assert Job.objects.count() == 0
 
 
-def test_disabled_feature_and_disabled_service_are_refused(api, registry):
+def test_a_disabled_feature_is_refused(api, registry):
+    from services_registry.models import Recipe
+
+    Recipe.objects.filter(name="viral_video").update(enabled=False)
+
+    error = assert_error(create(api, feature="viral_video"), 400, "FEATURE_DISABLED")
+    assert error["message"] == "Feature 'viral_video' is disabled."
+    assert Job.objects.count() == 0
+    assert create(api, feature="business_plan").status_code == 201  # other features still run
+
+
+def test_a_feature_using_a_disabled_service_is_refused(api, registry):
     registry["video_gen_v2"].enabled = False
     registry["video_gen_v2"].save()
 
     error = assert_error(create(api, feature="viral_video"), 400, "FEATURE_DISABLED")
-    assert "video_gen_v2" in error["message"]
+    assert "service video_gen_v2 is disabled" in error["message"]
+    assert Job.objects.count() == 0
+    assert create(api, feature="business_plan").status_code == 201  # features without it still run
 
 
 def test_invalid_idempotency_key_is_refused(api, registry):
@@ -219,11 +269,22 @@ def test_resume_body_must_be_an_object_with_a_boolean_force(api, registry):
     )
 
 
+def backends_waiting_for_a_lock():
+    """How many other sessions of this database are blocked on a lock right now."""
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT pg_stat_clear_snapshot()")  # pg_stat_activity is cached per transaction
+        cursor.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+            "AND pid <> pg_backend_pid() AND wait_event_type = 'Lock'"
+        )
+        return cursor.fetchone()[0]
+
+
 @pytest.mark.django_db(transaction=True)
-def test_two_concurrent_resumes_one_wins_one_conflicts(api, registry):
+def test_two_concurrent_resumes_one_wins_one_conflicts(api, registry, wait):
+    # Given a failed job
     job_id = create(api).json()["job_id"]
     fail_job(job_id)
-    barrier = threading.Barrier(2)
     results = []
 
     def resume():
@@ -231,17 +292,26 @@ def test_two_concurrent_resumes_one_wins_one_conflicts(api, registry):
 
         client = APIClient()
         client.credentials(HTTP_X_API_KEY=api.api_key.raw_key)
-        barrier.wait()
-        results.append(client.post(f"/api/v1/jobs/{job_id}/resume", {}, format="json").status_code)
-        connection.close()
+        try:
+            results.append(client.post(f"/api/v1/jobs/{job_id}/resume", {}, format="json").status_code)
+        except Exception as exc:  # e.g. the IntegrityError of two JOB_RESUMED events with one seq
+            results.append(repr(exc))
+        finally:
+            connection.close()
 
+    # When two resumes arrive while the job's row is locked by a third session (here, the test),
+    # so that both have read the job before either can write: the race, every time
     threads = [threading.Thread(target=resume) for _ in range(2)]
+    with transaction.atomic():
+        Job.objects.select_for_update().get(pk=job_id)
+        for thread in threads:
+            thread.start()
+        wait(lambda: backends_waiting_for_a_lock() == 2, message="both resumes to wait on the job's row")
     for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+        thread.join(30)
 
-    assert sorted(results) == [200, 409]
+    # Then the row lock serialises them: the second sees RUNNING and conflicts
+    assert sorted(results, key=str) == [200, 409], results
     assert JobEvent.objects.filter(job_id=job_id, type="JOB_RESUMED").count() == 1
 
 

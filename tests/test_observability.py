@@ -8,8 +8,9 @@ import re
 import pytest
 
 from common.logs import JobContextFilter, RedactSecretsFilter, log_context
-from jobs.models import Job, JobStatus
+from jobs.models import Job, JobStatus, StepState
 from orchestration.dispatch import submit_job
+from tests.gate import GatedService
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -20,8 +21,16 @@ def scrape(client, **extra):
     return response.content.decode()
 
 
-def sample(text, name, **labels):
-    """The value of one series in Prometheus text, 0.0 when absent."""
+MISSING = object()
+
+
+def sample(text, name, default=MISSING, **labels):
+    """The value of one series in Prometheus text.
+
+    A missing series is an AssertionError (a gauge that is not exported is
+    not zero), unless a ``default`` is given: a labelled counter has no
+    series before its first increment, so a "before" scrape passes 0.0.
+    """
     wanted = ",".join(f'{key}="{value}"' for key, value in sorted(labels.items()))
     for line in text.splitlines():
         if line.startswith("#"):
@@ -33,7 +42,9 @@ def sample(text, name, **labels):
         found = ",".join(sorted(label_text.rstrip("}").split(","))) if label_text else ""
         if found == wanted:
             return float(value)
-    return 0.0
+    if default is MISSING:
+        raise AssertionError(f"no series {name}{{{wanted}}} in the scrape")
+    return default
 
 
 def test_metrics_change_as_a_job_runs(client, registry, simulator, worker, wait):
@@ -44,7 +55,7 @@ def test_metrics_change_as_a_job_runs(client, registry, simulator, worker, wait)
     after = scrape(client)
 
     def delta(name, **labels):
-        return sample(after, name, **labels) - sample(before, name, **labels)
+        return sample(after, name, **labels) - sample(before, name, 0.0, **labels)
 
     assert delta("cao_jobs_created_total", feature="business_plan") == 1
     assert delta("cao_jobs_completed_total", feature="business_plan") == 1
@@ -52,7 +63,74 @@ def test_metrics_change_as_a_job_runs(client, registry, simulator, worker, wait)
         assert delta("cao_step_duration_seconds_count", service=service, outcome="success") == 1
     assert sample(after, "cao_slot_limit", service="video_gen_v2") == 2
     assert sample(after, "cao_slots_in_use", service="fast_chat_llm") == 0
-    assert "cao_queue_depth" in after and 'queue="medium"' in after
+    assert sample(after, "cao_slot_waiters", service="fast_chat_llm") == 0
+    for queue in ("heavy", "medium", "default"):
+        assert sample(after, "cao_queue_depth", queue=queue, kind="ready") == 0
+        assert sample(after, "cao_queue_depth", queue=queue, kind="delayed") == 0
+
+
+@pytest.fixture
+def gate(worker, settings):
+    """prompt_enhancer's calls held until the test opens the gate (closed before the worker stops)."""
+    with GatedService() as service:
+        settings.CAO_SERVICE_URL_OVERRIDES = {**settings.CAO_SERVICE_URL_OVERRIDES, "prompt_enhancer": service.base_url}
+        yield service
+
+
+def test_slot_gauges_count_the_calls_held_and_the_steps_parked(client, registry, simulator, worker, gate, wait):
+    from services_registry.models import Service
+
+    # Given a single-slot service whose one call is held in flight, and two more steps parked for it
+    Service.objects.filter(name="prompt_enhancer").update(concurrency_limit=1)
+    jobs = [submit_job(feature_name="business_plan", input_data={"n": n})[0] for n in range(3)]
+    gate.wait_in_flight(1)
+    wait(
+        lambda: Job.objects.filter(step_state=StepState.WAITING).count() == 2, message="two steps parked for the slot"
+    )
+
+    # When ops scrape
+    held = scrape(client)
+
+    # Then the gauges show it
+    assert sample(held, "cao_slots_in_use", service="prompt_enhancer") == 1
+    assert sample(held, "cao_slot_waiters", service="prompt_enhancer") == 2
+    assert sample(held, "cao_slot_limit", service="prompt_enhancer") == 1
+    assert sample(held, "cao_slots_in_use", service="fast_chat_llm") == 0
+
+    # And once the work is done, they drop back
+    gate.open()
+    for job in jobs:
+        wait(lambda: Job.objects.get(pk=job.pk).status == JobStatus.COMPLETED, message="the jobs to complete")
+    done = scrape(client)
+    assert sample(done, "cao_slots_in_use", service="prompt_enhancer") == 0
+    assert sample(done, "cao_slot_waiters", service="prompt_enhancer") == 0
+
+
+def test_queue_depth_counts_messages_not_yet_picked_up(client, registry):
+    from jobs.services import StepDispatch
+    from orchestration.dispatch import send_step
+
+    # Given no worker running: two first steps sent to the default queue, and a retry due in a minute
+    queued = [submit_job(feature_name="business_plan", input_data={"n": n})[0] for n in range(2)]
+    send_step(StepDispatch(queued[0].pk, 0, queued[0].step_token, "prompt_enhancer", delay_s=60))
+    send_step(StepDispatch(queued[1].pk, 1, queued[1].step_token, "fast_chat_llm"))
+
+    text = scrape(client)
+
+    assert sample(text, "cao_queue_depth", queue="default", kind="ready") == 2
+    assert sample(text, "cao_queue_depth", queue="default", kind="delayed") == 1
+    assert sample(text, "cao_queue_depth", queue="medium", kind="ready") == 1
+    assert sample(text, "cao_queue_depth", queue="medium", kind="delayed") == 0
+    assert sample(text, "cao_queue_depth", queue="heavy", kind="ready") == 0
+
+
+def test_a_missing_series_is_not_read_as_zero():
+    text = 'cao_slots_in_use{service="fast_chat_llm"} 0.0\n'
+
+    assert sample(text, "cao_slots_in_use", service="fast_chat_llm") == 0
+    with pytest.raises(AssertionError, match="no series cao_slots_in_use"):
+        sample(text, "cao_slots_in_use", service="video_gen_v2")
+    assert sample(text, "cao_slots_in_use", 0.0, service="video_gen_v2") == 0
 
 
 def test_failures_retries_and_slot_waits_are_counted(client, registry, simulator, worker, wait, fast_retries):
@@ -69,7 +147,7 @@ def test_failures_retries_and_slot_waits_are_counted(client, registry, simulator
     after = scrape(client)
 
     def delta(name, **labels):
-        return sample(after, name, **labels) - sample(before, name, **labels)
+        return sample(after, name, **labels) - sample(before, name, 0.0, **labels)
 
     assert delta("cao_step_retries_total", service="summarizer_pro", error_code="RESOURCE_EXHAUSTED") == 3
     assert delta("cao_jobs_failed_total", feature="business_plan", error_code="RESOURCE_EXHAUSTED") == 3

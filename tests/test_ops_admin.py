@@ -172,14 +172,16 @@ def test_job_list_filters_by_status_feature_retryable_and_created_date(superuser
     rejected = failed_job(failure=REJECTED)
     video = new_job(feature="viral_video")
     old = new_job()
-    Job.objects.filter(pk=old.pk).update(created_at=timezone.now() - timedelta(days=3))
+    # Every date below derives from one reading of the clock, so the test means the same at 23:59:59.
+    today = timezone.localtime().replace(hour=0, minute=0, second=0, microsecond=0)
+    Job.objects.filter(pk__in=[busy.pk, rejected.pk, video.pk]).update(created_at=today + timedelta(hours=12))
+    Job.objects.filter(pk=old.pk).update(created_at=today - timedelta(days=3))
 
     assert set(listed(superuser.get(JOBS, {"status__exact": "FAILED"}))) == {busy.pk, rejected.pk}
     assert listed(superuser.get(JOBS, {"feature_name": "viral_video"})) == [video.pk]
     assert listed(superuser.get(JOBS, {"status__exact": "FAILED", "retryable__exact": "0"})) == [rejected.pk]
     assert listed(superuser.get(JOBS, {"retryable__exact": "1"})) == [busy.pk]
     # What the filter's "Today" link sends.
-    today = timezone.localtime().replace(hour=0, minute=0, second=0, microsecond=0)
     recent = listed(superuser.get(JOBS, {"created_at__gte": str(today), "created_at__lt": str(today + timedelta(days=1))}))
     assert old.pk not in recent and set(recent) == {busy.pk, rejected.pk, video.pk}
 

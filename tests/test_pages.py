@@ -39,8 +39,10 @@ def test_jobs_page_lists_recent_jobs_with_progress_and_filters(staff_client, reg
 
     failed = staff_client.get("/jobs/?status=FAILED").content.decode()
     assert str(video.pk)[:10] in failed and str(plan.pk)[:10] not in failed
-    videos = staff_client.get("/jobs/?feature=business_plan&partial=1").content.decode()
-    assert str(plan.pk)[:10] in videos and "<html" not in videos
+    plans = staff_client.get("/jobs/?feature=business_plan&partial=1").content.decode()
+    assert str(plan.pk)[:10] in plans and str(video.pk)[:10] not in plans and "<html" not in plans
+    videos = staff_client.get("/jobs/?feature=viral_video").content.decode()
+    assert str(video.pk)[:10] in videos and str(plan.pk)[:10] not in videos
 
 
 def test_job_page_shows_the_timeline_and_events(staff_client, registry):

@@ -252,3 +252,32 @@ def test_readiness_is_503_when_redis_is_down(client, settings):
 
     assert response.status_code == 503
     assert response.json()["redis"].startswith("Redis is not reachable at redis://127.0.0.1:1/0")
+
+
+@pytest.mark.django_db(transaction=True)  # no test transaction wraps the connection it repoints
+def test_readiness_is_503_when_postgresql_is_down(client, settings):
+    from django.db import connection
+
+    from scripts.testbed import free_port
+
+    # Given the process's database connection pointing at a port where no PostgreSQL listens
+    port = free_port()
+    settings.DATABASE_URL = f"postgresql://cao:hunter2@127.0.0.1:{port}/cao"
+    saved = {key: connection.settings_dict[key] for key in ("HOST", "PORT", "USER", "PASSWORD")}
+    connection.close()
+    connection.settings_dict.update(HOST="127.0.0.1", PORT=port, USER="cao", PASSWORD="hunter2")
+    try:
+        # When a probe asks
+        response = client.get("/api/v1/health/ready")
+    finally:
+        connection.close()
+        connection.settings_dict.update(saved)
+
+    # Then it is not ready, says why without the password, and Redis is still reported on its own
+    assert response.status_code == 503
+    body = response.json()
+    assert body["ok"] is False and body["redis"] == "ok"
+    assert body["database"].startswith(f"PostgreSQL is not reachable at postgresql://cao:***@127.0.0.1:{port}/cao")
+    assert "hunter2" not in response.content.decode()
+    # And once PostgreSQL answers again, so does readiness
+    assert client.get("/api/v1/health/ready").status_code == 200

@@ -60,23 +60,34 @@ def test_editing_a_limit_is_saved(staff, registry):
     assert Service.objects.get(pk=llm.pk).concurrency_limit == 3
 
 
+def stored(service):
+    """Every editable field of the service as stored."""
+    return {
+        field.name: getattr(Service.objects.get(pk=service.pk), field.name) for field in Service._meta.concrete_fields
+    }
+
+
 @pytest.mark.parametrize(
-    "changes, message",
+    "field, value, stored_value, message",
     [
-        ({"lease_ttl_s": 10}, "must be greater than the timeout"),
-        ({"concurrency_limit": 0}, "greater than or equal to 1"),
-        ({"queue": "gpu"}, "Select a valid choice"),
-        ({"base_url": "fast-chat"}, "Enter an http(s) URL"),
+        ("lease_ttl_s", 10, 30, "must be greater than the timeout"),
+        ("concurrency_limit", 0, 15, "greater than or equal to 1"),
+        ("queue", "gpu", "medium", "Select a valid choice"),
+        ("base_url", "fast-chat", "http://fast-chat:9000", "Enter an http(s) URL"),
     ],
 )
-def test_invalid_service_edits_are_refused_with_what_to_fix(staff, registry, changes, message):
+def test_invalid_service_edits_are_refused_with_what_to_fix(staff, registry, field, value, stored_value, message):
     llm = registry["fast_chat_llm"]
+    before = stored(llm)
+    assert before[field] == stored_value
 
-    response = staff.post(f"/admin/services_registry/service/{llm.pk}/change/", service_form(llm, **changes))
+    response = staff.post(f"/admin/services_registry/service/{llm.pk}/change/", service_form(llm, **{field: value}))
 
     assert response.status_code == 200
     assert message in response.content.decode()
-    assert Service.objects.get(pk=llm.pk).lease_ttl_s == 30
+    # Nothing saved: neither the field this edit changed, nor any other.
+    assert stored(llm)[field] == stored_value
+    assert stored(llm) == before
 
 
 def test_recipes_are_created_with_ordered_inline_steps(staff, registry):

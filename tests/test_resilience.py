@@ -90,8 +90,9 @@ def test_a_redis_restart_without_persistence_loses_no_job(testbed, private_redis
 
 @pytest.fixture
 def private_postgres():
-    if not PrivatePostgres.available():
-        pytest.skip("PostgreSQL server binaries (initdb, pg_ctl) not found; set CAO_POSTGRES_BIN")
+    from tests.requirements import require
+
+    require(PrivatePostgres.available(), "PostgreSQL server binaries (initdb, pg_ctl) not found; set CAO_POSTGRES_BIN")
     cluster = PrivatePostgres().init()
     yield cluster
     cluster.close()

@@ -7,7 +7,9 @@ import pytest
 
 from scripts.testbed import wait_until
 
-pytestmark = [pytest.mark.slow, pytest.mark.e2e]
+# The test's own waits add up to more than pytest.ini's 300 s: the stack's start (60 s), half the
+# jobs (120 s), all of them (240 s) and the stop (20 s). Its timeout must let them expire first.
+pytestmark = [pytest.mark.slow, pytest.mark.e2e, pytest.mark.timeout(600)]
 
 LIMITS = {"video_gen_v2": 2, "fast_chat_llm": 3, "summarizer_pro": 2, "prompt_enhancer": 4, "email_notifier": 4}
 

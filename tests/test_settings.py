@@ -1,5 +1,6 @@
 """Settings come from the environment; processes refuse to start without their backends."""
 
+import json
 import os
 import subprocess
 import sys
@@ -111,3 +112,142 @@ def test_the_scheduler_without_redis_stops_naming_the_url():
     assert result.returncode != 0
     assert "Redis is not reachable at redis://:***@127.0.0.1:1/0" in result.stderr
     assert "hunter2" not in result.stderr
+
+
+# --- Settings that change behaviour, read at import: checked in a process started with them ---------
+
+
+def run_django(code, settings, **env):
+    """Run ``code`` after django.setup() in a process started with ``env``, on this run's test database.
+
+    ``code`` leaves its findings in a dict named ``out``; they come back decoded from JSON.
+    """
+    from django.db import connection
+
+    from scripts.testbed import with_database
+
+    script = "import django, json, os; django.setup(); out = {}\n" + code + "\nprint(json.dumps(out))"
+    result = run_python(
+        script,
+        SECRET_KEY="x",
+        DJANGO_SETTINGS_MODULE="cao_project.settings",
+        DATABASE_URL=with_database(settings.DATABASE_URL, connection.settings_dict["NAME"]),
+        ALLOWED_HOSTS="gw.example,testserver",
+        **env,
+    )
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout.splitlines()[-1])
+
+
+MONITOR_URLS = """
+from django.test import Client
+client = Client(HTTP_X_API_KEY=os.environ["TEST_API_KEY"], HTTP_HOST="gw.example")
+def monitor_url(**headers):
+    response = client.post(
+        "/api/v1/jobs", {"feature_name": "business_plan", "input_data": {}}, content_type="application/json", **headers
+    )
+    assert response.status_code == 201, response.content
+    return response.json()["monitor_url"].split("/ws/")[0]
+out["forwarded_https"] = monitor_url(HTTP_X_FORWARDED_PROTO="https")
+out["forwarded_http"] = monitor_url(HTTP_X_FORWARDED_PROTO="http")
+out["no_header"] = monitor_url()
+"""
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.parametrize(
+    "trust, expected",
+    [
+        ("true", {"forwarded_https": "wss://gw.example", "forwarded_http": "ws://gw.example", "no_header": "ws://gw.example"}),
+        # Not trusted (the default): a client cannot make the gateway believe it came over TLS.
+        ("", {"forwarded_https": "ws://gw.example", "forwarded_http": "ws://gw.example", "no_header": "ws://gw.example"}),
+    ],
+)
+def test_behind_a_trusted_tls_proxy_monitor_url_is_wss(registry, client_key, settings, trust, expected):
+    found = run_django(MONITOR_URLS, settings, CAO_TRUST_X_FORWARDED_PROTO=trust, TEST_API_KEY=client_key.raw_key)
+
+    assert found == expected
+
+
+COOKIES_AND_HSTS = """
+from django.test import Client
+client = Client()
+login_page = client.get("/admin/login/", secure=True)
+logged_in = client.post("/admin/login/", {"username": "ops", "password": "pw-for-tests"}, secure=True)
+assert logged_in.status_code == 302, logged_in.content
+out["csrf_cookie_secure"] = bool(login_page.cookies["csrftoken"]["secure"])
+out["session_cookie_secure"] = bool(logged_in.cookies["sessionid"]["secure"])
+out["session_cookie_httponly"] = bool(logged_in.cookies["sessionid"]["httponly"])
+out["hsts_over_tls"] = client.get("/api/v1/health", secure=True).headers.get("Strict-Transport-Security")
+out["hsts_over_http"] = client.get("/api/v1/health").headers.get("Strict-Transport-Security")
+"""
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.parametrize(
+    "env, expected",
+    [
+        (
+            {"CAO_SECURE_COOKIES": "true", "CAO_HSTS_SECONDS": "31536000"},
+            {"csrf_cookie_secure": True, "session_cookie_secure": True, "session_cookie_httponly": True,
+             "hsts_over_tls": "max-age=31536000", "hsts_over_http": None},
+        ),
+        (
+            {"CAO_SECURE_COOKIES": "", "CAO_HSTS_SECONDS": ""},  # the defaults: plain-HTTP local development
+            {"csrf_cookie_secure": False, "session_cookie_secure": False, "session_cookie_httponly": True,
+             "hsts_over_tls": None, "hsts_over_http": None},
+        ),
+    ],
+)
+def test_secure_cookies_and_hsts_follow_the_settings(django_user_model, settings, env, expected):
+    django_user_model.objects.create_superuser("ops", "ops@example.com", "pw-for-tests")
+
+    assert run_django(COOKIES_AND_HSTS, settings, **env) == expected
+
+
+LOG_LINES = """
+import logging
+from common.logs import log_context
+from django.conf import settings
+settings.INTERNAL_API_KEY = "internal-7c1d"
+with log_context(job_id="6f1c0d3e", step_index=2, service="summarizer_pro", attempt=3):
+    logging.getLogger("orchestration.engine").warning("Step failed: %s", "sent internal-7c1d")
+logging.getLogger("django.request").error("Outside any job.")
+"""
+
+
+def test_log_format_json_writes_one_object_per_line_with_the_job_fields():
+    result = run_python(
+        "import django, os; os.environ['DJANGO_SETTINGS_MODULE'] = 'cao_project.settings'; django.setup()\n" + LOG_LINES,
+        SECRET_KEY="x",
+        LOG_FORMAT="json",
+        LOG_LEVEL="INFO",
+    )
+
+    assert result.returncode == 0, result.stderr
+    lines = [json.loads(line) for line in result.stderr.splitlines()]  # every line is a JSON object
+    step, other = lines
+    assert step["message"] == "Step failed: sent ***"
+    assert (step["level"], step["logger"]) == ("WARNING", "orchestration.engine")
+    assert (step["job_id"], step["step_index"], step["service"], step["attempt"]) == (
+        "6f1c0d3e", 2, "summarizer_pro", 3,
+    )
+    assert step["timestamp"]
+    assert (other["level"], other["logger"], other["message"]) == ("ERROR", "django.request", "Outside any job.")
+    assert other["job_id"] is None and other["service"] is None
+
+
+def test_the_readable_log_format_is_the_default_and_appends_the_job_fields():
+    result = run_python(
+        "import django, os; os.environ['DJANGO_SETTINGS_MODULE'] = 'cao_project.settings'; django.setup()\n" + LOG_LINES,
+        SECRET_KEY="x",
+        LOG_FORMAT="",
+        LOG_LEVEL="INFO",
+    )
+
+    assert result.returncode == 0, result.stderr
+    step, other = result.stderr.splitlines()
+    assert step.endswith(
+        "WARNING orchestration.engine Step failed: sent *** [job_id=6f1c0d3e step_index=2 service=summarizer_pro attempt=3]"
+    )
+    assert other.endswith("ERROR django.request Outside any job.")

@@ -9,9 +9,11 @@ from websockets.asyncio.client import connect
 
 from django.db import connection
 
-from jobs.models import Job, JobStatus
+from jobs.models import Job, JobStatus, StepState
 from jobs.monitor import monitor_token
 from orchestration.dispatch import submit_job
+from services_registry.models import Service
+from tests.gate import GatedService
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.slow]
 
@@ -44,31 +46,63 @@ def is_completed(job_id):
         connection.close()  # this runs in a throwaway executor thread
 
 
+@pytest.fixture
+def gate(worker, settings):
+    """prompt_enhancer's calls held until the test opens the gate (closed before the worker stops)."""
+    with GatedService() as service:
+        settings.CAO_SERVICE_URL_OVERRIDES = {**settings.CAO_SERVICE_URL_OVERRIDES, "prompt_enhancer": service.base_url}
+        yield service
+
+
 def test_connecting_repeatedly_while_a_job_emits_events_never_skips_or_repeats(
-    registry, simulator, worker, asgi_server, wait
+    registry, simulator, worker, asgi_server, gate, wait
 ):
-    # Given jobs emitting events quickly (short steps, a busy single-slot service)
+    # Given three jobs queued on a busy single-slot service: one call held in flight, two steps parked
+    Service.objects.filter(name="prompt_enhancer").update(concurrency_limit=1)
     simulator.configure(latency={"*": "80ms"})
     jobs = [submit_job(feature_name="business_plan", input_data={"n": i})[0] for i in range(3)]
+    gate.wait_in_flight(1)
+    wait(
+        lambda: Job.objects.filter(pk__in=[j.pk for j in jobs], step_state=StepState.WAITING).count() == 2,
+        message="two steps parked for the slot",
+    )
     job = jobs[0]
+    quiet_seq = Job.objects.get(pk=job.pk).last_event_seq  # nothing can happen until the gate opens
+    assert quiet_seq >= 1
     url = f"{asgi_server.ws_url}/ws/{job.pk}?token={monitor_token(job.pk)}"
+    rng = random.Random(47)  # fixed seed: the same connection lengths every run
 
-    # When a client connects over and over while they run, for a random while each time
     async def hammer():
+        """Connect over and over while the jobs run, for a random while each time."""
         rounds = []
         while not await asyncio.to_thread(is_completed, job.pk):
-            rounds.append(await read_events(url, budget_s=random.uniform(0.01, 0.15)))
+            rounds.append(await read_events(url, budget_s=rng.uniform(0.01, 0.15)))
         rounds.append(await read_events(url, until="JOB_COMPLETED"))
         return rounds
 
-    rounds = asyncio.run(hammer())
+    async def scenario():
+        # A witness connects while the job is quiet, and reads the log up to that point...
+        async with connect(url, open_timeout=10) as witness:
+            assert json.loads(await witness.recv())["type"] == "WS_CONNECTED"
+            seen = [json.loads(await asyncio.wait_for(witness.recv(), 10)) for _ in range(quiet_seq)]
+            # ...then the slot frees and the jobs run while the hammer reconnects
+            gate.open()
+            rounds = asyncio.create_task(hammer())
+            while seen[-1]["type"] != "JOB_COMPLETED":
+                seen.append(json.loads(await asyncio.wait_for(witness.recv(), 30)))
+            return seen, await rounds
 
-    # Then every connection saw a gapless prefix 1..k of the log, in order, no duplicates
+    witnessed, rounds = asyncio.run(scenario())
+
+    # Then the witness got every later event live, once each, in order (the log was read before they existed)
+    assert [event["seq"] for event in witnessed] == list(range(1, len(witnessed) + 1))
+    assert len(witnessed) > quiet_seq + 1
+    # And every reconnecting client saw a gapless prefix 1..k of the log, in order, no duplicates
     for hello, events in rounds:
         seqs = [event["seq"] for event in events]
         assert seqs == list(range(1, len(seqs) + 1)), seqs
     final_hello, final_events = rounds[-1]
-    assert final_events[-1]["type"] == "JOB_COMPLETED"
+    assert final_events == witnessed
     assert len(rounds) > 3
 
 
