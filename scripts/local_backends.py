@@ -124,7 +124,7 @@ def rabbitmq_login_problem(url, timeout_s=RABBITMQ_CHECK_TIMEOUT_S):
 def ensure_rabbitmq(url, *, which=shutil.which, start=start_rabbitmq, login_problem=rabbitmq_login_problem,
                     start_seconds=RABBITMQ_START_SECONDS):
     """Start a local RabbitMQ that is installed but stopped; return a warning when it is not installed."""
-    from cao_project.backends import redact_url
+    from common.backends import redact_url
 
     parts = urlsplit(url)
     host, port = parts.hostname or "127.0.0.1", parts.port or 5672
