@@ -353,6 +353,8 @@ CONTENT_SECURITY_POLICY = {
 # the right password included; a success resets the count. Attempts are
 # rows in PostgreSQL, listed (and deletable, to unlock) in the admin.
 AXES_FAILURE_LIMIT = env_int("CAO_LOGIN_FAILURE_LIMIT", 5)
+# No banner at every process start: log lines are for events.
+AXES_VERBOSE = False
 AXES_COOLOFF_TIME = timedelta(minutes=env_float("CAO_LOGIN_COOLOFF_MINUTES", 15))
 AXES_LOCKOUT_PARAMETERS = [["username", "ip_address"]]
 AXES_RESET_ON_SUCCESS = True

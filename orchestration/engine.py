@@ -146,6 +146,7 @@ class Engine:
                     return None
                 step = job_services.current_step(job)
                 member = lease_member(job.id, step_index, token)
+                self.keeper.ensure_alive()  # a slot's owner must be known to be alive
                 acquisition = self.limiter.acquire(
                     service.name,
                     member,

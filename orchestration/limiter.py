@@ -294,11 +294,34 @@ class LeaseKeeper:
         self._closed = False
         self._beat_due = None  # when the heartbeat is next due; None: nothing to say
         self._beating = False
+        self._alive_until = None  # until when our last beat vouches for us; None: retired
 
     @property
     def owner(self) -> str:
         """The id recorded with this process's leases ("" without a heartbeat)."""
         return self.heartbeat.owner if self.heartbeat else ""
+
+    def ensure_alive(self) -> None:
+        """Beat now, in the caller's thread, unless a recent beat still vouches for this process.
+
+        Called before taking a slot: a lease must never be owned by a process
+        that is not registered, or its death would go unnoticed until the
+        lease expires. Cheap while the process is busy (no round trip).
+        """
+        if not self.heartbeat:
+            return
+        with self._cond:
+            now = self.clock()
+            if self._alive_until is not None and self._alive_until - now > self.heartbeat.dead_after_s / 2:
+                return
+        if self._beat(busy=True):
+            with self._cond:
+                now = self.clock()
+                self._alive_until = now + self.heartbeat.dead_after_s
+                if self._beat_due is None or self._beat_due < now:
+                    self._beat_due = now + self.heartbeat.period_s
+                self._ensure_thread()
+                self._cond.notify_all()
 
     @contextmanager
     def keep(self, service: str, member: str, ttl_s: float):
@@ -348,6 +371,7 @@ class LeaseKeeper:
         # Network calls happen outside the lock so keep() never waits on them,
         # except to untrack the very lease being renewed.
         beat_ok = self._beat(busy) if beat else True
+        beaten_at = self.clock()
         for lease in due:
             try:
                 if not self.limiter.renew(lease.service, lease.member, ttl_s=lease.ttl_s, owner=self.owner):
@@ -370,10 +394,17 @@ class LeaseKeeper:
                 lease.due = now + lease.period
             if beat:
                 self._beating = False
+                if beat_ok:
+                    self._alive_until = beaten_at + self.heartbeat.dead_after_s if busy else None
                 # Busy (or a retirement that failed): beat again in a period.
                 # Retired: nothing to say until the next lease is tracked.
-                retired = beat_ok and not busy and not self._leases
-                self._beat_due = None if retired else now + self.heartbeat.period_s
+                # Retired while a slot was being taken: say so again at once.
+                if not busy and beat_ok and not self._leases:
+                    self._beat_due = None
+                elif not busy and self._leases:
+                    self._beat_due = now
+                else:
+                    self._beat_due = now + self.heartbeat.period_s
             self._cond.notify_all()
             return self._next_delay(now)
 

@@ -36,11 +36,10 @@ from orchestration.maintenance import (
     return_messages_of_dead_workers,
     run_maintenance,
 )
+from services_registry.cache import cached
 from services_registry.selectors import service_list
 
 logger = logging.getLogger(__name__)
-
-SERVICES_MAX_AGE_S = 10.0
 
 
 @dataclass
@@ -64,8 +63,6 @@ class Recovery:
         # snapshot look lapsed until their processes beat again: no process
         # is declared dead from them until then.
         self.trust_heartbeats_after = 0.0
-        self._services_read_at = None
-        self._service_limits = []
 
     def tick(self, *, full_pass=False):
         """Check liveness and Redis; repair what they say. ``full_pass`` runs maintenance too."""
@@ -88,12 +85,11 @@ class Recovery:
         return report
 
     def _services(self):
-        # The registry changes rarely; a tick every second need not read it.
-        now = self.clock()
-        if self._services_read_at is None or now - self._services_read_at > SERVICES_MAX_AGE_S:
-            self._service_limits = [(service.name, service.concurrency_limit) for service in service_list()]
-            self._services_read_at = now
-        return self._service_limits
+        # As fresh as the engine's own view (CAO_REGISTRY_CACHE_SECONDS): a
+        # limit lowered in the admin must not be pumped at its old value.
+        return cached(
+            ("service_limits",), lambda: [(service.name, service.concurrency_limit) for service in service_list()]
+        )
 
     def recover_dead(self, identities, report):
         """Give back the slots, steps and messages of processes known to be dead."""

@@ -200,3 +200,49 @@ def test_one_scheduler_leads_the_other_stands_by_then_takes_over(redis_db):
     assert 4000 < redis_db.pttl(LOCK_KEY) <= 5000
     redis_db.delete(LOCK_KEY)  # the leader died: its lock expired
     assert standby._lead("b", ttl_s=5) and not leader._lead("a", ttl_s=5)
+
+
+# --- The heartbeat, as the lease keeper sends it ------------------------------------------------
+
+
+def keeper_with_heartbeat(clock):
+    from orchestration.limiter import LeaseKeeper
+    from orchestration.liveness import ProcessHeartbeat
+
+    identity = ProcessIdentity.current()
+    heartbeat = ProcessHeartbeat(get_liveness(), identity, period_s=1.0, dead_after_s=5.0)
+    return LeaseKeeper(get_limiter(), clock=clock, autostart=False, heartbeat=heartbeat), identity
+
+
+def registered(redis_db, identity):
+    return redis_db.zscore("cao:{procs}", identity.id) is not None
+
+
+def test_a_process_is_registered_before_it_takes_a_slot(redis_db):
+    now = [100.0]
+    keeper, identity = keeper_with_heartbeat(lambda: now[0])
+
+    keeper.ensure_alive()  # what the engine calls before acquire
+
+    assert registered(redis_db, identity)  # at once, in the caller's thread: no window
+    assert keeper.owner == identity.id
+
+
+def test_the_heartbeat_beats_while_leases_are_held_and_retires_when_idle(redis_db):
+    now = [100.0]
+    keeper, identity = keeper_with_heartbeat(lambda: now[0])
+
+    lease = keeper.track("svc", "m", 300)
+    keeper.tick()
+    first = redis_db.zscore("cao:{procs}", identity.id)
+    assert first is not None
+
+    now[0] += 1.0
+    redis_db.zadd("cao:{procs}", {identity.id: 1})  # make a renewed beat visible
+    keeper.tick()
+    assert redis_db.zscore("cao:{procs}", identity.id) > 1  # beaten again after one period
+
+    keeper.untrack(lease)
+    now[0] += 1.0
+    assert keeper.tick() is None  # retired, and nothing left to wake up for
+    assert not registered(redis_db, identity)

@@ -1,0 +1,83 @@
+"""The engine when its own database misbehaves: a commit that went through but raised.
+
+Real PostgreSQL, Redis, broker and simulator. The fault is injected at the
+one place it cannot be provoked for real on demand: the commit reports a
+broken connection after PostgreSQL has committed (as when the connection
+drops before the acknowledgement arrives).
+"""
+
+import asyncio
+
+import dramatiq
+import pytest
+from asgiref.sync import async_to_sync
+from channels.layers import get_channel_layer
+from django.db import OperationalError, connection
+
+from jobs.models import Job, JobStatus, StepState
+from jobs.publisher import group_name
+from orchestration.dispatch import submit_job
+from orchestration.engine import Engine
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+def queued(queue):
+    broker = dramatiq.get_broker()
+    return broker.client.llen(f"{broker.namespace}:{queue}")
+
+
+@pytest.fixture
+def commit_that_raises_after_committing(monkeypatch):
+    """Make the n-th commit of this thread's connection succeed, then raise OperationalError."""
+
+    def arm(n):
+        real = connection._commit
+        count = [0]
+
+        def commit():
+            real()
+            count[0] += 1
+            if count[0] == n:
+                raise OperationalError("server closed the connection unexpectedly")
+
+        monkeypatch.setattr(connection, "_commit", commit)
+        return count
+
+    return arm
+
+
+def test_an_ambiguous_commit_of_a_result_still_sends_the_next_step_and_pushes_the_events(
+    registry, simulator, commit_that_raises_after_committing
+):
+    # Given a job whose first step runs, and a subscriber to its events
+    job, _ = submit_job(feature_name="business_plan", input_data={"topic": "tea"})
+    layer = get_channel_layer()
+    channel = async_to_sync(layer.new_channel)()
+    async_to_sync(layer.group_add)(group_name(job.pk), channel)
+    assert queued("medium") == 0
+
+    # When the commit that records the result raises although it went through
+    # (commit 1 claims the step, commit 2 records its result)
+    commits = commit_that_raises_after_committing(2)
+    Engine(sleep=lambda seconds: None).run_step(job.pk, 0, job.step_token)
+
+    # Then the result is stored once, and the next step's message went out at once
+    assert commits[0] >= 2
+    job.refresh_from_db()
+    assert (job.status, job.current_step_index, job.step_state, job.step_token) == (
+        JobStatus.RUNNING, 1, StepState.QUEUED, 2,
+    )
+    assert "step_0_prompt_enhancer" in job.context
+    assert queued("medium") == 1
+    # ... and the events of the attempt were pushed to live subscribers
+    seqs = set()
+
+    async def receive_pushes():
+        while len(seqs) < 2:
+            message = await asyncio.wait_for(layer.receive(channel), 10)
+            seqs.update(event["seq"] for event in message["events"])
+
+    async_to_sync(receive_pushes)()
+    assert seqs >= {1, 2}
+    assert Job.objects.get(pk=job.pk).last_event_seq == 2
