@@ -113,6 +113,8 @@ def return_messages_of_dead_workers():
     for queue in settings.CAO_QUEUES:
         for name in (queue, dq_name(queue)):
             sweeper.do_qsize(name)
+    # Each command also recorded the sweeper as a live worker; it is not one.
+    broker.client.zrem(f"{broker.namespace}:__heartbeats__", sweeper.broker_id)
 
 
 def reap_leases(report, services=None):

@@ -243,8 +243,23 @@ class Testbed:
                 return False
 
         wait_until(ready, timeout=timeout, message=f"the stack to start (logs in {self.log_dir})")
-        # Workers declare their queues a moment after they boot.
-        time.sleep(1.0)
+        self.wait_workers_consuming(timeout=timeout)
+
+    def wait_workers_consuming(self, timeout=60):
+        """Wait until every worker process consumes its queue: each has fetched once (its broker heartbeat)."""
+        workers = [name for name in self.stack.specs if "worker_" in name and name in self.stack.processes]
+        client = redis.Redis.from_url(self.redis_url)
+
+        def consuming():
+            try:
+                return client.zcard("dramatiq:__heartbeats__") >= len(workers)
+            except redis.RedisError:
+                return False
+
+        try:
+            wait_until(consuming, timeout=timeout, message=f"{len(workers)} workers to consume (logs in {self.log_dir})")
+        finally:
+            client.close()
 
     # --- processes ---------------------------------------------------------------
 

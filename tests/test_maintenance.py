@@ -12,6 +12,7 @@ from services_registry.models import Service
 from orchestration.dispatch import DISPATCH_MARKER, submit_job
 from orchestration.leases import get_limiter, lease_member
 from orchestration.maintenance import SUSPECT_KEY, run_maintenance
+from tests.conftest import wait_for
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -179,7 +180,7 @@ def test_expired_leases_are_reaped_and_their_slots_handed_to_waiters(registry, r
     job = new_job(registry)
     parked = f'["{job.pk}", 1, 7, "video_gen_v2"]'
     assert not limiter.acquire("video_gen_v2", "c", limit=2, ttl_s=600, payload=parked).granted
-    time.sleep(0.1)
+    wait_for(lambda: limiter.occupancy("video_gen_v2").in_use == 0, message="both leases to expire")
 
     report = run_maintenance()
 

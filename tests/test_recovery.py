@@ -18,6 +18,7 @@ from orchestration.dispatch import submit_job
 from orchestration.leases import get_keeper, get_limiter, get_liveness, lease_member
 from orchestration.liveness import WAKE_KEY, ProcessIdentity
 from orchestration.recovery import Recovery
+from tests.conftest import wait_for
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -181,9 +182,7 @@ def test_a_lapsed_lease_reaches_the_next_waiter_within_a_tick(registry, redis_db
     member = lease_member(job.pk, 0, 1)
     payload = handoff_payload(StepDispatch(job.pk, 0, 1, "prompt_enhancer"))
     assert not limiter.acquire("prompt_enhancer", member, limit=1, ttl_s=15, payload=payload).granted
-    import time
-
-    time.sleep(0.1)  # the lease's own TTL passes: time must elapse here, nothing to wait on
+    wait_for(lambda: not limiter.occupancy("prompt_enhancer").holders, message="the lease to lapse")
 
     Recovery().tick()
 
