@@ -128,6 +128,15 @@ LATENCY_FIGURES = (
     Figure("ws_p95", "WebSocket delivery, p95", ("ws", "delivery_ms", "p95"), "ms", target=25, floor="redis"),
 )
 
+RECOVERY_FIGURES = (
+    *(
+        Figure(f"recovery_kill_{queue}", f"Recovery: worker_{queue} SIGKILLed, calls in flight, to all done",
+               ("recovery", "worker_kill_s", queue), "s", target=15)
+        for queue in ("medium", "default", "heavy")
+    ),
+    Figure("recovery_redis", "Recovery: Redis back (empty) to all done", ("recovery", "redis_restart_s"), "s", target=10),
+)
+
 COST_FIGURES = (
     Figure("idle_cpu", "Idle CPU, stack + Redis server", ("idle", "total_pct"), "% of a core", target=2),
     Figure("idle_cpu_stack", "Idle CPU, stack processes only", ("idle", "stack_pct"), "% of a core"),
@@ -156,6 +165,7 @@ def figures_of(cases):
         *_execution_figures((cases.get("execution") or {}).get("jobs", "N")),
         *LATENCY_FIGURES,
         *_post_figures(_numeric_keys(cases.get("post"))),
+        *RECOVERY_FIGURES,
         *COST_FIGURES,
     )
 

@@ -139,6 +139,13 @@ class PrivatePostgres:
     def stop(self, *, mode="immediate"):
         self._run(str(POSTGRES_BIN / "pg_ctl"), "-D", self.data, "-m", mode, "-w", "stop", check=False)
 
+    def accepts_connections(self):
+        try:
+            psycopg2.connect(self.url(), connect_timeout=2).close()
+        except psycopg2.OperationalError:
+            return False
+        return True
+
     def restart(self, *, down_for=0.0):
         """Stop at once (like a crash: no clean shutdown) and start again."""
         self.stop(mode="immediate")

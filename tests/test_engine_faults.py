@@ -81,3 +81,37 @@ def test_an_ambiguous_commit_of_a_result_still_sends_the_next_step_and_pushes_th
     async_to_sync(receive_pushes)()
     assert seqs >= {1, 2}
     assert Job.objects.get(pk=job.pk).last_event_seq == 2
+
+
+def test_a_late_result_under_a_superseded_token_is_discarded(registry, simulator):
+    # Given a call in flight, during which the scheduler presumes its worker
+    # dead: the attempt is recorded LOST and the step re-sent under token 2
+    from django.db import transaction
+
+    from jobs.models import StepAttempt
+    from orchestration.http_client import ServiceClient
+    from orchestration.leases import get_limiter
+    from orchestration.maintenance import mark_attempt_lost
+    from services_registry.selectors import service_live
+
+    job, _ = submit_job(feature_name="business_plan", input_data={"topic": "tea"})
+
+    class PresumedDeadMidCall(ServiceClient):
+        def execute(self, service, *, envelope, idempotency_key):
+            with transaction.atomic():
+                locked = Job.objects.select_for_update().get(pk=job.pk)
+                mark_attempt_lost(locked, service_live("prompt_enhancer"))
+            return super().execute(service, envelope=envelope, idempotency_key=idempotency_key)
+
+    # When the old attempt's result arrives after all
+    claim = Engine(client=PresumedDeadMidCall()).run_step(job.pk, 0, job.step_token)
+
+    # Then it is discarded: no output, the step still waits for token 2, the old attempt stays LOST
+    job.refresh_from_db()
+    assert simulator.stats("prompt_enhancer")["calls"] == 1  # the call itself did happen
+    assert "step_0_prompt_enhancer" not in job.context
+    assert (job.current_step_index, job.step_state, job.step_token) == (0, StepState.QUEUED, 2)
+    assert StepAttempt.objects.get(job=job, token=1).outcome == "LOST"
+    assert not StepAttempt.objects.filter(job=job, outcome="SUCCEEDED").exists()
+    # ... and the superseded attempt's slot is given back
+    assert get_limiter().locate("prompt_enhancer", claim.member) is None

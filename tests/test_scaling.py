@@ -1,9 +1,12 @@
 """Two worker hosts (separate process groups, each with a worker per queue) share the limits."""
 
+import json
+import os
 import re
 import time
 
 import pytest
+import redis
 
 from scripts.testbed import wait_until
 
@@ -24,6 +27,24 @@ def calls_by_host(bed):
     return counts
 
 
+def holds_a_call(bed, process_name, service):
+    """Whether the process (or its children) owns a lease of ``service`` right now."""
+    client = redis.Redis.from_url(bed.redis_url, decode_responses=True)
+    try:
+        owners = set(client.hgetall(f"cao:lim:{{{service}}}:owners").values())
+        infos = client.hgetall("cao:{procs}:info")
+    finally:
+        client.close()
+    group = bed.stack.processes[process_name].pid
+    for owner in owners & set(infos):
+        try:
+            if os.getpgid(json.loads(infos[owner])["pid"]) == group:
+                return True
+        except ProcessLookupError:
+            continue
+    return False
+
+
 def test_two_worker_hosts_share_every_limit_even_when_one_dies(testbed):
     with testbed(worker_hosts=2) as bed:
         for name, limit in LIMITS.items():
@@ -32,8 +53,11 @@ def test_two_worker_hosts_share_every_limit_even_when_one_dies(testbed):
 
         started = time.monotonic()
         jobs = bed.submit_many(60, "business_plan") + bed.submit_many(60, "viral_video")
-        # Halfway, host 2 loses its medium worker (SIGKILL), and it never comes back.
+        # Halfway, host 2 loses its medium worker (SIGKILL) while it runs a call, and it never comes back.
         wait_until(lambda: bed.statuses(jobs).get("COMPLETED", 0) >= 40, timeout=120, message="half the jobs")
+        bed.simulator.configure(latency={"fast_chat_llm": "1500ms", "*": "60ms~30ms"})
+        wait_until(lambda: holds_a_call(bed, "host2_worker_medium", "fast_chat_llm"), timeout=60,
+                   message="host 2's medium worker to hold a call")
         bed.kill("host2_worker_medium")
         bed.wait_finished(jobs, timeout=240)
         elapsed = time.monotonic() - started
@@ -43,6 +67,9 @@ def test_two_worker_hosts_share_every_limit_even_when_one_dies(testbed):
             assert stats[name]["max_in_flight"] <= limit, (name, stats[name]["max_in_flight"])
         by_host = calls_by_host(bed)
         assert by_host.get("host1", 0) > 0 and by_host.get("host2", 0) > 0
+        # The kill is what the jobs recovered from: the dead worker's call was recorded LOST
+        assert bed.sql("SELECT count(*) FROM jobs_stepattempt WHERE outcome = 'LOST'")[0][0] >= 1
+        assert "stopped beating" in bed.log("scheduler")
         print(
             f"\n[scaling] two worker hosts: jobs={len(jobs)} seconds={elapsed:.1f} "
             f"calls_started_by_host={by_host} "
