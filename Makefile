@@ -61,8 +61,10 @@ lint: install
 	$(VENV)/bin/lint-imports
 	$(VENV)/bin/ruff check .
 
+# On a redis-server and database names of this run's own (scripts/isolated_pytest.py),
+# so two suites on one machine never clobber each other.
 test: test-backends lint browser
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m scripts.isolated_pytest $(PYTEST_ARGS)
 
 # Property-based tests with fresh random draws and more examples; `make test`
 # under CI=true runs the same tests derandomized, so CI is reproducible.

@@ -14,6 +14,7 @@ done. Maintenance keeps its production interval (60 s) and grace (30 s).
 
 import time
 from contextlib import contextmanager
+from urllib.parse import urlsplit
 
 from benchmarks.harness import bench_testbed, bench_urls
 from scripts.stack import ROOT, WORKER_POOLS
@@ -43,26 +44,31 @@ def measure(bed=None, *, jobs=10, call_s=2.0, redis_jobs=30, timeout_s=240):
     spoil the next.
     """
     root = bed.root if bed is not None else ROOT
+    database_url = _database_url(bed)
     result = {"settings": PRODUCTION_RECOVERY, "worker_kill_s": {}}
     for queue in QUEUES:
-        with _stack(root) as (stack, _redis):
+        with _stack(root, database_url) as (stack, _redis):
             result["worker_kill_s"][queue] = _worker_kill(stack, queue, jobs=jobs, call_s=call_s, timeout_s=timeout_s)
-    with _stack(root) as (stack, redis):
+    with _stack(root, database_url) as (stack, redis):
         result["redis_restart_s"] = _redis_restart(stack, redis, jobs=redis_jobs, timeout_s=timeout_s)
     kills = [seconds for seconds in result["worker_kill_s"].values() if seconds is not None]
     result["worker_kill_worst_s"] = max(kills) if len(kills) == len(QUEUES) else None
     return result
 
 
+def _database_url(bed):
+    # Named after the main benchmark stack's database, so two runs (two
+    # test suites' smoke runs included) never share it.
+    database_url = bed.database_url if bed is not None else bench_urls()[0]
+    name = urlsplit(database_url).path.lstrip("/") or "cao_bench"
+    return with_database(database_url, f"{name}_recovery")
+
+
 @contextmanager
-def _stack(root):
-    database_url, _ = bench_urls()
+def _stack(root, database_url):
     redis = PrivateRedis().start()
     try:
-        with bench_testbed(
-            root=root, database_url=with_database(database_url, "cao_bench_recovery"),
-            redis_url=redis.url(0), env=PRODUCTION_RECOVERY,
-        ) as stack:
+        with bench_testbed(root=root, database_url=database_url, redis_url=redis.url(0), env=PRODUCTION_RECOVERY) as stack:
             yield stack, redis
     finally:
         redis.close()

@@ -1,9 +1,8 @@
 """A real gateway stack in separate processes, for end-to-end tests and benchmarks.
 
-- ``PrivateRedis``: a redis-server of its own (free port, no persistence), so
-  restarting it touches nothing else on the machine.
-- ``PrivatePostgres``: a PostgreSQL cluster of its own (initdb into a temporary
-  folder, free port), for the same reason.
+- ``PrivateRedis`` / ``PrivatePostgres`` (scripts/private_servers.py): a
+  redis-server or a PostgreSQL cluster of its own, so restarting it touches
+  nothing else on the machine.
 - ``Testbed``: the processes of ``make serve`` (simulator, API, one worker per
   queue, scheduler) against a given database and Redis, with helpers to kill,
   restart and inspect each process, submit jobs and read the simulator's
@@ -12,12 +11,8 @@
 
 import os
 import secrets
-import shutil
-import signal
-import socket
 import subprocess
 import sys
-import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -29,132 +24,14 @@ import redis
 import requests
 
 from scripts.local_backends import ensure_database
+from scripts.private_servers import POSTGRES_BIN, PrivatePostgres, PrivateRedis, free_port, wait_until  # noqa: F401
 from scripts.stack import ROOT, Stack, simulator_env, stack_processes
 from simulator.testing import SimulatorClient
 
-POSTGRES_BIN = Path(os.environ.get("CAO_POSTGRES_BIN", "/usr/lib/postgresql/15/bin"))
-
-
-def free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def wait_until(predicate, *, timeout, interval=0.05, message="condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise TimeoutError(f"timed out after {timeout:g} s waiting for {message}")
 
 
 def with_database(url, name):
     return urlunsplit(urlsplit(url)._replace(path=f"/{name}"))
-
-
-class PrivateRedis:
-    """A redis-server owned by the test: start, stop, restart (empty, like a crash)."""
-
-    def __init__(self, directory=None):
-        self.port = free_port()
-        self.directory = directory or tempfile.mkdtemp(prefix="cao-redis-")
-        self.process = None
-
-    def url(self, db=0):
-        return f"redis://127.0.0.1:{self.port}/{db}"
-
-    def start(self):
-        self.process = subprocess.Popen(
-            [
-                shutil.which("redis-server") or "redis-server", "--port", str(self.port), "--bind", "127.0.0.1",
-                "--save", "", "--appendonly", "no", "--dir", self.directory, "--daemonize", "no",
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        client = redis.Redis(port=self.port, socket_connect_timeout=0.5)
-        wait_until(lambda: _answers(client), timeout=10, message="the private redis-server")
-        return self
-
-    def stop(self, *, kill=False):
-        if self.process and self.process.poll() is None:
-            self.process.send_signal(signal.SIGKILL if kill else signal.SIGTERM)
-            self.process.wait(10)
-
-    def restart(self, *, down_for=0.0):
-        """Crash and come back empty (no persistence), on the same port."""
-        self.stop(kill=True)
-        time.sleep(down_for)
-        return self.start()
-
-    def close(self):
-        self.stop(kill=True)
-        shutil.rmtree(self.directory, ignore_errors=True)
-
-
-def _answers(client):
-    try:
-        return client.ping()
-    except redis.RedisError:
-        return False
-
-
-class PrivatePostgres:
-    """A PostgreSQL cluster owned by the test, in a temporary folder, on a free port."""
-
-    def __init__(self):
-        self.port = free_port()
-        self.directory = tempfile.mkdtemp(prefix="cao-pg-")
-        self.data = os.path.join(self.directory, "data")
-        # PostgreSQL refuses to run as root: use the postgres account then.
-        self.run_as = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
-        if self.run_as:
-            shutil.chown(self.directory, "postgres")
-
-    @staticmethod
-    def available():
-        return (POSTGRES_BIN / "initdb").exists() and (os.geteuid() != 0 or shutil.which("runuser"))
-
-    def url(self, database="postgres"):
-        return f"postgresql://postgres@127.0.0.1:{self.port}/{database}"
-
-    def _run(self, *command, check=True):
-        return subprocess.run([*self.run_as, *command], check=check, capture_output=True, text=True)
-
-    def init(self):
-        self._run(str(POSTGRES_BIN / "initdb"), "-D", self.data, "-U", "postgres", "--auth=trust", "-E", "UTF8")
-        return self.start()
-
-    def start(self):
-        self._run(
-            str(POSTGRES_BIN / "pg_ctl"), "-D", self.data, "-w", "-t", "30", "-l", os.path.join(self.directory, "log"),
-            "-o", f"-p {self.port} -h 127.0.0.1 -k {self.directory} -c fsync=off -c max_connections=200",
-            "start",
-        )
-        return self
-
-    def stop(self, *, mode="immediate"):
-        self._run(str(POSTGRES_BIN / "pg_ctl"), "-D", self.data, "-m", mode, "-w", "stop", check=False)
-
-    def accepts_connections(self):
-        try:
-            psycopg2.connect(self.url(), connect_timeout=2).close()
-        except psycopg2.OperationalError:
-            return False
-        return True
-
-    def restart(self, *, down_for=0.0):
-        """Stop at once (like a crash: no clean shutdown) and start again."""
-        self.stop(mode="immediate")
-        time.sleep(down_for)
-        return self.start()
-
-    def close(self):
-        self.stop()
-        shutil.rmtree(self.directory, ignore_errors=True)
 
 
 class Testbed:
