@@ -1,5 +1,6 @@
 """``/metrics``: Prometheus text for this host's processes, plus shared state read at scrape time."""
 
+import hmac
 import logging
 import os
 
@@ -74,18 +75,19 @@ class _ProcessLocal:
         return REGISTRY.collect()
 
 
-def _allowed(request):
+FORBIDDEN_BODY = error_body("FORBIDDEN", "Metrics need the bearer token (CAO_METRICS_TOKEN) or an allowed address.")
+
+
+def scrape_allowed(*, authorization, remote_addr):
+    """The bearer token when one is set, else an address in CAO_METRICS_ALLOWED_IPS."""
     token = settings.CAO_METRICS_TOKEN
     if token:
-        return request.headers.get("Authorization") == f"Bearer {token}"
-    return request.META.get("REMOTE_ADDR") in settings.CAO_METRICS_ALLOWED_IPS
+        return hmac.compare_digest((authorization or "").encode(), f"Bearer {token}".encode())
+    return remote_addr in settings.CAO_METRICS_ALLOWED_IPS
 
 
 @require_GET
 def metrics(request):
-    if not _allowed(request):
-        return JsonResponse(
-            error_body("FORBIDDEN", "Metrics need the bearer token (CAO_METRICS_TOKEN) or an allowed address."),
-            status=403,
-        )
+    if not scrape_allowed(authorization=request.headers.get("Authorization"), remote_addr=request.META.get("REMOTE_ADDR")):
+        return JsonResponse(FORBIDDEN_BODY, status=403)
     return HttpResponse(generate_latest(gateway_registry()), content_type=CONTENT_TYPE_LATEST)

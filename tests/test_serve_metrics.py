@@ -52,11 +52,12 @@ class MetricsServer:
             if self.process.poll() is not None:
                 raise AssertionError(f"serve_metrics exited: {self.process.stdout.read()}")
             try:
-                return requests.get(self.url, timeout=5, **kwargs)
+                # In a tuple: a 403 response is falsy, and must end the wait too.
+                return (requests.get(self.url, timeout=5, **kwargs),)
             except requests.ConnectionError:
                 return None
 
-        return wait_until(answered, timeout=30, message="serve_metrics to answer")
+        return wait_until(answered, timeout=30, message="serve_metrics to answer")[0]
 
     def close(self):
         self.process.terminate()
@@ -118,12 +119,17 @@ def test_with_redis_down_it_still_answers_without_the_shared_state(registry, set
         sample(response.text, "cao_slots_in_use", service="video_gen_v2")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="serve_metrics ignores CAO_METRICS_TOKEN and CAO_METRICS_ALLOWED_IPS (and binds 0.0.0.0 by "
-    "default), while the API's /metrics refuses unauthenticated scrapes from other addresses",
-)
 def test_with_a_metrics_token_set_a_scrape_without_it_is_refused(registry, metrics_server):
-    response = metrics_server(CAO_METRICS_TOKEN="scrape-me").scrape()
+    server = metrics_server(CAO_METRICS_TOKEN="scrape-me")
 
-    assert response.status_code == 403
+    refused = server.scrape()
+    allowed = server.scrape(headers={"Authorization": "Bearer scrape-me"})
+
+    assert refused.status_code == 403 and refused.json()["error"]["code"] == "FORBIDDEN"
+    assert allowed.status_code == 200 and "cao_" in allowed.text
+
+
+def test_without_a_token_only_the_allowed_addresses_may_scrape(registry, metrics_server):
+    refused = metrics_server(CAO_METRICS_ALLOWED_IPS="10.9.9.9").scrape()
+
+    assert refused.status_code == 403
