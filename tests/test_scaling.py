@@ -56,8 +56,16 @@ def test_two_worker_hosts_share_every_limit_even_when_one_dies(testbed):
         # Halfway, host 2 loses its medium worker (SIGKILL) while it runs a call, and it never comes back.
         wait_until(lambda: bed.statuses(jobs).get("COMPLETED", 0) >= 40, timeout=120, message="half the jobs")
         bed.simulator.configure(latency={"fast_chat_llm": "1500ms", "*": "60ms~30ms"})
-        wait_until(lambda: holds_a_call(bed, "host2_worker_medium", "fast_chat_llm"), timeout=60,
-                   message="host 2's medium worker to hold a call")
+
+        def host2_holds_a_call():
+            # By now the first jobs may all be past their LLM step: keep new ones coming
+            # until host 2's medium worker has taken one of their calls.
+            if holds_a_call(bed, "host2_worker_medium", "fast_chat_llm"):
+                return True
+            jobs.extend(bed.submit_many(2, "business_plan"))
+            return False
+
+        wait_until(host2_holds_a_call, timeout=60, interval=0.5, message="host 2's medium worker to hold a call")
         bed.kill("host2_worker_medium")
         bed.wait_finished(jobs, timeout=240)
         elapsed = time.monotonic() - started
