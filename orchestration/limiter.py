@@ -288,6 +288,7 @@ class LeaseKeeper:
         self.autostart = autostart
         self.heartbeat = heartbeat
         self.wakeups = 0  # times the thread woke up; lets tests see it idle
+        self.idle = False  # the thread waits for track() with no deadline
         self._cond = threading.Condition()
         self._leases: set[_Lease] = set()
         self._thread = None
@@ -449,7 +450,9 @@ class LeaseKeeper:
                     delay = self._next_delay(self.clock())
                     if delay == 0.0:
                         break
+                    self.idle = delay is None
                     self._cond.wait(delay)  # None: sleep until track() notifies
+                    self.idle = False
                     self.wakeups += 1
                 if self._closed:
                     return

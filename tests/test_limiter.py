@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
 from orchestration.limiter import Acquisition, LeaseKeeper, Limiter
+from scripts.private_servers import wait_until
 from tests.limiter_helpers import Model, dispatch, inbox_of, kept_holder, stress_worker, take_slot
 
 SERVICE = "svc"
@@ -388,12 +389,11 @@ def test_lease_keeper_thread_idles_without_wakeups(limiter):
     keeper = LeaseKeeper(limiter)
     try:
         with keeper.keep(SERVICE, "a", 0.3):
-            time.sleep(0.35)
-        assert keeper.wakeups >= 2
-        time.sleep(0.2)  # lets the thread see the lease is gone
+            wait_until(lambda: keeper.wakeups >= 2, timeout=10, message="two renewals")
+        wait_until(lambda: keeper.idle, timeout=10, message="the keeper to see the lease is gone")
         wakeups = keeper.wakeups
-        time.sleep(0.5)
-        assert keeper.wakeups == wakeups
+        time.sleep(0.5)  # an idle keeper stays asleep however long nothing happens
+        assert keeper.wakeups == wakeups and keeper.idle
         assert keeper.tracked == 0
     finally:
         keeper.close()
