@@ -15,6 +15,8 @@ import dj_database_url
 from django.core.exceptions import ImproperlyConfigured
 from dotenv import load_dotenv
 
+from common import green
+
 BASE_DIR = Path(__file__).resolve().parent.parent
 
 # A local .env (written by `make run` with a generated SECRET_KEY) fills in
@@ -160,6 +162,12 @@ DATABASES = {
     ),
 }
 DATABASES["default"].setdefault("OPTIONS", {})["connect_timeout"] = env_int("CAO_DB_CONNECT_TIMEOUT_S", 5)
+# A green worker (rundramatiq --use-gevent, common/green.py) shares this many
+# connections between all its calls in flight, instead of one per thread.
+CAO_WORKER_DB_CONNECTIONS = env_int("CAO_WORKER_DB_CONNECTIONS", 4)
+if green.active():
+    green.prepare()
+    DATABASES["default"] = green.pooled_database(DATABASES["default"], max_connections=CAO_WORKER_DB_CONNECTIONS)
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 REDIS_URL = env_str("REDIS_URL", "redis://127.0.0.1:6379/0")

@@ -3,7 +3,8 @@
 ``async_to_sync(layer.group_send)`` from a worker thread runs each call on a
 fresh event loop, and channels-redis keeps its connection pools per loop: a
 new Redis connection per event. Instead one daemon thread per process runs a
-single event loop with one pool, and a single task drains a queue so pushes
+single event loop with one pool (a real OS thread, even in a green worker:
+common.green.start_os_thread), and a single task drains a queue so pushes
 leave in the order they were published.
 """
 
@@ -13,6 +14,8 @@ import os
 import threading
 
 from channels.layers import get_channel_layer
+
+from common import green
 
 logger = logging.getLogger(__name__)
 
@@ -43,19 +46,14 @@ class EventPublisher:
             # A forked worker process inherits the object but not the thread.
             if self._loop is None or self._pid != os.getpid():
                 self._pid = os.getpid()
+                # Pushes published before the loop starts wait in its queue of callbacks.
                 self._loop = asyncio.new_event_loop()
                 self._queue = asyncio.Queue()
-                ready = threading.Event()
-                thread = threading.Thread(
-                    target=self._run, args=(self._loop, self._queue, ready), name="event-publisher", daemon=True
-                )
-                thread.start()
-                ready.wait()
+                green.start_os_thread(self._run, self._loop, self._queue, name="event-publisher")
             return self._loop, self._queue
 
-    def _run(self, loop, queue, ready):
+    def _run(self, loop, queue):
         asyncio.set_event_loop(loop)
-        loop.call_soon(ready.set)
         loop.run_until_complete(self._drain(queue))
 
     async def _drain(self, queue):

@@ -20,7 +20,7 @@ from django.conf import settings
 from django.db import InterfaceError, OperationalError, close_old_connections, transaction
 from django.utils import timezone
 
-from common import metrics
+from common import green, metrics
 from common.after_commit import after_commit
 from common.logs import bind, log_context, redact
 from jobs import selectors as job_selectors
@@ -106,6 +106,8 @@ class Engine:
             claim = self.claim(job_id, step_index, token)
             if claim is None:
                 return None
+            # A green worker's connection serves other steps while this call waits.
+            green.release_database_connection()
             reply = None
             try:
                 with self.keeper.keep(claim.service.name, claim.member, claim.service.lease_ttl_s):

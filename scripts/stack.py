@@ -62,9 +62,36 @@ def base_environment():
     return env
 
 
-# Worker pools per queue: (processes, threads). Parked steps hold no thread,
-# so threads bound concurrent downstream calls per queue on this machine.
-WORKER_POOLS = {"heavy": (1, 4), "medium": (1, 16), "default": (1, 16)}
+# Worker pools per queue: (processes, threads). Parked steps hold no thread.
+# Green workers (common/green.py) run greenlets: a call in flight costs a
+# few kB, so the services' limits, not these counts, bound the calls in
+# flight. Thread workers (CAO_WORKER_MODE=threads, and the RabbitMQ broker,
+# whose client keeps a connection per thread) are bounded by their threads.
+WORKER_POOLS = {
+    "green": {"heavy": (1, 100), "medium": (1, 1000), "default": (1, 1000)},
+    "threads": {"heavy": (1, 4), "medium": (1, 16), "default": (1, 16)},
+}
+
+
+def worker_mode(env, root=None):
+    """"green" or "threads": CAO_WORKER_MODE, else green unless the broker is RabbitMQ.
+
+    A ``root`` checkout older than green workers (a benchmark's "before") runs threads.
+    """
+    if root is not None and not (Path(root) / "common" / "green.py").exists():
+        return "threads"
+    mode = env.get("CAO_WORKER_MODE") or ("threads" if env.get("BROKER_URL", "").startswith("amqp") else "green")
+    if mode not in WORKER_POOLS:
+        raise ValueError(f"CAO_WORKER_MODE must be one of {', '.join(WORKER_POOLS)}, not {mode!r}")
+    return mode
+
+
+def worker_command(python, manage_py, queue, *, mode):
+    processes, threads = WORKER_POOLS[mode].get(queue, (1, 8))
+    return [
+        python, manage_py, "rundramatiq", "--queues", queue, "--processes", str(processes), "--threads", str(threads),
+        *(["--use-gevent"] if mode == "green" else []),
+    ]
 SERVICES = ["video_gen_v2", "fast_chat_llm", "summarizer_pro", "prompt_enhancer", "email_notifier"]
 
 
@@ -98,8 +125,9 @@ def stack_processes(
     queues=("heavy", "medium", "default"),
     root=ROOT,
     worker_hosts=1,
+    mode="green",
 ):
-    """The processes of a local stack, in start order.
+    """The processes of a local stack, in start order; ``mode`` is the workers' (worker_mode()).
 
     ``root`` is the checkout whose code they run (default: this one), so a
     benchmark can start the stack of another checkout, e.g. a git worktree
@@ -128,16 +156,7 @@ def stack_processes(
     for host_number in range(1, worker_hosts + 1):
         prefix = "" if host_number == 1 else f"host{host_number}_"
         for queue in queues:
-            processes, threads = WORKER_POOLS.get(queue, (1, 8))
-            specs.append(
-                ProcessSpec(
-                    f"{prefix}worker_{queue}",
-                    [
-                        python, manage_py, "rundramatiq", "--queues", queue,
-                        "--processes", str(processes), "--threads", str(threads),
-                    ],
-                )
-            )
+            specs.append(ProcessSpec(f"{prefix}worker_{queue}", worker_command(python, manage_py, queue, mode=mode)))
     specs.append(ProcessSpec("scheduler", [python, manage_py, "run_scheduler"]))
     return specs
 
@@ -348,6 +367,7 @@ def main(argv=None):
         simulator_port=args.simulator_port,
         # The demo's services take a moment, like real ones, so progress is visible.
         simulator_args=["--latency", "*=400ms~150ms"] if args.demo else [],
+        mode=worker_mode(env),
     )
     stack = Stack(specs, env=env, log_dir=log_dir)
     base = f"http://{args.host}:{args.port}"

@@ -25,7 +25,7 @@ import requests
 
 from scripts.local_backends import ensure_database
 from scripts.private_servers import POSTGRES_BIN, PrivatePostgres, PrivateRedis, free_port, wait_until  # noqa: F401
-from scripts.stack import ROOT, Stack, simulator_env, stack_processes
+from scripts.stack import ROOT, Stack, simulator_env, stack_processes, worker_mode
 from simulator.testing import SimulatorClient
 
 
@@ -71,6 +71,7 @@ class Testbed:
             **(env or {}),
         }
         self.simulator_args = list(simulator_args)
+        self.worker_mode = worker_mode(self.env, self.root)
         self.scheduler = scheduler
         self.base_url = f"http://127.0.0.1:{self.port}"
         self.ws_url = f"ws://127.0.0.1:{self.port}"
@@ -106,6 +107,7 @@ class Testbed:
             simulator_args=self.simulator_args,
             root=self.root,
             worker_hosts=self.worker_hosts,
+            mode=self.worker_mode,
         )
         if not self.scheduler:
             specs = [spec for spec in specs if spec.name != "scheduler"]
@@ -186,6 +188,12 @@ class Testbed:
         with self.cursor() as cursor:
             cursor.execute(statement, params)
             return cursor.fetchall() if cursor.description else None
+
+    def database_connections(self):
+        """PostgreSQL backends connected to the stack's database (this query's own excluded)."""
+        return self.sql(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()"
+        )[0][0]
 
     def set_service(self, name, **fields):
         assignments = ", ".join(f"{field} = %s" for field in fields)

@@ -33,6 +33,8 @@ def test_workers_are_pinned_to_one_queue_each():
         assert command[command.index("--queues") + 1] == queue
         assert "--threads" in command and "--processes" in command
         assert command.count("--queues") == 1
+        # Green workers: calls in flight bounded by the services' limits, not by threads.
+        assert "--use-gevent" in command
 
 
 def test_app_services_point_at_compose_backends_and_the_simulator():

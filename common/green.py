@@ -1,0 +1,82 @@
+"""Green workers: a call in flight holds a greenlet, not an OS thread or a database connection.
+
+A worker started with ``rundramatiq --use-gevent`` runs under
+``dramatiq-gevent``, which monkey-patches the standard library before Django
+loads. Its worker "threads" are then greenlets (cheap: thousands per
+process), and a downstream call that waits on its socket lets the others
+run, so a service's concurrency limit, not a thread count, bounds the calls
+in flight.
+
+Two things keep such a worker from needing a database connection per call:
+
+- psycopg2 is made cooperative (psycogreen), so a query waits like a socket;
+- connections come from a small per-process pool (django-db-geventpool,
+  bounded exactly by common.green_postgres,
+  ``CAO_WORKER_DB_CONNECTIONS``), and the engine gives its connection back
+  for the duration of the call (``release_database_connection``).
+
+Everything else (requests, redis-py, the lease keeper's thread) is green
+through the monkey-patching. Crash safety does not change: it rests on
+leases, heartbeats and fencing tokens, not on threads.
+"""
+
+import sys
+import threading
+
+POOLED_ENGINE = "common.green_postgres"
+
+
+def active() -> bool:
+    """Whether this process runs under gevent's monkey-patching (a green worker)."""
+    monkey = sys.modules.get("gevent.monkey")
+    return bool(monkey and monkey.is_module_patched("socket"))
+
+
+def pooled_database(database: dict, *, max_connections: int) -> dict:
+    """``database`` (a DATABASES entry) served from a bounded green pool.
+
+    Django's own persistent connections are per thread, so per greenlet
+    here: without the pool, a worker would hold one per call in flight.
+    """
+    options = {**database.get("OPTIONS", {}), "MAX_CONNS": max_connections, "REUSE_CONNS": max_connections}
+    return {**database, "ENGINE": POOLED_ENGINE, "CONN_MAX_AGE": 0, "OPTIONS": options}
+
+
+def prepare() -> None:
+    """Ready a green process for Django; before the first database connection.
+
+    - psycopg2 waits through gevent's hub (psycogreen), so a query lets the
+      other greenlets run;
+    """
+    from psycogreen.gevent import patch_psycopg
+
+    patch_psycopg()
+
+
+def start_os_thread(target, *args, name):
+    """Run ``target(*args)`` in a real OS thread, even in a green process.
+
+    For an asyncio event loop: asyncio keeps "the running loop" per OS
+    thread, not per greenlet. A loop run by a greenlet would make every
+    other greenlet of the process look like async code to Django, which
+    then swaps their database connections for per-coroutine ones and
+    refuses the ORM (SynchronousOnlyOperation).
+    """
+    if active():
+        from gevent.monkey import get_original
+
+        get_original("_thread", "start_new_thread")(target, args)
+    else:
+        threading.Thread(target=target, args=args, name=name, daemon=True).start()
+
+
+def release_database_connection() -> None:
+    """Give this greenlet's database connection back to the pool (no-op outside green workers).
+
+    The next query takes one from the pool again. A thread worker keeps its
+    persistent connection instead: reconnecting would cost more than it saves.
+    """
+    if active():
+        from django.db import connection
+
+        connection.close()
