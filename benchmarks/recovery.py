@@ -79,8 +79,8 @@ def _worker_kill(stack, queue, *, jobs, call_s, timeout_s):
     stack.set_service(service, concurrency_limit=jobs, timeout_s=max(10, 3 * call_s))
     stack.simulator.configure(latency={service: f"{int(call_s * 1000)}ms"})
     job_ids = stack.submit_many(jobs, feature)
-    # Worker threads still bound the calls in flight (4 on the heavy queue).
-    in_flight = min(jobs, WORKER_POOLS[queue][1])
+    # Thread workers bound the calls in flight (4 on the heavy queue).
+    in_flight = min(jobs, WORKER_POOLS[stack.worker_mode][queue][1])
     wait_until(
         lambda: stack.simulator.stats(service)["in_flight"] >= in_flight, timeout=60,
         message=f"{in_flight} calls to {service}",

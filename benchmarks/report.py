@@ -128,6 +128,17 @@ LATENCY_FIGURES = (
     Figure("ws_p95", "WebSocket delivery, p95", ("ws", "delivery_ms", "p95"), "ms", target=25, floor="redis"),
 )
 
+def _inflight_figures(case):
+    limit, call_s = (case or {}).get("limit", "N"), (case or {}).get("call_s", "N")
+    label = f"Raised limit ({limit}), calls of {call_s} s"
+    return (
+        Figure("inflight_calls", f"{label}: calls in flight", ("inflight", "max_in_flight"), "calls",
+               target=270 if limit == 300 else None, higher_is_better=True),
+        Figure("inflight_pg", f"{label}: PostgreSQL connections of the stack", ("inflight", "pg_connections_max"),
+               "connections", target=41),
+    )
+
+
 RECOVERY_FIGURES = (
     *(
         Figure(f"recovery_kill_{queue}", f"Recovery: worker_{queue} SIGKILLed, calls in flight, to all done",
@@ -165,6 +176,7 @@ def figures_of(cases):
         *_execution_figures((cases.get("execution") or {}).get("jobs", "N")),
         *LATENCY_FIGURES,
         *_post_figures(_numeric_keys(cases.get("post"))),
+        *_inflight_figures(cases.get("inflight")),
         *RECOVERY_FIGURES,
         *COST_FIGURES,
     )

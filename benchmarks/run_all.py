@@ -30,7 +30,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from benchmarks import floors, handoff, idle, overhead, post_latency, recovery, report, throughput, ws_latency
+from benchmarks import floors, handoff, idle, inflight, overhead, post_latency, recovery, report, throughput, ws_latency
 from benchmarks.harness import bench_testbed, bench_urls, reset
 from scripts.stack import ROOT
 from scripts.testbed import PrivateRedis
@@ -38,7 +38,7 @@ from scripts.testbed import PrivateRedis
 # In run order: idle first, on a stack that has done nothing yet; floors
 # before the load; the heaviest loads last.
 # Recovery runs on a stack of its own (it kills workers and Redis).
-CASES = ("idle", "floors", "overhead", "handoff", "ws", "post", "throughput", "execution", "recovery")
+CASES = ("idle", "floors", "overhead", "handoff", "ws", "post", "throughput", "execution", "inflight", "recovery")
 
 FULL = {
     "idle": {"seconds": 60},
@@ -49,6 +49,7 @@ FULL = {
     "post": {"rates": (10, 50), "seconds": 10},
     "throughput": {"jobs": (200, 500)},
     "execution": {"jobs": 500},
+    "inflight": {"jobs": 330, "limit": 300, "call_s": 2.0},
     "recovery": {"jobs": 10, "call_s": 2.0, "redis_jobs": 30, "timeout_s": 240},
 }
 QUICK = {
@@ -60,6 +61,7 @@ QUICK = {
     "post": {"rates": (20,), "seconds": 2, "warmup_s": 0.5},
     "throughput": {"jobs": (20,)},
     "execution": {"jobs": 20},
+    "inflight": {"jobs": 40, "limit": 30, "call_s": 1.0},
     "recovery": {"jobs": 3, "call_s": 1.0, "redis_jobs": 6, "timeout_s": 120},
 }
 
@@ -73,6 +75,7 @@ MEASURES = {
     "post": post_latency.measure,
     "throughput": throughput.measure_sizes,
     "execution": throughput.measure_execution,
+    "inflight": inflight.measure,
     "recovery": recovery.measure,
 }
 

@@ -30,7 +30,9 @@ def test_every_case_runs_and_returns_numbers(bed):
     rows = report.figures(cases)
     missing = [row["label"] for row in rows if not isinstance(row["value"], (int, float))]
     assert missing == []
-    assert {row["key"] for row in rows} >= {"overhead_p50", "handoff_p95", "ws_p95", "idle_cpu", "floor_commit"}
+    assert {row["key"] for row in rows} >= {
+        "overhead_p50", "handoff_p95", "ws_p95", "idle_cpu", "floor_commit", "inflight_calls", "inflight_pg",
+    }
     assert any(row["key"].startswith("throughput_") for row in rows)
     assert any(row["key"].startswith("post_") for row in rows)
     assert any(row["key"].startswith("cpu_") and row["key"].endswith("_workers") for row in rows)
