@@ -9,7 +9,8 @@ import json
 import subprocess
 import sys
 
-from django.conf import settings
+import pytest
+from django.db import connection
 
 from scripts.stack import ROOT
 
@@ -41,8 +42,9 @@ print(json.dumps({"peak": peak, "done": done, "size_after_discard": pool.size}))
 """
 
 
+@pytest.mark.django_db
 def test_a_burst_of_greenlets_shares_at_most_max_conns_connections():
-    database = settings.DATABASES["default"]
+    database = connection.settings_dict  # the test database
     dsn = f"dbname={database['NAME']} user={database['USER']} host={database['HOST']} port={database['PORT'] or 5432}"
     done = subprocess.run(
         [sys.executable, "-c", BURST, dsn], cwd=ROOT, capture_output=True, text=True, timeout=120, check=False
