@@ -183,6 +183,9 @@ BROKER_URL = env_str("BROKER_URL", REDIS_URL)
 CAO_METRICS_TOKEN = env_str("CAO_METRICS_TOKEN")
 CAO_METRICS_ALLOWED_IPS = env_list("CAO_METRICS_ALLOWED_IPS", ["127.0.0.1", "::1"])
 
+# Connections a green worker keeps open per downstream host, shared by its greenlets.
+CAO_HTTP_POOL_SIZE = env_int("CAO_HTTP_POOL_SIZE", 100)
+
 # Threads serving HTTP requests in the API process (each keeps a DB connection).
 CAO_HTTP_THREADS = env_int("CAO_HTTP_THREADS", 8)
 

@@ -20,6 +20,8 @@ through the monkey-patching. Crash safety does not change: it rests on
 leases, heartbeats and fencing tokens, not on threads.
 """
 
+import asyncio
+import concurrent.futures
 import sys
 import threading
 
@@ -51,6 +53,35 @@ def prepare() -> None:
     from psycogreen.gevent import patch_psycopg
 
     patch_psycopg()
+
+
+def new_event_loop():
+    """An asyncio event loop that can run in an OS thread of its own, in a green process too.
+
+    There, the patched selectors would wait on the gevent hub of a thread
+    that never runs it (the loop spins at 100 % of a core), and the default
+    executor (for getaddrinfo) would start greenlets that never run. The
+    loop gets the original epoll selector and an executor that runs calls
+    inline, in the loop's own thread.
+    """
+    if not active():
+        return asyncio.new_event_loop()
+    from gevent.monkey import get_original
+
+    loop = asyncio.SelectorEventLoop(get_original("selectors", "DefaultSelector")())
+    loop.set_default_executor(_InlineExecutor())
+    return loop
+
+
+class _InlineExecutor(concurrent.futures.ThreadPoolExecutor):
+    # A ThreadPoolExecutor in name only (asyncio insists): it starts no thread.
+    def submit(self, fn, /, *args, **kwargs):
+        future = concurrent.futures.Future()
+        try:
+            future.set_result(fn(*args, **kwargs))
+        except BaseException as error:
+            future.set_exception(error)
+        return future
 
 
 def start_os_thread(target, *args, name):

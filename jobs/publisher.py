@@ -47,7 +47,7 @@ class EventPublisher:
             if self._loop is None or self._pid != os.getpid():
                 self._pid = os.getpid()
                 # Pushes published before the loop starts wait in its queue of callbacks.
-                self._loop = asyncio.new_event_loop()
+                self._loop = green.new_event_loop()
                 self._queue = asyncio.Queue()
                 green.start_os_thread(self._run, self._loop, self._queue, name="event-publisher")
             return self._loop, self._queue

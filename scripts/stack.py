@@ -68,7 +68,7 @@ def base_environment():
 # flight. Thread workers (CAO_WORKER_MODE=threads, and the RabbitMQ broker,
 # whose client keeps a connection per thread) are bounded by their threads.
 WORKER_POOLS = {
-    "green": {"heavy": (1, 100), "medium": (1, 1000), "default": (1, 1000)},
+    "green": {"heavy": (1, 100), "medium": (1, 400), "default": (1, 400)},
     "threads": {"heavy": (1, 4), "medium": (1, 16), "default": (1, 16)},
 }
 
