@@ -45,10 +45,9 @@ def pooled_database(database: dict, *, max_connections: int) -> dict:
 
 
 def prepare() -> None:
-    """Ready a green process for Django; before the first database connection.
+    """Make psycopg2 wait through gevent's hub (psycogreen), so a query lets the other greenlets run.
 
-    - psycopg2 waits through gevent's hub (psycogreen), so a query lets the
-      other greenlets run;
+    Called by the settings of a green process, before its first database connection.
     """
     from psycogreen.gevent import patch_psycopg
 
