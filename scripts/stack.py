@@ -401,6 +401,10 @@ def main(argv=None):
         print("\nStopping...", flush=True)
         return 0
     finally:
+        # A second Ctrl-C (or the SIGTERM that make and timeout pass on) must
+        # not cut the stop short and leave processes behind.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         stack.stop_all()
 
 
