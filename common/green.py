@@ -22,6 +22,7 @@ leases, heartbeats and fencing tokens, not on threads.
 
 import asyncio
 import concurrent.futures
+import logging
 import sys
 import threading
 
@@ -45,13 +46,37 @@ def pooled_database(database: dict, *, max_connections: int) -> dict:
 
 
 def prepare() -> None:
-    """Make psycopg2 wait through gevent's hub (psycogreen), so a query lets the other greenlets run.
+    """Ready a green process; called by its settings, before any connection or logging config.
 
-    Called by the settings of a green process, before its first database connection.
+    - psycopg2 waits through gevent's hub (psycogreen), so a query lets the
+      other greenlets run;
+    - logging handlers lock with real locks. The event publisher's OS thread
+      logs too (a push that failed while Redis was down), and a gevent lock
+      taken from another OS thread deadlocked every greenlet that logged
+      after it. A real lock is safe between greenlets here: a handler never
+      yields while it writes.
     """
     from psycogreen.gevent import patch_psycopg
 
     patch_psycopg()
+    _log_with_real_locks()
+
+
+def _log_with_real_locks():
+    from gevent.monkey import get_original
+
+    real_rlock = get_original("_thread", "RLock")  # C, never gevent's
+
+    def create_lock(handler):
+        handler.lock = real_rlock()
+        logging._register_at_fork_reinit_lock(handler)
+
+    logging.Handler.createLock = create_lock
+    logging._lock = real_rlock()
+    for reference in list(logging._handlerList):
+        handler = reference()
+        if handler is not None:
+            handler.lock = real_rlock()
 
 
 def new_event_loop():

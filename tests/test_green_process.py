@@ -1,4 +1,4 @@
-"""The event publisher's asyncio loop in a green worker: its own OS thread, idle when idle.
+"""A green worker's OS thread (the event publisher's loop) and its greenlets live together safely.
 
 In a process of its own, monkey-patched as a green worker is. A loop run by
 a greenlet would make Django see every greenlet as async code; a loop in an
@@ -59,3 +59,47 @@ def test_the_publisher_loop_of_a_green_worker_runs_apart_resolves_names_and_idle
     assert result["greenlet_sees_a_running_loop"] is False
     # A spinning loop keeps a whole core busy; a waiting one next to nothing.
     assert result["idle_cpu_share"] < 0.5, result
+
+
+LOGGING = r"""
+from gevent import monkey; monkey.patch_all()
+import _thread, json, logging, sys, time
+import gevent
+from common import green
+
+before = logging.StreamHandler(sys.stderr)  # a handler made before the green set-up (as Dramatiq's is)
+logging.getLogger().addHandler(before)
+green.prepare()
+after = logging.StreamHandler(sys.stderr)
+logging.getLogger("later").addHandler(after)
+native = type(_thread.RLock())
+locks_native = all(isinstance(handler.lock, native) for handler in (before, after))
+
+# The publisher's OS thread and many greenlets log at once; everyone gets through.
+log = logging.getLogger("green-test")
+finished = []
+def from_the_os_thread():
+    for i in range(300):
+        log.warning("os thread %d", i)
+    finished.append("thread")
+green.start_os_thread(from_the_os_thread, name="logger")
+def from_a_greenlet(n):
+    for i in range(30):
+        log.warning("greenlet %d %d", n, i)
+        gevent.sleep(0)
+gevent.joinall([gevent.spawn(from_a_greenlet, n) for n in range(20)], timeout=30)
+deadline = time.monotonic() + 30
+while not finished and time.monotonic() < deadline:
+    gevent.sleep(0.01)
+print(json.dumps({"locks_native": locks_native, "thread_finished": bool(finished)}))
+"""
+
+
+def test_a_green_process_logs_from_its_os_thread_and_its_greenlets_without_deadlock():
+    done = subprocess.run(
+        [sys.executable, "-c", LOGGING], cwd=ROOT, capture_output=True, text=True, timeout=60, check=False
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+
+    assert result == {"locks_native": True, "thread_finished": True}
