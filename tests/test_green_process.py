@@ -31,10 +31,7 @@ def run():
 
 green.start_os_thread(run, name="test-loop")
 future = asyncio.run_coroutine_threadsafe(resolve(), loop)
-deadline = time.monotonic() + 30
-while not future.done() and time.monotonic() < deadline:
-    time.sleep(0.01)
-results["resolved"] = future.result(timeout=0)
+results["resolved"] = future.result(timeout=30)
 
 # While the loop runs in its thread, this greenlet is not inside a running loop.
 try:
@@ -44,7 +41,7 @@ except RuntimeError:
     results["greenlet_sees_a_running_loop"] = False
 
 cpu, wall = time.process_time(), time.monotonic()
-time.sleep(1.0)  # the loop waits for work
+time.sleep(1.0)  # an observation window, not a wait: a spinning loop burns CPU all through it
 results["idle_cpu_share"] = (time.process_time() - cpu) / (time.monotonic() - wall)
 print(json.dumps(results))
 """
@@ -63,7 +60,7 @@ def test_the_publisher_loop_of_a_green_worker_runs_apart_resolves_names_and_idle
 
 LOGGING = r"""
 from gevent import monkey; monkey.patch_all()
-import _thread, json, logging, sys, time
+import _thread, json, logging, sys
 import gevent
 from common import green
 
@@ -77,21 +74,19 @@ locks_native = all(isinstance(handler.lock, native) for handler in (before, afte
 
 # The publisher's OS thread and many greenlets log at once; everyone gets through.
 log = logging.getLogger("green-test")
-finished = []
+finished = monkey.get_original("_thread", "allocate_lock")()  # a real lock: released by the OS thread
+finished.acquire()
 def from_the_os_thread():
     for i in range(300):
         log.warning("os thread %d", i)
-    finished.append("thread")
+    finished.release()
 green.start_os_thread(from_the_os_thread, name="logger")
 def from_a_greenlet(n):
     for i in range(30):
         log.warning("greenlet %d %d", n, i)
         gevent.sleep(0)
 gevent.joinall([gevent.spawn(from_a_greenlet, n) for n in range(20)], timeout=30)
-deadline = time.monotonic() + 30
-while not finished and time.monotonic() < deadline:
-    gevent.sleep(0.01)
-print(json.dumps({"locks_native": locks_native, "thread_finished": bool(finished)}))
+print(json.dumps({"locks_native": locks_native, "thread_finished": finished.acquire(timeout=30)}))
 """
 
 

@@ -114,8 +114,11 @@ def test_the_watch_script_pings_a_silent_socket_and_learns_of_a_lost_final_event
     async def scenario():
         url = f"{asgi_server.ws_url}/ws/{job.pk}?token={monitor_token(job.pk)}"
         watching = asyncio.create_task(watch(url, out=lines.append, timeout=20, ping_after_s=0.3))
-        while not lines:
-            await asyncio.sleep(0.02)
+        async def connected():
+            while not lines:
+                await asyncio.sleep(0.02)
+
+        await asyncio.wait_for(connected(), timeout=20)  # the socket's first line, with a deadline
         await in_thread(complete_without_push)
         return await watching
 
