@@ -3,6 +3,7 @@
 import json
 import os
 import re
+import signal
 import time
 
 import pytest
@@ -27,21 +28,29 @@ def calls_by_host(bed):
     return counts
 
 
-def holds_a_call(bed, process_name, service):
-    """Whether the process (or its children) owns a lease of ``service`` right now."""
+def holds_a_running_call(bed, process_name, service):
+    """Whether the process (or its children) owns a lease of ``service`` whose step PostgreSQL has as RUNNING."""
     client = redis.Redis.from_url(bed.redis_url, decode_responses=True)
     try:
-        owners = set(client.hgetall(f"cao:lim:{{{service}}}:owners").values())
+        owners = client.hgetall(f"cao:lim:{{{service}}}:owners")
         infos = client.hgetall("cao:{procs}:info")
     finally:
         client.close()
     group = bed.stack.processes[process_name].pid
-    for owner in owners & set(infos):
+    for member, owner in owners.items():
         try:
-            if os.getpgid(json.loads(infos[owner])["pid"]) == group:
-                return True
+            if owner not in infos or os.getpgid(json.loads(infos[owner])["pid"]) != group:
+                continue
         except ProcessLookupError:
             continue
+        job_id, step_index, token = member.rsplit(":", 2)
+        running = bed.sql(
+            "SELECT 1 FROM jobs_job WHERE id = %s AND current_step_index = %s AND step_token = %s "
+            "AND step_state = 'RUNNING'",
+            (job_id, int(step_index), int(token)),
+        )
+        if running:
+            return True
     return False
 
 
@@ -57,15 +66,20 @@ def test_two_worker_hosts_share_every_limit_even_when_one_dies(testbed):
         wait_until(lambda: bed.statuses(jobs).get("COMPLETED", 0) >= 40, timeout=120, message="half the jobs")
         bed.simulator.configure(latency={"fast_chat_llm": "1500ms", "*": "60ms~30ms"})
 
-        def host2_holds_a_call():
-            # By now the first jobs may all be past their LLM step: keep new ones coming
-            # until host 2's medium worker has taken one of their calls.
-            if holds_a_call(bed, "host2_worker_medium", "fast_chat_llm"):
+        worker = bed.stack.processes["host2_worker_medium"].pid
+
+        def host2_frozen_mid_call():
+            # Frozen, the worker can neither finish nor record a call: what it
+            # holds now is what it dies with. By now the first jobs may all be
+            # past their LLM step: keep new ones coming until it holds one.
+            os.killpg(worker, signal.SIGSTOP)
+            if holds_a_running_call(bed, "host2_worker_medium", "fast_chat_llm"):
                 return True
+            os.killpg(worker, signal.SIGCONT)
             jobs.extend(bed.submit_many(2, "business_plan"))
             return False
 
-        wait_until(host2_holds_a_call, timeout=60, interval=0.5, message="host 2's medium worker to hold a call")
+        wait_until(host2_frozen_mid_call, timeout=60, interval=0.5, message="host 2's medium worker to hold a call")
         bed.kill("host2_worker_medium")
         bed.wait_finished(jobs, timeout=240)
         elapsed = time.monotonic() - started
