@@ -100,7 +100,7 @@ def measure(*, jobs=100, warmup=5, profile=False, app_root=None):
             import pstats
 
             profiler.disable()
-            pstats.Stats(profiler, stream=sys.stderr).sort_stats("tottime").print_stats(25)
+            pstats.Stats(profiler, stream=sys.stderr).sort_stats(os.environ.get("PROFILE_SORT", "tottime")).print_stats(int(os.environ.get("PROFILE_TOP", "25")))
         steps = jobs * 4
         return {
             "app_root": os.getcwd(),

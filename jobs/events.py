@@ -1,16 +1,18 @@
 """The job event log: rows written with the state change they describe.
 
-``append_events`` must run inside the transaction that changes the job, with
-the job row locked: seq numbers come from ``Job.last_event_seq`` on that row,
-which makes them gapless and unique per job. Pushing to live subscribers
-happens only after commit, so nobody sees an event that was rolled back.
+``append_events`` writes with the state change it describes: inside the
+transaction that changes the locked job row, or in the same conditional
+statement (``jobs.writes``). Seq numbers come from ``Job.last_event_seq`` on
+that row, which makes them gapless and unique per job. Pushing to live
+subscribers happens only after commit, so nobody sees an event that was
+rolled back.
 """
 
 from django.utils import timezone
 
-from common.after_commit import after_commit
 from jobs.models import EventType, JobEvent
 from jobs.publisher import get_publisher
+from jobs.writes import LOCKED
 
 # JOB_ERROR's ``action``: what a client can do about the failure.
 RETRY_AVAILABLE = "RETRY_AVAILABLE"
@@ -22,10 +24,11 @@ def event(type, *, step_index=None, message="", **fields):
     return {"type": EventType(type), "step_index": step_index, "message": message, **fields}
 
 
-def append_events(job, *events, now=None):
-    """Store ``events`` for the locked ``job`` and publish them after commit.
+def append_events(job, *events, now=None, writer=LOCKED):
+    """Store ``events`` for ``job`` and publish them after commit.
 
-    Advances ``job.last_event_seq``; the caller saves the job in the same transaction.
+    Advances ``job.last_event_seq``; the caller saves the job with the same
+    ``writer`` (``jobs.writes``), in the same transaction.
     """
     now = now or timezone.now()
     rows = []
@@ -48,9 +51,9 @@ def append_events(job, *events, now=None):
         rows.append(
             JobEvent(job=job, seq=payload["seq"], type=payload["type"], payload=payload, created_at=now)
         )
-    JobEvent.objects.bulk_create(rows)
+    writer.add_events(job, rows)
     payloads = [row.payload for row in rows]
-    after_commit(publish, str(job.id), payloads)
+    writer.after_commit(publish, str(job.id), payloads)
     return payloads
 
 

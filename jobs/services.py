@@ -2,8 +2,11 @@
 
 Functions taking a ``job`` expect it locked (``lock_job`` inside
 ``transaction.atomic()``): the row lock serialises racing actors and makes
-event seq numbers gapless. They never send messages; they return the step
-message to send (``StepDispatch``) and the caller sends it after commit.
+event seq numbers gapless. The step lifecycle's functions also take a
+``writer``: with ``jobs.writes.ConditionalWrite`` the job may be one read
+without a lock, and the whole transition is written in one statement only
+if the row has not moved since. They never send messages; they return the
+step message to send (``StepDispatch``) and the caller sends it after commit.
 """
 
 import json
@@ -19,6 +22,7 @@ from common.errors import InvalidInput
 from common.json_values import unstorable_reason
 from jobs import errors
 from jobs.events import CONTACT_SUPPORT, RETRY_AVAILABLE, append_events, event
+from jobs.writes import LOCKED
 from jobs.models import (
     TERMINAL_STATUSES,
     TRANSITIONS,
@@ -92,9 +96,17 @@ class RecordOutcome:
 LOCK_JOB_SQL = f"SELECT * FROM {Job._meta.db_table} WHERE id = %s FOR UPDATE"
 
 
+READ_JOB_SQL = f"SELECT * FROM {Job._meta.db_table} WHERE id = %s"
+
+
 def lock_job(job_id):
     """The job with its row locked until the transaction ends, or None."""
     return next(iter(Job.objects.raw(LOCK_JOB_SQL, [str(job_id)])), None)
+
+
+def read_job(job_id):
+    """The job as it is now, without a lock (for a conditional write), or None."""
+    return next(iter(Job.objects.raw(READ_JOB_SQL, [str(job_id)])), None)
 
 
 def current_step(job):
@@ -111,8 +123,8 @@ def _set_status(job, status):
     job.status = status
 
 
-def _save(job, *fields):
-    job.save(update_fields=[*fields, "last_event_seq", "updated_at"])
+def _save(job, *fields, writer=LOCKED):
+    writer.save(job, fields)
 
 
 def _next_token(job, *, now, delay_s=0.0):
@@ -282,7 +294,7 @@ def step_is_current(job, *, step_index, token):
     )
 
 
-def step_park(*, job, position=None):
+def step_park(*, job, position=None, writer=LOCKED):
     """No free slot: the step waits in its service's line, holding no thread."""
     first_time = job.step_state == StepState.QUEUED
     job.step_state = StepState.WAITING
@@ -295,11 +307,12 @@ def step_park(*, job, position=None):
                 message=f"Waiting for a free slot of {job.current_service}.",
                 position=position,
             ),
+            writer=writer,
         )
-    _save(job, "step_state")
+    _save(job, "step_state", writer=writer)
 
 
-def step_claim(*, job, max_attempts):
+def step_claim(*, job, max_attempts, writer=LOCKED):
     """Slot granted: the attempt starts. Returns the new StepAttempt."""
     now = timezone.now()
     _set_status(job, JobStatus.RUNNING)
@@ -307,7 +320,7 @@ def step_claim(*, job, max_attempts):
     job.step_attempt += 1
     job.step_started_at = now
     job.last_progress_at = now
-    attempt = StepAttempt.objects.create(
+    attempt = StepAttempt(
         job=job,
         step_index=job.current_step_index,
         service=job.current_service,
@@ -315,6 +328,7 @@ def step_claim(*, job, max_attempts):
         token=job.step_token,
         started_at=now,
     )
+    writer.create_attempt(attempt)
     append_events(
         job,
         event(
@@ -325,8 +339,9 @@ def step_claim(*, job, max_attempts):
             max_attempts=max_attempts,
         ),
         now=now,
+        writer=writer,
     )
-    _save(job, "status", "step_state", "step_attempt", "step_started_at", "last_progress_at")
+    _save(job, "status", "step_state", "step_attempt", "step_started_at", "last_progress_at", writer=writer)
     return attempt
 
 
@@ -334,9 +349,11 @@ def _is_recordable(job, token):
     return job.step_token == token and job.step_state == StepState.RUNNING
 
 
-def _finish_attempt(job, token, outcome, now, *, http_status=None, failure=None):
+def _finish_attempt(job, token, outcome, now, *, http_status=None, failure=None, writer=LOCKED):
     started = job.step_started_at or now
-    StepAttempt.objects.filter(job=job, token=token).update(
+    writer.finish_attempt(
+        job,
+        token,
         outcome=outcome,
         finished_at=now,
         duration_ms=max(0, int((now - started).total_seconds() * 1000)),
@@ -346,7 +363,7 @@ def _finish_attempt(job, token, outcome, now, *, http_status=None, failure=None)
     )
 
 
-def step_succeed(*, job, token, data, metrics, http_status=None):
+def step_succeed(*, job, token, data, metrics, http_status=None, writer=LOCKED):
     """Store the step's output and advance (or complete the job)."""
     if not _is_recordable(job, token):
         return RecordOutcome(accepted=False)
@@ -358,7 +375,7 @@ def step_succeed(*, job, token, data, metrics, http_status=None):
         "metrics": metrics,
         "timestamp": now.isoformat(),
     }
-    _finish_attempt(job, token, AttemptOutcome.SUCCEEDED, now, http_status=http_status)
+    _finish_attempt(job, token, AttemptOutcome.SUCCEEDED, now, http_status=http_status, writer=writer)
     job.last_progress_at = now
     completed = event(
         EventType.STEP_COMPLETED,
@@ -370,12 +387,12 @@ def step_succeed(*, job, token, data, metrics, http_status=None):
     dispatch = None
     if job.status == JobStatus.CANCELLED:
         job.step_state = StepState.IDLE
-        append_events(job, completed, now=now)
+        append_events(job, completed, now=now, writer=writer)
     elif index + 1 < job.total_steps:
         job.current_step_index = index + 1
         job.step_attempt = 0
         _next_token(job, now=now)
-        append_events(job, completed, now=now)
+        append_events(job, completed, now=now, writer=writer)
         dispatch = current_dispatch(job)
     else:
         _set_status(job, JobStatus.COMPLETED)
@@ -386,21 +403,22 @@ def step_succeed(*, job, token, data, metrics, http_status=None):
             completed,
             event(EventType.JOB_COMPLETED, message=f"All {job.total_steps} steps completed."),
             now=now,
+            writer=writer,
         )
     _save(
         job, "context", "status", "current_step_index", "step_state", "step_token", "step_attempt",
-        "step_due_at", "last_progress_at", "finished_at",
+        "step_due_at", "last_progress_at", "finished_at", writer=writer,
     )
     return RecordOutcome(accepted=True, dispatch=dispatch)
 
 
-def step_fail(*, job, token, failure, retry_delay_s, outcome=AttemptOutcome.FAILED):
+def step_fail(*, job, token, failure, retry_delay_s, outcome=AttemptOutcome.FAILED, writer=LOCKED):
     """Record a failed attempt; retry after ``retry_delay_s``, or fail the job when None."""
     if not _is_recordable(job, token):
         return RecordOutcome(accepted=False)
     now = timezone.now()
     index, service = job.current_step_index, job.current_service
-    _finish_attempt(job, token, outcome, now, failure=failure)
+    _finish_attempt(job, token, outcome, now, failure=failure, writer=writer)
     dispatch = None
     if job.status == JobStatus.CANCELLED:
         job.step_state = StepState.IDLE
@@ -419,18 +437,19 @@ def step_fail(*, job, token, failure, retry_delay_s, outcome=AttemptOutcome.FAIL
                 retry_in_ms=int(retry_delay_s * 1000),
             ),
             now=now,
+            writer=writer,
         )
         dispatch = current_dispatch(job, delay_s=retry_delay_s)
     else:
-        _fail_job(job, failure, now=now, step_index=index)
+        _fail_job(job, failure, now=now, step_index=index, writer=writer)
     _save(
         job, "status", "step_state", "step_token", "step_due_at", "error_code", "error_message",
-        "retryable", "finished_at", "last_progress_at",
+        "retryable", "finished_at", "last_progress_at", writer=writer,
     )
     return RecordOutcome(accepted=True, dispatch=dispatch)
 
 
-def _fail_job(job, failure, *, now, step_index=None):
+def _fail_job(job, failure, *, now, step_index=None, writer=LOCKED):
     _set_status(job, JobStatus.FAILED)
     job.step_state = StepState.IDLE
     job.error_code = failure.code
@@ -448,6 +467,7 @@ def _fail_job(job, failure, *, now, step_index=None):
             action=RETRY_AVAILABLE if failure.retryable else CONTACT_SUPPORT,
         ),
         now=now,
+        writer=writer,
     )
 
 

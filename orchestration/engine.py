@@ -1,20 +1,27 @@
 """Run one step of a job: claim, call, record.
 
-    claim  (short transaction, job row locked): check the message is current,
-           take a slot of the service or park in its line, start the attempt
+    claim  (read the job, then one conditional statement): check the message
+           is current, take a slot of the service or park in its line, start
+           the attempt
     call   (no transaction): POST the envelope while the lease is renewed
-    record (short transaction, job row locked): store the output and advance,
-           or schedule a retry, or fail the job; then release the slot
+    record (one conditional statement): store the output and advance, or
+           schedule a retry, or fail the job; then release the slot
 
-No transaction is ever held across the downstream call. Messages and
-hand-offs leave after commit. A message that is not for the current step
-under the current token is dropped, so redelivery and duplicates are safe.
+A conditional statement (``jobs.writes.ConditionalWrite``) applies only if
+the job row has not moved since it was read; when it has, or anything is
+out of the ordinary, the phase is decided again in a short transaction with
+the job row locked. No transaction is ever held across the downstream call.
+Messages and hand-offs leave after commit. A message that is not for the
+current step under the current token is dropped, so redelivery and
+duplicates are safe.
 """
 
+import copy
 import logging
 import random
 import time
-from dataclasses import dataclass
+from contextlib import nullcontext
+from dataclasses import dataclass, field
 
 from django.conf import settings
 from django.db import InterfaceError, OperationalError, close_old_connections, transaction
@@ -29,7 +36,8 @@ from jobs.events import publish
 from jobs.models import ACTIVE_STATUSES, JobStatus, StepState
 from orchestration import errors
 from orchestration.errors import failure_from
-from orchestration.dispatch import release_step, send_after_commit, send_handoffs
+from jobs.writes import LOCKED, ConditionalWrite
+from orchestration.dispatch import release_step, send_after_commit, send_handoffs, send_step
 from orchestration.http_client import ServiceClient
 from orchestration.leases import get_keeper, get_limiter, handoff_payload, lease_member
 from orchestration.retry import retry_delay
@@ -39,6 +47,9 @@ logger = logging.getLogger(__name__)
 
 # Errors of the gateway's own backends: the step message is retried later.
 INFRASTRUCTURE_ERRORS = (OperationalError, InterfaceError)
+
+# The fast path could not decide: decide again under the job's row lock.
+_DECIDE_LOCKED = object()
 
 
 @dataclass(frozen=True)
@@ -52,6 +63,9 @@ class Claim:
     # The job's last event seq once STEP_STARTED was written: what a record
     # whose commit was ambiguous republishes from.
     claimed_seq: int = 0
+    # The job as the claim wrote it: what the record's conditional write
+    # expects to find (None: record under the row lock).
+    job: object = field(default=None, repr=False, compare=False)
 
     @property
     def member(self):
@@ -133,17 +147,34 @@ class Engine:
     # --- claim -----------------------------------------------------------------
 
     def claim(self, job_id, step_index, token):
-        """Start the attempt if the message is current and a slot is free."""
+        """Start the attempt if the message is current and a slot is free.
+
+        The fast path reads the job without a lock and writes the claim (or
+        the park) in one conditional statement. Anything out of the ordinary
+        (a stale message, a missing service, a row that moved between the
+        read and the write) is decided again under the row lock; taking the
+        slot again there is harmless, as acquire is idempotent per lease.
+        """
+        claim = self._claim_once(job_id, step_index, token, locked=False)
+        if claim is _DECIDE_LOCKED:
+            claim = self._claim_once(job_id, step_index, token, locked=True)
+        return claim
+
+    def _claim_once(self, job_id, step_index, token, *, locked):
         granted = None
         try:
-            with transaction.atomic():
-                job = job_services.lock_job(job_id)
+            with transaction.atomic() if locked else nullcontext():
+                job = job_services.lock_job(job_id) if locked else job_services.read_job(job_id)
                 if job is None or not job_services.step_is_current(job, step_index=step_index, token=token):
+                    if not locked:
+                        return _DECIDE_LOCKED
                     self._drop(job, job_id, step_index, token)
                     return None
                 service = service_live(job.current_service)
                 bind(service=job.current_service)
                 if service is None or not service.enabled:
+                    if not locked:
+                        return _DECIDE_LOCKED
                     self._fail_unavailable(job)
                     return None
                 step = job_services.current_step(job)
@@ -160,13 +191,20 @@ class Engine:
                 )
                 if acquisition.handoffs:
                     after_commit(send_handoffs, acquisition.handoffs)
+                writer = LOCKED if locked else ConditionalWrite(job)
                 if not acquisition.granted:
-                    job_services.step_park(job=job, position=acquisition.position)
+                    job_services.step_park(job=job, position=acquisition.position, writer=writer)
+                    if not writer.execute():
+                        return _DECIDE_LOCKED
                     logger.info("Parked: no free slot of %s (position %s).", service.name, acquisition.position)
                     return None
                 granted = (step, service)
                 parked_since = job.updated_at if job.step_state == StepState.WAITING else None
-                attempt = job_services.step_claim(job=job, max_attempts=service.max_attempts)
+                attempt = job_services.step_claim(job=job, max_attempts=service.max_attempts, writer=writer)
+                if not writer.execute():
+                    # Still granted under this lease: the locked decision
+                    # keeps the slot or gives it back.
+                    return _DECIDE_LOCKED
                 bind(attempt=attempt.attempt)
                 envelope = build_envelope(job, attempt=attempt.attempt, now=attempt.started_at)
                 if parked_since is not None:
@@ -179,7 +217,12 @@ class Engine:
             raise
         logger.info("Started the call to %s.", service.name)
         return Claim(
-            step=step, service=service, attempt=attempt.attempt, envelope=envelope, claimed_seq=job.last_event_seq
+            step=step,
+            service=service,
+            attempt=attempt.attempt,
+            envelope=envelope,
+            claimed_seq=job.last_event_seq,
+            job=job,
         )
 
     def _drop(self, job, job_id, step_index, token):
@@ -213,19 +256,29 @@ class Engine:
     def record(self, claim, reply):
         """Store the attempt's result; retries the database until it answers.
 
-        A reply the database refuses (or any other error while storing it)
-        is recorded instead as the attempt's failure, MALFORMED_RESPONSE.
+        The first try writes it in one conditional statement against the
+        job as the claim left it; when the job moved meanwhile (cancelled,
+        or its attempt presumed lost), and on every later try, it is decided
+        under the row lock. A reply the database refuses (or any other error
+        while storing it) is recorded instead as the attempt's failure,
+        MALFORMED_RESPONSE.
         """
         deadline = time.monotonic() + settings.CAO_RECORD_RETRY_SECONDS
         delay = 0.2
+        fast = claim.job is not None
         while True:
             try:
-                return self._record_once(claim, reply)
+                if fast:
+                    outcome = self._record_fast(claim, reply)
+                    if outcome is not None:
+                        return outcome
+                return self._record_locked(claim, reply)
             except INFRASTRUCTURE_ERRORS:
                 # The result is only in memory: keep trying (the lease is
                 # still being renewed) instead of losing the call's output.
-                # A commit that failed on the wire may have happened anyway:
-                # the next try finds out (see _record_once).
+                # A write that failed on the wire may have happened anyway:
+                # the locked try finds out (see _record_locked).
+                fast = False
                 if time.monotonic() >= deadline:
                     logger.error("Giving up recording the result: database unavailable.")
                     raise
@@ -234,6 +287,7 @@ class Engine:
                 self.sleep(delay)
                 delay = min(delay * 2, 5.0)
             except Exception as exc:
+                fast = False
                 if isinstance(reply, errors.StepError):
                     raise  # even the failure cannot be stored: maintenance recovers the step
                 logger.warning("The reply of %s could not be stored; recording a failure.", claim.service.name, exc_info=True)
@@ -242,46 +296,63 @@ class Engine:
                     f"{redact(str(exc).strip().splitlines()[0])[:200] if str(exc).strip() else 'no detail'})."
                 )
 
-    def _record_once(self, claim, reply):
+    def _record_fast(self, claim, reply):
+        """The outcome, written in one statement; None when the job moved since the claim."""
+        job = copy.copy(claim.job)
+        job.context = dict(job.context)
+        writer = ConditionalWrite(job)
+        outcome = self._apply_result(job, claim, reply, writer)
+        if outcome.accepted and writer.execute():
+            return outcome
+        return None
+
+    def _record_locked(self, claim, reply):
         with transaction.atomic():
             job = job_services.lock_job(claim.step.job_id)
             if job is None:
                 return None
-            if isinstance(reply, errors.StepError):
-                service = service_live(claim.service.name) or claim.service
-                delay = retry_delay(
-                    attempt=claim.attempt,
-                    max_attempts=service.max_attempts,
-                    retryable=reply.retryable,
-                    retry_after_s=reply.retry_after_s,
-                    base_s=settings.CAO_RETRY_BASE_DELAY_S,
-                    cap_s=settings.CAO_RETRY_MAX_DELAY_S,
-                    rng=self.rng,
-                )
-                outcome = job_services.step_fail(
-                    job=job, token=claim.step.token, failure=failure_from(reply), retry_delay_s=delay
-                )
-                _log_failure(reply, delay, outcome.accepted)
-                if outcome.accepted:
-                    after_commit(metrics.step_failed, claim.service.name, reply.code, delay, job.feature_name)
-            else:
-                outcome = job_services.step_succeed(
-                    job=job,
-                    token=claim.step.token,
-                    data=reply.data,
-                    metrics=reply.metrics,
-                    http_status=reply.status_code,
-                )
-                logger.info("Completed.")
-                if outcome.accepted and job.status == JobStatus.COMPLETED:
-                    after_commit(metrics.JOBS_COMPLETED.labels(job.feature_name).inc)
+            outcome = self._apply_result(job, claim, reply, LOCKED)
             if not outcome.accepted:
                 if self._recorded_before(job, claim):
                     return self._finish_ambiguous_commit(job, claim)
                 logger.warning("Discarded the result: the step moved on while it ran.")
-            if outcome.dispatch:
-                send_after_commit(outcome.dispatch)
             return outcome
+
+    def _apply_result(self, job, claim, reply, writer):
+        """The state change the reply leads to, handed to ``writer`` with what follows its commit."""
+        if isinstance(reply, errors.StepError):
+            service = service_live(claim.service.name) or claim.service
+            delay = retry_delay(
+                attempt=claim.attempt,
+                max_attempts=service.max_attempts,
+                retryable=reply.retryable,
+                retry_after_s=reply.retry_after_s,
+                base_s=settings.CAO_RETRY_BASE_DELAY_S,
+                cap_s=settings.CAO_RETRY_MAX_DELAY_S,
+                rng=self.rng,
+            )
+            outcome = job_services.step_fail(
+                job=job, token=claim.step.token, failure=failure_from(reply), retry_delay_s=delay, writer=writer
+            )
+            if outcome.accepted:
+                writer.after_commit(_log_failure, reply, delay)
+                writer.after_commit(metrics.step_failed, claim.service.name, reply.code, delay, job.feature_name)
+        else:
+            outcome = job_services.step_succeed(
+                job=job,
+                token=claim.step.token,
+                data=reply.data,
+                metrics=reply.metrics,
+                http_status=reply.status_code,
+                writer=writer,
+            )
+            if outcome.accepted:
+                writer.after_commit(_log_completed)
+                if job.status == JobStatus.COMPLETED:
+                    writer.after_commit(metrics.JOBS_COMPLETED.labels(job.feature_name).inc)
+        if outcome.dispatch:
+            writer.after_commit(send_step, outcome.dispatch)
+        return outcome
 
     # --- release ---------------------------------------------------------------
 
@@ -333,9 +404,11 @@ class Engine:
             )
 
 
-def _log_failure(error, delay, accepted):
-    if not accepted:
-        return
+def _log_completed():
+    logger.info("Completed.")
+
+
+def _log_failure(error, delay):
     if delay is None:
         logger.warning(
             "Step failed: %s (%s, %s); the job is FAILED.",

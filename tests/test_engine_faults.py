@@ -28,27 +28,43 @@ def queued(queue):
 
 
 @pytest.fixture
-def commit_that_raises_after_committing(monkeypatch):
-    """Make the n-th commit of this thread's connection succeed, then raise OperationalError."""
+def write_that_raises_after_it_went_through(monkeypatch):
+    """Make the n-th durable write of this thread's connection go through, then raise OperationalError.
+
+    A durable write is a commit, or a writing statement run outside a
+    transaction (it commits by itself, as the engine's conditional writes do).
+    """
+    count = [0]
+    armed = [None]
+
+    def went_through():
+        count[0] += 1
+        if count[0] == armed[0]:
+            raise OperationalError("server closed the connection unexpectedly")
+
+    real_commit = connection._commit
+
+    def commit():
+        real_commit()
+        went_through()
+
+    def statement(execute, sql, params, many, context):
+        result = execute(sql, params, many, context)
+        if not connection.in_atomic_block and not sql.lstrip().upper().startswith("SELECT"):
+            went_through()
+        return result
 
     def arm(n):
-        real = connection._commit
-        count = [0]
-
-        def commit():
-            real()
-            count[0] += 1
-            if count[0] == n:
-                raise OperationalError("server closed the connection unexpectedly")
-
-        monkeypatch.setattr(connection, "_commit", commit)
+        count[0], armed[0] = 0, n
         return count
 
-    return arm
+    monkeypatch.setattr(connection, "_commit", commit)
+    with connection.execute_wrapper(statement):
+        yield arm
 
 
 def test_an_ambiguous_commit_of_a_result_still_sends_the_next_step_and_pushes_the_events(
-    registry, simulator, commit_that_raises_after_committing
+    registry, simulator, write_that_raises_after_it_went_through
 ):
     # Given a job whose first step runs, and a subscriber to its events
     job, _ = submit_job(feature_name="business_plan", input_data={"topic": "tea"})
@@ -57,13 +73,13 @@ def test_an_ambiguous_commit_of_a_result_still_sends_the_next_step_and_pushes_th
     async_to_sync(layer.group_add)(group_name(job.pk), channel)
     assert queued("medium") == 0
 
-    # When the commit that records the result raises although it went through
-    # (commit 1 claims the step, commit 2 records its result)
-    commits = commit_that_raises_after_committing(2)
+    # When the write that records the result raises although it went through
+    # (write 1 claims the step, write 2 records its result)
+    writes = write_that_raises_after_it_went_through(2)
     Engine(sleep=lambda seconds: None).run_step(job.pk, 0, job.step_token)
 
     # Then the result is stored once, and the next step's message went out at once
-    assert commits[0] >= 2
+    assert writes[0] >= 2
     job.refresh_from_db()
     assert (job.status, job.current_step_index, job.step_state, job.step_token) == (
         JobStatus.RUNNING, 1, StepState.QUEUED, 2,
