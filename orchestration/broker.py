@@ -40,13 +40,20 @@ class NotifyingRedisBroker(RedisBroker):
     def notify_key(self, queue_name):
         return f"{self.namespace}:{queue_name}.notify"
 
-    def enqueue(self, message, *, delay=None):
+    def enqueue(self, message, *, delay=None, also=None):
+        """Enqueue, then wake the queue's idle consumers.
+
+        ``also(pipeline)`` may add commands on this broker's Redis to the
+        wake-up's round trip; they run only once the message is enqueued.
+        """
         # The returned copy names the queue it went to (the delay queue if delayed).
         message = super().enqueue(message, delay=delay)
         key = self.notify_key(message.queue_name)
         pipeline = self.client.pipeline(transaction=False)
         pipeline.lpush(key, 1)
         pipeline.ltrim(key, 0, MAX_PENDING_NOTIFICATIONS - 1)
+        if also is not None:
+            also(pipeline)
         pipeline.execute()
         return message
 

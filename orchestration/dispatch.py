@@ -15,6 +15,7 @@ from common.redis import get_redis
 from jobs import services as job_services
 from jobs.errors import ForceNotAllowed, JobNotFound
 from jobs.selectors import parse_job_id, visible_jobs
+from orchestration.broker import NotifyingRedisBroker
 from orchestration.leases import get_limiter, lease_member, parse_handoff
 from orchestration.messages import step_message, step_time_limit_s
 from services_registry.selectors import service_live
@@ -42,12 +43,19 @@ def send_step(dispatch):
         ),
     )
     delay_ms = int(dispatch.delay_s * 1000) or None
-    dramatiq.get_broker().enqueue(message, delay=delay_ms)
     # Maintenance re-sends a queued step only when this marker is gone, which
     # happens when Redis lost its data (and the message with it) or after a
     # generous TTL (a message stuck in the broker that long is presumed lost).
+    # It is set once the message is enqueued: in the broker's wake-up round
+    # trip when the broker's Redis is the gateway's own.
     marker_ms = (delay_ms or 0) + int(settings.CAO_DISPATCH_MARKER_TTL_SECONDS * 1000)
-    get_redis().set(DISPATCH_MARKER.format(job_id=dispatch.job_id), dispatch.token, px=marker_ms)
+    marker = DISPATCH_MARKER.format(job_id=dispatch.job_id)
+    broker = dramatiq.get_broker()
+    if isinstance(broker, NotifyingRedisBroker) and settings.BROKER_URL == settings.REDIS_URL:
+        broker.enqueue(message, delay=delay_ms, also=lambda pipeline: pipeline.set(marker, dispatch.token, px=marker_ms))
+    else:
+        broker.enqueue(message, delay=delay_ms)
+        get_redis().set(marker, dispatch.token, px=marker_ms)
     logger.debug(
         "Sent job_id=%s step_index=%s token=%s to queue %s (delay %s ms).",
         dispatch.job_id, dispatch.step_index, dispatch.token, queue, delay_ms or 0,
