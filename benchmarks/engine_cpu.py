@@ -1,7 +1,7 @@
 """Engine CPU per step: ``Engine.run_step`` in one thread, with no Dramatiq and no contention.
 
     python -m benchmarks.engine_cpu --jobs 100
-    python -m benchmarks.engine_cpu --jobs 100 --profile            # plus a cProfile, top functions
+    python -m benchmarks.engine_cpu --jobs 100 --profile            # plus a cProfile (PROFILE_SORT, PROFILE_TOP)
     python -m benchmarks.engine_cpu --app-root /tmp/cao-before      # another checkout's engine
 
 Each business_plan job is created with ``submit_job``, and its four steps are
@@ -20,6 +20,7 @@ import argparse
 import os
 import sys
 import time
+from contextlib import contextmanager
 
 # The project's own top-level packages (what --app-root swaps).
 APP_PACKAGES = {"api_keys", "cao_project", "common", "jobs", "ops", "orchestration", "services_registry", "simulator"}
@@ -56,6 +57,28 @@ def _configure(app_root):
     return simulator
 
 
+@contextmanager
+def _profiled(enabled):
+    """cProfile the block when ``enabled``; the top functions go to stderr.
+
+    ``PROFILE_SORT`` (default tottime) and ``PROFILE_TOP`` (default 25) choose the listing.
+    """
+    if not enabled:
+        yield
+        return
+    import cProfile
+    import pstats
+
+    profiler = cProfile.Profile()
+    profiler.enable()
+    try:
+        yield
+    finally:
+        profiler.disable()
+        stats = pstats.Stats(profiler, stream=sys.stderr).sort_stats(os.environ.get("PROFILE_SORT", "tottime"))
+        stats.print_stats(int(os.environ.get("PROFILE_TOP", "25")))
+
+
 def _run_jobs(engine, count):
     from jobs.models import Job
     from orchestration.dispatch import submit_job
@@ -87,20 +110,10 @@ def measure(*, jobs=100, warmup=5, profile=False, app_root=None):
         engine = Engine()
         _run_jobs(engine, warmup)
 
-        profiler = None
-        if profile:
-            import cProfile
-
-            profiler = cProfile.Profile()
-            profiler.enable()
-        wall, cpu = time.perf_counter(), time.process_time()
-        _run_jobs(engine, jobs)
-        wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
-        if profiler:
-            import pstats
-
-            profiler.disable()
-            pstats.Stats(profiler, stream=sys.stderr).sort_stats(os.environ.get("PROFILE_SORT", "tottime")).print_stats(int(os.environ.get("PROFILE_TOP", "25")))
+        with _profiled(profile):
+            wall, cpu = time.perf_counter(), time.process_time()
+            _run_jobs(engine, jobs)
+            wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
         steps = jobs * 4
         return {
             "app_root": os.getcwd(),
