@@ -11,6 +11,7 @@ step message to send (``StepDispatch``) and the caller sends it after commit.
 
 import json
 import re
+from contextlib import nullcontext
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -169,7 +170,7 @@ def job_create(*, feature_name, input_data, owner=None, idempotency_key=None):
     steps = _runnable_steps(feature_name)
     now = timezone.now()
     try:
-        with transaction.atomic():
+        with _alone_or_in_a_savepoint():
             job = Job.objects.create(
                 feature_name=feature_name,
                 steps=steps,
@@ -186,6 +187,15 @@ def job_create(*, feature_name, input_data, owner=None, idempotency_key=None):
             raise
         return existing, False
     return job, True
+
+
+def _alone_or_in_a_savepoint():
+    """Outside a transaction, one statement commits by itself (no BEGIN, no COMMIT).
+
+    Inside one, a savepoint keeps the caller's transaction usable after the
+    statement fails (a concurrent request won the same idempotency key).
+    """
+    return transaction.atomic() if transaction.get_connection().in_atomic_block else nullcontext()
 
 
 def _runnable_steps(feature_name):

@@ -100,14 +100,17 @@ def _locked_visible_job(job_id, *, owner, is_staff):
 
 
 def submit_job(*, feature_name, input_data, owner=None, idempotency_key=None):
-    """Create a job and send its first step; returns ``(job, created)``."""
-    with transaction.atomic():
-        job, created = job_services.job_create(
-            feature_name=feature_name, input_data=input_data, owner=owner, idempotency_key=idempotency_key
-        )
-        if created:
-            send_after_commit(job_services.current_dispatch(job))
-            after_commit(metrics.JOBS_CREATED.labels(feature_name).inc)
+    """Create a job and send its first step; returns ``(job, created)``.
+
+    The job is one INSERT that commits by itself; its first message leaves
+    once it has (after the caller's transaction, if there is one).
+    """
+    job, created = job_services.job_create(
+        feature_name=feature_name, input_data=input_data, owner=owner, idempotency_key=idempotency_key
+    )
+    if created:
+        send_after_commit(job_services.current_dispatch(job))
+        after_commit(metrics.JOBS_CREATED.labels(feature_name).inc)
     return job, created
 
 

@@ -59,3 +59,18 @@ def test_one_step_costs_a_fixed_number_of_statements_and_round_trips(registry, s
     assert statements == ["SELECT", "WITH", "WITH"]
     # acquire, release, enqueue the next step, wake its queue's consumers and mark it as sent
     assert counted_redis.sent == 4
+
+
+def test_creating_a_job_is_one_statement_and_two_round_trips_to_redis(registry, counted_redis, settings):
+    settings.CAO_REGISTRY_CACHE_SECONDS = 60  # as in production: the recipe is cached briefly
+    submit_job(feature_name="business_plan", input_data={"topic": "tea"})  # warm caches and connections
+
+    counted_redis.sent = 0
+    with CaptureQueriesContext(connection) as queries:
+        job, created = submit_job(feature_name="business_plan", input_data={"topic": "tea"})
+
+    assert created and Job.objects.get(pk=job.pk).status == JobStatus.PENDING
+    # the INSERT commits by itself: no BEGIN, savepoint or COMMIT around it
+    assert [q["sql"].split()[0] for q in queries.captured_queries] == ["INSERT"]
+    # enqueue the first step, wake its queue's consumers and mark it as sent
+    assert counted_redis.sent == 2
