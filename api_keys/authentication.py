@@ -6,14 +6,17 @@ exactly the model permissions the admin grants them, or, only when
 CAO_ALLOW_ANONYMOUS is on, anonymous clients.
 """
 
+import time
 from datetime import timedelta
 
 from django.conf import settings
 from django.db.models import Q
+from django.db.models.signals import post_delete, post_save
+from django.dispatch import receiver
 from django.utils import timezone
 from rest_framework import authentication, exceptions, permissions
 
-from api_keys.models import ApiKey
+from api_keys.models import ApiKey, hash_key
 
 # last_used_at is refreshed at most this often, not on every request.
 LAST_USED_RESOLUTION = timedelta(minutes=1)
@@ -29,6 +32,39 @@ def raw_key_from(request):
     return value or None
 
 
+# Active keys recently authenticated by this process: hash of the raw key ->
+# (monotonic time read, ApiKey). Only keys that matched are kept, so the
+# cache holds at most one entry per key, whatever clients send.
+_recent = {}
+
+
+def active_key(raw_key, *, clock=time.monotonic):
+    """The active ApiKey ``raw_key`` belongs to, or None.
+
+    Read at most every CAO_API_KEY_CACHE_SECONDS per process: a key
+    deactivated or deleted in one process stops working there at once, and
+    in the others within that time.
+    """
+    digest = hash_key(raw_key)
+    now = clock()
+    entry = _recent.get(digest)
+    if entry is not None and now - entry[0] < settings.CAO_API_KEY_CACHE_SECONDS:
+        return entry[1]
+    prefix = ApiKey.prefix_of(raw_key)
+    api_key = ApiKey.objects.filter(prefix=prefix, is_active=True).first() if prefix else None
+    if api_key is None or not api_key.matches(raw_key):
+        _recent.pop(digest, None)
+        return None
+    if settings.CAO_API_KEY_CACHE_SECONDS > 0:
+        _recent[digest] = (now, api_key)
+    return api_key
+
+
+@receiver([post_save, post_delete], sender=ApiKey)
+def _forget_recent_keys(**kwargs):
+    _recent.clear()
+
+
 class ApiKeyAuthentication(authentication.BaseAuthentication):
     """Authenticates ``Authorization: Api-Key <key>`` or ``X-API-Key: <key>``."""
 
@@ -36,13 +72,13 @@ class ApiKeyAuthentication(authentication.BaseAuthentication):
         raw_key = raw_key_from(request)
         if raw_key is None:
             return None
-        prefix = ApiKey.prefix_of(raw_key)
-        api_key = ApiKey.objects.filter(prefix=prefix, is_active=True).first() if prefix else None
-        if api_key is None or not api_key.matches(raw_key):
+        api_key = active_key(raw_key)
+        if api_key is None:
             raise exceptions.AuthenticationFailed("Invalid or inactive API key.")
         now = timezone.now()
         if api_key.last_used_at is None or api_key.last_used_at < now - LAST_USED_RESOLUTION:
             ApiKey.objects.filter(Q(last_used_at__isnull=True) | Q(last_used_at__lt=now - LAST_USED_RESOLUTION), pk=api_key.pk).update(last_used_at=now)
+            api_key.last_used_at = now
         return api_key, api_key
 
     def authenticate_header(self, request):

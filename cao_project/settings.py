@@ -271,6 +271,10 @@ CAO_SERVICE_URL_OVERRIDES = {
 
 # Hot paths (steps, job creation) read services and recipes at most this old.
 CAO_REGISTRY_CACHE_SECONDS = env_float("CAO_REGISTRY_CACHE_SECONDS", 1.0)
+# How long a process trusts an API key it has authenticated before reading
+# its row again: a key deactivated or deleted stops working within this
+# time in every process (at once in the one that changed it). 0: every request.
+CAO_API_KEY_CACHE_SECONDS = env_float("CAO_API_KEY_CACHE_SECONDS", 5.0)
 
 # Retries of a failed step: exponential backoff with jitter, from base to cap.
 CAO_RETRY_BASE_DELAY_S = env_float("CAO_RETRY_BASE_DELAY_S", 1.0)

@@ -60,6 +60,52 @@ def test_an_inactive_key_is_refused(registry):
     assert response["WWW-Authenticate"] == "Api-Key"
 
 
+def test_a_key_deactivated_or_deleted_in_this_process_is_refused_at_once(registry, settings):
+    settings.CAO_API_KEY_CACHE_SECONDS = 60  # far longer than the test
+    client = APIClient()
+    for change in ("deactivate", "delete"):
+        api_key, raw_key = ApiKey.objects.create_key(name=change)
+        assert client.get("/api/v1/features", HTTP_X_API_KEY=raw_key).status_code == 200  # now cached
+
+        if change == "deactivate":
+            api_key.is_active = False
+            api_key.save()
+        else:
+            api_key.delete()
+
+        assert client.get("/api/v1/features", HTTP_X_API_KEY=raw_key).status_code == 401
+
+
+def test_a_key_deactivated_by_another_process_stops_working_within_the_cache_age(registry, settings):
+    from api_keys.authentication import active_key
+
+    settings.CAO_API_KEY_CACHE_SECONDS = 5
+    now = [1000.0]
+    api_key, raw_key = ApiKey.objects.create_key(name="elsewhere")
+    assert active_key(raw_key, clock=lambda: now[0]) == api_key
+
+    ApiKey.objects.filter(pk=api_key.pk).update(is_active=False)  # no signal reaches this process
+
+    now[0] += 4.9
+    assert active_key(raw_key, clock=lambda: now[0]) == api_key  # trusted while its row is that recent
+    now[0] += 0.2
+    assert active_key(raw_key, clock=lambda: now[0]) is None
+
+
+def test_only_keys_that_matched_are_remembered(registry, settings):
+    from api_keys import authentication
+
+    settings.CAO_API_KEY_CACHE_SECONDS = 60
+    api_key, raw_key = ApiKey.objects.create_key(name="real")
+    authentication._recent.clear()
+    for attempt in range(50):
+        assert authentication.active_key(f"{raw_key}{attempt}") is None
+    assert authentication.active_key(f"cao_{attempt}_x") is None
+    assert authentication._recent == {}
+    assert authentication.active_key(raw_key) == api_key
+    assert len(authentication._recent) == 1
+
+
 def test_create_api_key_prints_the_key_alone_on_its_last_line():
     out, err = io.StringIO(), io.StringIO()
 
