@@ -112,8 +112,14 @@ class Testbed:
         if not self.scheduler:
             specs = [spec for spec in specs if spec.name != "scheduler"]
         self.stack = Stack(specs, env=self.env, log_dir=self.log_dir, root=self.root)
-        self.stack.start_all()
-        self.wait_ready()
+        try:
+            self.stack.start_all()
+            self.wait_ready()
+        except BaseException:
+            # A stack that never became ready is stopped too: its processes
+            # would otherwise outlive the run and consume its queues.
+            self.__exit__()
+            raise
         return self
 
     def __exit__(self, *exc_info):

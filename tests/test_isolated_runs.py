@@ -65,3 +65,23 @@ def test_a_private_redis_whose_port_was_taken_moves_to_another():
     finally:
         ours.close()
         squatter.close()
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_stack_that_never_becomes_ready_is_stopped_not_left_running(testbed, monkeypatch):
+    # Given a stack whose readiness check gives up (as when a worker cannot import its code)
+    from scripts.testbed import Testbed
+
+    started = {}
+
+    def gives_up(self, timeout=60):
+        started.update(self.stack.processes)
+        raise TimeoutError("timed out waiting for 3 workers to consume")
+
+    monkeypatch.setattr(Testbed, "wait_ready", gives_up)
+
+    # When it is entered, Then the error comes through and no process it started is left running
+    with pytest.raises(TimeoutError):
+        with testbed():
+            pass
+    assert started and all(process.poll() is not None for process in started.values())
