@@ -50,25 +50,36 @@ def _script(client):
 
 
 class ClientRateThrottle(BaseThrottle):
-    """Limits each client: an API key, else a signed-in user, else an IP address."""
+    """Limits each client: an API key, else a signed-in user, else an IP address.
 
-    scope = "client"
+    A request is checked against every budget ``scopes_for`` names, in one
+    round trip: it passes if all allow it, and a refused request spends none.
+    """
+
+    scopes = ("client",)
 
     def __init__(self):
         self.wait_s = None
 
+    def scopes_for(self, request):
+        return self.scopes
+
     def allow_request(self, request, view):
-        rate = parse_rate(settings.CAO_THROTTLE_RATES.get(self.scope))
-        if rate is None:
+        budgets = [
+            (scope, rate)
+            for scope in self.scopes_for(request)
+            if (rate := parse_rate(settings.CAO_THROTTLE_RATES.get(scope))) is not None
+        ]
+        if not budgets:
             return True
-        requests, seconds = rate
-        period_ms = seconds * 1000
-        client = get_redis()
+        ident = self.client_ident(request)
+        keys, args = [], []
+        for scope, (requests, seconds) in budgets:
+            period_ms = seconds * 1000
+            keys.append(KEY.format(scope=scope, ident=ident))
+            args.extend((period_ms / requests, period_ms))
         try:
-            allowed, wait_ms = _script(client)(
-                keys=[KEY.format(scope=self.scope, ident=self.client_ident(request))],
-                args=[period_ms / requests, period_ms],
-            )
+            allowed, wait_ms = _script(get_redis())(keys=keys, args=args)
         except redis.RedisError:
             _log_outage()
             return True
@@ -90,14 +101,10 @@ class ClientRateThrottle(BaseThrottle):
 
 
 class JobCreateRateThrottle(ClientRateThrottle):
-    """A lower limit on starting jobs, which costs downstream calls."""
+    """The client's budget, and on POST a lower one for starting jobs, which costs downstream calls."""
 
-    scope = "job_create"
-
-    def allow_request(self, request, view):
-        if request.method != "POST":
-            return True
-        return super().allow_request(request, view)
+    def scopes_for(self, request):
+        return ("client", "job_create") if request.method == "POST" else ("client",)
 
 
 def _log_outage():

@@ -9,7 +9,7 @@ from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from api_keys.authentication import caller_scope
-from api_keys.throttling import ClientRateThrottle, JobCreateRateThrottle
+from api_keys.throttling import JobCreateRateThrottle
 from common.errors import InvalidInput
 from jobs import selectors
 from jobs.models import JobStatus
@@ -332,4 +332,4 @@ class JobCollectionApi(JobListApi, JobCreateApi):
     """``/jobs``: GET lists (JobListApi), POST creates (JobCreateApi)."""
 
     session_permissions = {**JobListApi.session_permissions, **JobCreateApi.session_permissions}
-    throttle_classes = [ClientRateThrottle, JobCreateRateThrottle]
+    throttle_classes = [JobCreateRateThrottle]

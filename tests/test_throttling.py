@@ -42,6 +42,18 @@ def test_the_budget_refills_at_the_configured_rate(api, registry, settings, redi
     assert 0 < wait_s <= 1
 
 
+def test_a_post_the_job_creation_budget_refuses_spends_nothing_of_the_clients_budget(api, registry, settings, redis_db):
+    # Given 5 requests a minute in all, of which 2 may start jobs
+    settings.CAO_THROTTLE_RATES = {"client": "5/min", "job_create": "2/min"}
+    body = {"feature_name": "business_plan", "input_data": {}}
+
+    # When a third job is refused
+    assert [api.post("/api/v1/jobs", body, format="json").status_code for _ in range(3)] == [201, 201, 429]
+
+    # Then the refused request was not counted: 3 of the 5 remain for everything else
+    assert [api.get("/api/v1/features").status_code for _ in range(4)] == [200, 200, 200, 429]
+
+
 def test_requests_pass_while_redis_is_unreachable(api, registry, settings, caplog):
     # Given a Redis nobody answers on
     settings.CAO_THROTTLE_RATES = {"client": "1/min", "job_create": "1/min"}
