@@ -74,6 +74,13 @@ def _throughput_figures(sizes):
                    reference=86 if reference else None),
             Figure(f"throughput_{size}_jobs", f"Throughput, {size} jobs at once", ("throughput", size, "jobs_per_s"),
                    "jobs/s", higher_is_better=True, reference=21.5 if reference else None),
+            Figure(f"burst_{size}_post_p50", f"POST /api/v1/jobs during the {size}-job burst, p50",
+                   ("throughput", size, "post_ms", "p50"), "ms", target=50 if reference else None,
+                   reference=119 if reference else None, floor="commit"),
+            Figure(f"burst_{size}_post_p95", f"POST /api/v1/jobs during the {size}-job burst, p95",
+                   ("throughput", size, "post_ms", "p95"), "ms", floor="commit"),
+            Figure(f"burst_{size}_accepted", f"Jobs accepted during the {size}-job burst",
+                   ("throughput", size, "accepted_per_s"), "jobs/s", target=300, higher_is_better=True),
         ]
     return figures
 
@@ -121,6 +128,8 @@ LATENCY_FIGURES = (
            "ms", target=5, reference=12.5, floor="commit"),
     Figure("overhead_p95", "Per-step overhead, one job at a time, p95", ("overhead", "per_step_overhead_ms", "p95"),
            "ms", floor="commit"),
+    Figure("gap_p50", "Gap from STEP_COMPLETED to the next STEP_STARTED, one job at a time, p50",
+           ("overhead", "between_steps_ms", "p50"), "ms", target=3, floor="commit"),
     Figure("handoff_p50", "Slot hand-off, p50", ("handoff", "handoff_ms", "p50"), "ms", floor="dramatiq"),
     Figure("handoff_p95", "Slot hand-off, p95", ("handoff", "handoff_ms", "p95"), "ms",
            target=20, reference=137, floor="dramatiq"),

@@ -215,10 +215,19 @@ class Testbed:
         response.raise_for_status()
         return response.json()["job_id"]
 
-    def submit_many(self, count, feature="business_plan", threads=8):
+    def submit_many(self, count, feature="business_plan", threads=8, latencies=None):
+        """Create ``count`` jobs from ``threads`` clients; each POST's seconds go to ``latencies`` if given."""
         sessions = [requests.Session() for _ in range(threads)]
+
+        def submit(i):
+            started = time.perf_counter()
+            job_id = self.submit(feature, {"n": i}, session=sessions[i % threads])
+            if latencies is not None:
+                latencies.append(time.perf_counter() - started)
+            return job_id
+
         with ThreadPoolExecutor(threads) as pool:
-            return list(pool.map(lambda i: self.submit(feature, {"n": i}, session=sessions[i % threads]), range(count)))
+            return list(pool.map(submit, range(count)))
 
     def statuses(self, job_ids):
         rows = self.sql("SELECT status, count(*) FROM jobs_job WHERE id = ANY(%s::uuid[]) GROUP BY status", [list(job_ids)])

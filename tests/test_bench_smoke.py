@@ -31,15 +31,23 @@ def test_every_case_runs_and_returns_numbers(bed):
     missing = [row["label"] for row in rows if not isinstance(row["value"], (int, float))]
     assert missing == []
     assert {row["key"] for row in rows} >= {
-        "overhead_p50", "handoff_p95", "ws_p95", "idle_cpu", "floor_commit", "inflight_calls", "inflight_pg",
+        "overhead_p50", "gap_p50", "handoff_p95", "ws_p95", "idle_cpu", "floor_commit", "inflight_calls", "inflight_pg",
     }
+    assert any(row["key"].startswith("burst_") and row["key"].endswith("_post_p50") for row in rows)
     assert any(row["key"].startswith("throughput_") for row in rows)
     assert any(row["key"].startswith("post_") for row in rows)
     assert any(row["key"].startswith("cpu_") and row["key"].endswith("_workers") for row in rows)
     assert "Per-step overhead" in report.console_table({"cases": cases})
 
 
-def test_the_engine_cpu_benchmark_runs_the_engine_alone(settings):
+@pytest.mark.parametrize(
+    "module, args, count_key, count, per_key",
+    [
+        ("benchmarks.engine_cpu", ["--jobs", "2", "--warmup", "1"], "steps", 8, "step"),
+        ("benchmarks.api_cpu", ["--requests", "5"], "requests", 5, "request"),
+    ],
+)
+def test_the_in_process_cpu_benchmarks_run(settings, module, args, count_key, count, per_key):
     import json
     import os
     import subprocess
@@ -51,14 +59,12 @@ def test_the_engine_cpu_benchmark_runs_the_engine_alone(settings):
     env = {
         **os.environ,
         "DATABASE_URL": settings.DATABASE_URL,
-        "CAO_BENCH_DATABASE": f"{database}_engine_cpu",
+        "CAO_BENCH_DATABASE": f"{database}_{module.rpartition('.')[2]}",
         "CAO_BENCH_REDIS_DB": urlsplit(settings.REDIS_URL).path.lstrip("/") or "0",  # the tests' own
     }
-    done = subprocess.run(
-        [sys.executable, "-m", "benchmarks.engine_cpu", "--jobs", "2", "--warmup", "1"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120,
-    )
+    done = subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
 
     assert done.returncode == 0, done.stderr[-2000:]
     figures = json.loads(done.stdout.strip().splitlines()[-1])
-    assert figures["steps"] == 8 and figures["cpu_ms_per_step"] > 0 and figures["wall_ms_per_step"] > 0
+    assert figures[count_key] == count
+    assert figures[f"cpu_ms_per_{per_key}"] > 0 and figures[f"wall_ms_per_{per_key}"] > 0
