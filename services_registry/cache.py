@@ -39,3 +39,9 @@ def cached(key, load, *, clock=time.monotonic):
     with _lock:
         _entries[key] = (now, value)
     return value
+
+
+def forget():
+    """Drop every entry: the next read of each key goes to the database."""
+    with _lock:
+        _entries.clear()

@@ -46,8 +46,12 @@ def recipe_steps(recipe):
 
 
 def service_live(name):
-    """The service named ``name`` (or None), as cached for hot paths."""
-    return cached(("service", name), lambda: service_get(name))
+    """The service named ``name`` (or None), as cached for hot paths.
+
+    One query reads every service: a worker whose steps touch several
+    services reads the registry once per cache period, not once per service.
+    """
+    return cached(("services",), lambda: {service.name: service for service in Service.objects.all()}).get(name)
 
 
 def recipe_snapshot(name):

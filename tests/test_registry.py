@@ -281,3 +281,16 @@ def test_readiness_is_503_when_postgresql_is_down(client, settings):
     assert "hunter2" not in response.content.decode()
     # And once PostgreSQL answers again, so does readiness
     assert client.get("/api/v1/health/ready").status_code == 200
+
+
+@pytest.mark.django_db
+def test_hot_paths_read_every_service_in_one_query_per_cache_period(registry, settings, django_assert_num_queries):
+    from services_registry.cache import forget
+    from services_registry.selectors import service_live
+
+    settings.CAO_REGISTRY_CACHE_SECONDS = 60
+    forget()
+    with django_assert_num_queries(1):
+        names = [service_live(name).name for name in registry]
+        assert service_live("no_such_service") is None
+    assert sorted(names) == sorted(registry)
