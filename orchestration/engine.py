@@ -351,7 +351,9 @@ class Engine:
                 if job.status == JobStatus.COMPLETED:
                     writer.after_commit(metrics.JOBS_COMPLETED.labels(job.feature_name).inc)
         if outcome.dispatch:
-            writer.after_commit(send_step, outcome.dispatch)
+            # The next step's message leaves first: its worker starts while
+            # this one pushes the events and logs.
+            writer.after_commit_first(send_step, outcome.dispatch)
         return outcome
 
     # --- release ---------------------------------------------------------------

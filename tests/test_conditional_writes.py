@@ -68,6 +68,19 @@ def test_a_transition_whose_row_moved_since_the_read_writes_nothing_and_runs_no_
     assert ran == []
 
 
+def test_effects_run_in_order_after_the_write_with_the_urgent_one_first(registry):
+    job, _ = submit_job(feature_name="business_plan", input_data={"topic": "tea"})
+    read = job_services.read_job(job.pk)
+    writer = ConditionalWrite(read)
+    ran = []
+    job_services.step_claim(job=read, max_attempts=5, writer=writer)  # registers the events' push
+    writer.after_commit(ran.append, "log")
+    writer.after_commit_first(ran.append, "next message")
+
+    assert writer.execute() is True
+    assert ran == ["next message", "log"]
+
+
 @pytest.mark.parametrize("column", ["step_token", "step_state", "status", "last_event_seq"])
 def test_any_guarded_column_that_moved_stops_the_write(registry, column):
     job, _ = submit_job(feature_name="business_plan", input_data={"topic": "tea"})
