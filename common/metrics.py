@@ -15,6 +15,7 @@ WAIT_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 
 
 JOBS_CREATED = Counter("cao_jobs_created_total", "Jobs created.", ["feature"])
 JOBS_COMPLETED = Counter("cao_jobs_completed_total", "Jobs that completed every step.", ["feature"])
+# Counted where jobs.services records the change, once it is committed.
 JOBS_FAILED = Counter("cao_jobs_failed_total", "Jobs that stopped with an error.", ["feature", "error_code"])
 STEP_DURATION = Histogram(
     "cao_step_duration_seconds",
@@ -42,10 +43,3 @@ def observe_call(service, reply, seconds):
 def observe_slot_wait(service, seconds):
     SLOT_WAIT.labels(service).observe(max(0.0, seconds))
 
-
-def step_failed(service, error_code, retry_delay_s, feature):
-    """A failed attempt: a retry when a delay was chosen, else the job failed."""
-    if retry_delay_s is not None:
-        STEP_RETRIES.labels(service, error_code).inc()
-    else:
-        JOBS_FAILED.labels(feature, error_code).inc()

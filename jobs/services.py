@@ -20,6 +20,7 @@ from django.db import IntegrityError, transaction
 from django.utils import timezone
 
 from common.errors import InvalidInput
+from common.metrics import JOBS_COMPLETED, JOBS_FAILED, STEP_RETRIES
 from common.json_values import unstorable_reason
 from jobs import errors
 from jobs.events import CONTACT_SUPPORT, RETRY_AVAILABLE, append_events, event
@@ -415,6 +416,7 @@ def step_succeed(*, job, token, data, metrics, http_status=None, writer=LOCKED):
             now=now,
             writer=writer,
         )
+        writer.after_commit(JOBS_COMPLETED.labels(job.feature_name).inc)
     _save(
         job, "context", "status", "current_step_index", "step_state", "step_token", "step_attempt",
         "step_due_at", "last_progress_at", "finished_at", writer=writer,
@@ -450,6 +452,7 @@ def step_fail(*, job, token, failure, retry_delay_s, outcome=AttemptOutcome.FAIL
             writer=writer,
         )
         dispatch = current_dispatch(job, delay_s=retry_delay_s)
+        writer.after_commit(STEP_RETRIES.labels(service, failure.code).inc)
     else:
         _fail_job(job, failure, now=now, step_index=index, writer=writer)
     _save(
@@ -479,6 +482,9 @@ def _fail_job(job, failure, *, now, step_index=None, writer=LOCKED):
         now=now,
         writer=writer,
     )
+    # Every way a job fails comes here: retries exhausted, a non-retryable
+    # error, its worker lost for good, stuck, its service gone.
+    writer.after_commit(JOBS_FAILED.labels(job.feature_name, failure.code).inc)
 
 
 def step_requeue(*, job, delay_s=0.0):

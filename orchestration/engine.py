@@ -33,7 +33,7 @@ from common.logs import bind, log_context, redact
 from jobs import selectors as job_selectors
 from jobs import services as job_services
 from jobs.events import publish
-from jobs.models import ACTIVE_STATUSES, JobStatus, StepState
+from jobs.models import ACTIVE_STATUSES, StepState
 from orchestration import errors
 from orchestration.errors import failure_from
 from jobs.writes import LOCKED, ConditionalWrite
@@ -336,7 +336,6 @@ class Engine:
             )
             if outcome.accepted:
                 writer.after_commit(_log_failure, reply, delay)
-                writer.after_commit(metrics.step_failed, claim.service.name, reply.code, delay, job.feature_name)
         else:
             outcome = job_services.step_succeed(
                 job=job,
@@ -348,8 +347,6 @@ class Engine:
             )
             if outcome.accepted:
                 writer.after_commit(_log_completed)
-                if job.status == JobStatus.COMPLETED:
-                    writer.after_commit(metrics.JOBS_COMPLETED.labels(job.feature_name).inc)
         if outcome.dispatch:
             # The next step's message leaves first: its worker starts while
             # this one pushes the events and logs.

@@ -155,6 +155,69 @@ def test_failures_retries_and_slot_waits_are_counted(client, registry, simulator
     assert delta("cao_slot_wait_seconds_count", service="fast_chat_llm") >= 1
 
 
+def _service_disabled(job):
+    from orchestration.engine import Engine
+    from services_registry.models import Service
+
+    Service.objects.filter(name="prompt_enhancer").update(enabled=False)
+    Engine().run_step(job.pk, 0, job.step_token)
+
+
+def _stuck(job):
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    from orchestration.maintenance import run_maintenance
+
+    Job.objects.filter(pk=job.pk).update(last_progress_at=timezone.now() - timedelta(days=1))
+    run_maintenance()
+
+
+def _worker_lost(job, *, attempts_left):
+    from django.db import transaction
+
+    from jobs.services import lock_job, step_claim
+    from orchestration.maintenance import mark_attempt_lost
+    from services_registry.models import Service
+    from services_registry.selectors import service_live
+
+    Service.objects.filter(name="prompt_enhancer").update(max_attempts=1 + attempts_left)
+    with transaction.atomic():
+        step_claim(job=lock_job(job.pk), max_attempts=1 + attempts_left)
+    with transaction.atomic():
+        mark_attempt_lost(lock_job(job.pk), service_live("prompt_enhancer"))
+
+
+@pytest.mark.parametrize(
+    "how, error_code, job_failed, step_retried",
+    [
+        (_service_disabled, "SERVICE_UNAVAILABLE", 1, 0),
+        (_stuck, "STUCK_DETECTED", 1, 0),
+        (lambda job: _worker_lost(job, attempts_left=1), "WORKER_LOST", 0, 1),
+        (lambda job: _worker_lost(job, attempts_left=0), "WORKER_LOST", 1, 0),
+    ],
+    ids=["service disabled", "stuck", "worker lost, retried", "worker lost, out of attempts"],
+)
+def test_every_way_a_job_fails_or_a_step_retries_is_counted_once(
+    client, registry, how, error_code, job_failed, step_retried
+):
+    job, _ = submit_job(feature_name="business_plan", input_data={"topic": "tea"})
+    before = scrape(client)
+
+    how(job)
+
+    after = scrape(client)
+    failed = sample(after, "cao_jobs_failed_total", 0.0, feature="business_plan", error_code=error_code) - sample(
+        before, "cao_jobs_failed_total", 0.0, feature="business_plan", error_code=error_code
+    )
+    retried = sample(after, "cao_step_retries_total", 0.0, service="prompt_enhancer", error_code=error_code) - sample(
+        before, "cao_step_retries_total", 0.0, service="prompt_enhancer", error_code=error_code
+    )
+    assert (failed, retried) == (job_failed, step_retried)
+    assert (Job.objects.get(pk=job.pk).status == JobStatus.FAILED) == bool(job_failed)
+
+
 def test_metrics_need_an_allowed_address_or_the_token(client, settings):
     assert client.get("/metrics", REMOTE_ADDR="10.1.2.3").status_code == 403
 
