@@ -7,15 +7,14 @@ import logging
 import math
 import sys
 
-import redis
 from django.core.exceptions import PermissionDenied as DjangoPermissionDenied
 from django.core.exceptions import ValidationError as DjangoValidationError
-from django.db import InterfaceError, OperationalError
 from django.http import Http404, HttpResponse, JsonResponse
 from django.views import defaults
 from rest_framework import exceptions as drf
 from rest_framework.response import Response
 
+from common.backends import BACKEND_ERRORS
 from common.errors import BackendUnavailable, GatewayError, error_body
 
 logger = logging.getLogger(__name__)
@@ -35,14 +34,13 @@ _DRF_CODES = {
 }
 
 
-# Errors of the gateway's own backends: the request cannot be served now,
-# but will be once they are back (503 + Retry-After, never a 500).
-BACKEND_ERRORS = (OperationalError, InterfaceError, redis.ConnectionError, redis.TimeoutError)
 
 
 def exception_handler(exc, context):
     """DRF exception handler: every error becomes the brief's error body."""
     if isinstance(exc, BACKEND_ERRORS):
+        # The request cannot be served now, but will be once they are back
+        # (503 + Retry-After, never a 500).
         logger.warning("Backend unavailable: %s: %s", type(exc).__name__, str(exc).strip()[:200])
         exc = BackendUnavailable()
     if isinstance(exc, GatewayError):

@@ -11,9 +11,16 @@ import redis
 from django.conf import settings
 from django.core.exceptions import ImproperlyConfigured
 from django.db import connection
-from django.db.utils import OperationalError
+from django.db.utils import InterfaceError, OperationalError
 
 from common.redis import get_redis
+
+
+# Failures of the gateway's own backends, which come back by themselves: a
+# request answers 503, a step message is retried, a result being recorded
+# waits for the database.
+DATABASE_ERRORS = (OperationalError, InterfaceError)
+BACKEND_ERRORS = (*DATABASE_ERRORS, redis.ConnectionError, redis.TimeoutError)
 
 
 class BackendUnreachable(ImproperlyConfigured):

@@ -6,23 +6,21 @@ queue list is read when this module is imported, as workers declare their
 actors at start-up.
 """
 
-import redis
-from django.conf import settings
-from django.db import InterfaceError, OperationalError
 import dramatiq
+from django.conf import settings
+
+from common.backends import BACKEND_ERRORS
 
 from orchestration.engine import Engine
 from orchestration.messages import step_actor_name, step_time_limit_s
 
-# Failures of the gateway's own backends (PostgreSQL, Redis): the message is
-# retried with backoff, and nothing is lost while they come back.
-TRANSIENT_INFRASTRUCTURE = (OperationalError, InterfaceError, redis.ConnectionError, redis.TimeoutError)
 
 _engine = Engine()
 
 
 def retry_when(retries, exception):
-    return isinstance(exception, TRANSIENT_INFRASTRUCTURE) and retries < settings.CAO_INFRA_MAX_RETRIES
+    # PostgreSQL or Redis failed: retried with backoff, nothing is lost while they come back.
+    return isinstance(exception, BACKEND_ERRORS) and retries < settings.CAO_INFRA_MAX_RETRIES
 
 
 def _declare_step_actor(queue):

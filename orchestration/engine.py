@@ -24,10 +24,11 @@ from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 from django.conf import settings
-from django.db import InterfaceError, OperationalError, close_old_connections, transaction
+from django.db import close_old_connections, transaction
 from django.utils import timezone
 
 from common import green, metrics
+from common.backends import DATABASE_ERRORS
 from common.after_commit import after_commit
 from common.logs import bind, log_context, redact
 from jobs import selectors as job_selectors
@@ -45,8 +46,6 @@ from services_registry.selectors import service_live
 
 logger = logging.getLogger(__name__)
 
-# Errors of the gateway's own backends: the step message is retried later.
-INFRASTRUCTURE_ERRORS = (OperationalError, InterfaceError)
 
 # The fast path could not decide: decide again under the job's row lock.
 _DECIDE_LOCKED = object()
@@ -273,7 +272,7 @@ class Engine:
                     if outcome is not None:
                         return outcome
                 return self._record_locked(claim, reply)
-            except INFRASTRUCTURE_ERRORS:
+            except DATABASE_ERRORS:
                 # The result is only in memory: keep trying (the lease is
                 # still being renewed) instead of losing the call's output.
                 # A write that failed on the wire may have happened anyway:
