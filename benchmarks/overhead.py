@@ -27,19 +27,18 @@ to a queue that has been idle waits longer than one sent back to back.
 import time
 
 from benchmarks.harness import case_main, events, run_case, summary_ms
+from scripts.polling import wait_until
 
 STEPS = 4  # business_plan
 
 
-def _wait_finished(cursor, job_id, *, timeout=60, interval=0.01):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+def _wait_finished(cursor, job_id, *, timeout=60):
+    def finished():
         cursor.execute("SELECT status FROM jobs_job WHERE id = %s", [job_id])
         (status,) = cursor.fetchone()
-        if status not in ("PENDING", "RUNNING"):
-            return status
-        time.sleep(interval)
-    raise TimeoutError(f"job {job_id} did not finish within {timeout} s")
+        return status if status not in ("PENDING", "RUNNING") else None
+
+    return wait_until(finished, timeout=timeout, interval=0.01, message=f"job {job_id} to finish")
 
 
 def measure(bed, *, jobs=30, warmup=3, step_latency="5ms", pause_s=0.5):

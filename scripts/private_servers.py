@@ -33,16 +33,6 @@ def free_port():
         return sock.getsockname()[1]
 
 
-def wait_until(predicate, *, timeout, interval=0.05, message="condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise TimeoutError(f"timed out after {timeout:g} s waiting for {message}")
-
-
 class PrivateRedis:
     """A redis-server owned by the test: start, stop, restart (empty, like a crash)."""
 

@@ -24,7 +24,8 @@ import redis
 import requests
 
 from scripts.local_backends import ensure_database
-from scripts.private_servers import POSTGRES_BIN, PrivatePostgres, PrivateRedis, free_port, wait_until  # noqa: F401
+from scripts.polling import wait_until
+from scripts.private_servers import POSTGRES_BIN, PrivatePostgres, PrivateRedis, free_port  # noqa: F401
 from scripts.stack import ROOT, Stack, simulator_env, stack_processes, worker_mode
 from simulator.testing import SimulatorClient
 

@@ -22,11 +22,11 @@ import subprocess
 import sys
 import tempfile
 import threading
-import time
 from pathlib import Path
 
 import requests
 
+from scripts.polling import wait_until
 from services_registry.reference import SERVICES
 from simulator.errors import ControlError
 from simulator.knobs import KNOBS, config_apply, parse_changes
@@ -38,15 +38,8 @@ _LISTENING = re.compile(r"Simulator listening on (http://\S+)")
 
 
 def wait_for(predicate, *, timeout=5.0, interval=0.02, message="condition"):
-    """Poll ``predicate`` until it returns a truthy value, which is returned; raise TimeoutError after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() >= deadline:
-            raise TimeoutError(f"{message} not met within {timeout} s")
-        time.sleep(interval)
+    """``scripts.polling.wait_until`` with the short defaults of a simulator's start."""
+    return wait_until(predicate, timeout=timeout, interval=interval, message=message)
 
 
 def _check_knob_names(knobs):

@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
 from orchestration.limiter import Acquisition, LeaseKeeper, Limiter
-from scripts.private_servers import wait_until
+from scripts.polling import wait_until
 from tests.limiter_helpers import Model, dispatch, inbox_of, kept_holder, stress_worker, take_slot
 
 SERVICE = "svc"
