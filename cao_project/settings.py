@@ -16,6 +16,7 @@ from django.core.exceptions import ImproperlyConfigured
 from dotenv import load_dotenv
 
 from common import green
+from services_registry import reference
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 
@@ -206,7 +207,7 @@ CHANNEL_LAYERS = {
 }
 
 # Queues a service can be assigned to; one worker pool consumes each.
-CAO_QUEUES = env_list("CAO_QUEUES", ["heavy", "medium", "default"])
+CAO_QUEUES = env_list("CAO_QUEUES", list(reference.QUEUES))
 
 # A worker silent this long is presumed dead and its fetched-but-unfinished
 # messages go back to their queue (maintenance sweeps for them every pass).

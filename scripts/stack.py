@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
+from services_registry import reference
+
 ROOT = Path(__file__).resolve().parent.parent
 RUN_DIR = ROOT / ".run"
 
@@ -92,7 +94,8 @@ def worker_command(python, manage_py, queue, *, mode):
         python, manage_py, "rundramatiq", "--queues", queue, "--processes", str(processes), "--threads", str(threads),
         *(["--use-gevent"] if mode == "green" else []),
     ]
-SERVICES = ["video_gen_v2", "fast_chat_llm", "summarizer_pro", "prompt_enhancer", "email_notifier"]
+# The seeded services, each pointed at the bundled simulator.
+SERVICES = [service[0] for service in reference.SERVICES]
 
 
 # uvicorn's h11 protocol, with a limit on request heads (431 beyond
@@ -122,7 +125,7 @@ def stack_processes(
     port,
     simulator_port,
     simulator_args=(),
-    queues=("heavy", "medium", "default"),
+    queues=reference.QUEUES,
     root=ROOT,
     worker_hosts=1,
     mode="green",

@@ -5,6 +5,10 @@ after a transactional test flushed it. Plain data, no model imports, so a
 migration can apply it with historical models.
 """
 
+# The queues a deployment runs a worker pool for, heaviest first (CAO_QUEUES
+# defaults to them; the services below name one each).
+QUEUES = ("heavy", "medium", "default")
+
 SERVICES = [
     # name, queue, limit, timeout_s, lease_ttl_s, max_attempts, default base URL
     ("video_gen_v2", "heavy", 2, 600, 660, 3, "http://video-gen:9000"),
