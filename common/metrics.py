@@ -15,7 +15,7 @@ WAIT_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 
 
 JOBS_CREATED = Counter("cao_jobs_created_total", "Jobs created.", ["feature"])
 JOBS_COMPLETED = Counter("cao_jobs_completed_total", "Jobs that completed every step.", ["feature"])
-# Counted where jobs.services records the change, once it is committed.
+# Counted where jobs.steps records the change, once it is committed.
 JOBS_FAILED = Counter("cao_jobs_failed_total", "Jobs that stopped with an error.", ["feature", "error_code"])
 STEP_DURATION = Histogram(
     "cao_step_duration_seconds",

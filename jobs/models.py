@@ -2,7 +2,7 @@
 
 A job's lifecycle is ``JobStatus`` plus ``TRANSITIONS``; the position of the
 current step within that lifecycle is ``StepState``. Every change goes
-through ``jobs.services``, under a row lock or as a statement conditional on
+through ``jobs.services`` and ``jobs.steps``, under a row lock or as a statement conditional on
 the row being unchanged (``jobs.writes``), so racing actors (two resumes, a
 cancel and a finishing step, a redelivered message) cannot both win.
 """

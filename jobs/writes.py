@@ -1,6 +1,6 @@
 """How a job's state change reaches the database: under the row lock, or as one conditional statement.
 
-The state machine in ``jobs.services`` changes a ``Job`` in memory and hands
+The state machine in ``jobs.steps`` (and ``jobs.services``) changes a ``Job`` in memory and hands
 what it writes (job fields, an attempt row, event rows) to a writer:
 
 - ``LOCKED`` writes at once through the ORM, inside the caller's transaction,

@@ -13,6 +13,7 @@ from common import metrics
 from common.after_commit import after_commit
 from common.redis import get_redis
 from jobs import services as job_services
+from jobs.state import current_step
 from jobs.errors import ForceNotAllowed, JobNotFound
 from jobs.selectors import parse_job_id, visible_jobs
 from orchestration.broker import NotifyingRedisBroker
@@ -109,7 +110,7 @@ def submit_job(*, feature_name, input_data, owner=None, idempotency_key=None):
         feature_name=feature_name, input_data=input_data, owner=owner, idempotency_key=idempotency_key
     )
     if created:
-        send_after_commit(job_services.current_dispatch(job))
+        send_after_commit(current_step(job))
         after_commit(metrics.JOBS_CREATED.labels(feature_name).inc)
     return job, created
 

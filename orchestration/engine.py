@@ -32,7 +32,9 @@ from common.backends import DATABASE_ERRORS
 from common.after_commit import after_commit
 from common.logs import bind, log_context, redact
 from jobs import selectors as job_selectors
-from jobs import services as job_services
+from jobs import state as job_state
+from jobs import steps as job_steps
+from jobs.outcomes import RecordOutcome, StepDispatch
 from jobs.events import publish
 from jobs.models import ACTIVE_STATUSES, StepState
 from orchestration import errors
@@ -55,7 +57,7 @@ _DECIDE_LOCKED = object()
 class Claim:
     """A started attempt: everything the call and record phases need."""
 
-    step: job_services.StepRef
+    step: StepDispatch
     service: object
     attempt: int
     envelope: dict
@@ -163,8 +165,8 @@ class Engine:
         granted = None
         try:
             with transaction.atomic() if locked else nullcontext():
-                job = job_services.lock_job(job_id) if locked else job_services.read_job(job_id)
-                if job is None or not job_services.step_is_current(job, step_index=step_index, token=token):
+                job = job_state.lock_job(job_id) if locked else job_state.read_job(job_id)
+                if job is None or not job_steps.step_is_current(job, step_index=step_index, token=token):
                     if not locked:
                         return _DECIDE_LOCKED
                     self._drop(job, job_id, step_index, token)
@@ -176,7 +178,7 @@ class Engine:
                         return _DECIDE_LOCKED
                     self._fail_unavailable(job)
                     return None
-                step = job_services.current_step(job)
+                step = job_state.current_step(job)
                 member = lease_member(job.id, step_index, token)
                 self.keeper.ensure_alive()  # a slot's owner must be known to be alive
                 acquisition = self.limiter.acquire(
@@ -184,7 +186,7 @@ class Engine:
                     member,
                     limit=service.concurrency_limit,
                     ttl_s=service.lease_ttl_s,
-                    payload=handoff_payload(job_services.current_dispatch(job)),
+                    payload=handoff_payload(job_state.current_step(job)),
                     census=lambda: [lease_member(*call) for call in job_selectors.calls_in_flight(service.name)],
                     owner=self.keeper.owner,
                 )
@@ -192,14 +194,14 @@ class Engine:
                     after_commit(send_handoffs, acquisition.handoffs)
                 writer = LOCKED if locked else ConditionalWrite(job)
                 if not acquisition.granted:
-                    job_services.step_park(job=job, position=acquisition.position, writer=writer)
+                    job_steps.step_park(job=job, position=acquisition.position, writer=writer)
                     if not writer.execute():
                         return _DECIDE_LOCKED
                     logger.info("Parked: no free slot of %s (position %s).", service.name, acquisition.position)
                     return None
                 granted = (step, service)
                 parked_since = job.updated_at if job.step_state == StepState.WAITING else None
-                attempt = job_services.step_claim(job=job, max_attempts=service.max_attempts, writer=writer)
+                attempt = job_steps.step_claim(job=job, max_attempts=service.max_attempts, writer=writer)
                 if not writer.execute():
                     # Still granted under this lease: the locked decision
                     # keeps the slot or gives it back.
@@ -239,7 +241,7 @@ class Engine:
         if job is not None and not running_here and step_index < job.total_steps:
             # A stale message may still own a reservation or a place in line
             # (e.g. the job was cancelled while parked): free it.
-            stale = job_services.StepRef(job.id, step_index, token, job.steps[step_index])
+            stale = StepDispatch(job.id, step_index, token, job.steps[step_index])
             after_commit(release_step, stale)
 
     def _fail_unavailable(self, job):
@@ -248,7 +250,7 @@ class Engine:
             "enable it, then resume the job."
         )
         logger.warning("Failing the job: %s", error.message)
-        job_services.job_fail(job=job, failure=failure_from(error))
+        job_steps.job_fail(job=job, failure=failure_from(error))
 
     # --- record ----------------------------------------------------------------
 
@@ -307,7 +309,7 @@ class Engine:
 
     def _record_locked(self, claim, reply):
         with transaction.atomic():
-            job = job_services.lock_job(claim.step.job_id)
+            job = job_state.lock_job(claim.step.job_id)
             if job is None:
                 return None
             outcome = self._apply_result(job, claim, reply, LOCKED)
@@ -330,13 +332,13 @@ class Engine:
                 cap_s=settings.CAO_RETRY_MAX_DELAY_S,
                 rng=self.rng,
             )
-            outcome = job_services.step_fail(
+            outcome = job_steps.step_fail(
                 job=job, token=claim.step.token, failure=failure_from(reply), retry_delay_s=delay, writer=writer
             )
             if outcome.accepted:
                 writer.after_commit(_log_failure, reply, delay)
         else:
-            outcome = job_services.step_succeed(
+            outcome = job_steps.step_succeed(
                 job=job,
                 token=claim.step.token,
                 data=reply.data,
@@ -366,10 +368,10 @@ class Engine:
         dispatch = None
         if job.status in ACTIVE_STATUSES and job.step_state == StepState.QUEUED and job.step_token == claim.step.token + 1:
             due_in_s = (job.step_due_at - timezone.now()).total_seconds() if job.step_due_at else 0.0
-            dispatch = job_services.current_dispatch(job, delay_s=max(0.0, due_in_s))
+            dispatch = job_state.current_step(job, delay_s=max(0.0, due_in_s))
             send_after_commit(dispatch)
         after_commit(publish, str(job.id), job_selectors.job_events(job.id, after=claim.claimed_seq))
-        return job_services.RecordOutcome(accepted=True, dispatch=dispatch)
+        return RecordOutcome(accepted=True, dispatch=dispatch)
 
     # --- release ---------------------------------------------------------------
 

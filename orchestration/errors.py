@@ -5,7 +5,7 @@ busy, slow, unreachable or answered garbage) or permanent (it refused the
 request). Each type carries the code stored on the job and shown to clients.
 """
 
-from jobs.services import Failure
+from jobs.outcomes import Failure
 
 
 class StepError(Exception):
@@ -102,5 +102,5 @@ def reported_failure(code, message, *, retryable, status_code):
 
 
 def failure_from(error):
-    """The job-side record (``jobs.services.Failure``) of a StepError."""
+    """The job-side record (``jobs.outcomes.Failure``) of a StepError."""
     return Failure(code=error.code, message=error.message, retryable=error.retryable, http_status=error.status_code)

@@ -15,7 +15,7 @@ import dramatiq
 from dramatiq.brokers.redis import RedisBroker
 
 from common.redis import get_redis
-from jobs.services import StepDispatch
+from jobs.outcomes import StepDispatch
 from orchestration.limiter import LeaseKeeper, Limiter
 from orchestration.liveness import Liveness, ProcessHeartbeat, ProcessIdentity
 

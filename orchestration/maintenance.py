@@ -31,7 +31,8 @@ from dramatiq.common import dq_name
 
 from common.after_commit import after_commit
 from common.redis import get_redis
-from jobs import services as job_services
+from jobs import steps as job_steps
+from jobs.state import current_step
 from jobs.models import ACTIVE_STATUSES, AttemptOutcome, Job, JobStatus, StepState
 from orchestration import errors
 from orchestration.dispatch import DISPATCH_MARKER, dispatched_token, release_step, send_after_commit, send_handoffs
@@ -194,8 +195,8 @@ def _fail_stuck(job_id, cutoff, report):
         job = _lock_if(job_id, Q(status__in=ACTIVE_STATUSES, last_progress_at__lt=cutoff))
         if job is None:
             return
-        withdrawn = job_services.current_step(job) if job.step_state != StepState.RUNNING else None
-        job_services.job_fail(
+        withdrawn = current_step(job) if job.step_state != StepState.RUNNING else None
+        job_steps.job_fail(
             job=job,
             failure=failure_from(
                 errors.StuckDetected(f"No progress for {settings.JOB_STUCK_SECONDS} s; resume the job to try again.")
@@ -257,7 +258,7 @@ def _redispatch_if_unsent(job_id, report, *, now, grace, after_redis_loss):
             return  # the message is still in the broker (possibly behind a backlog)
         # A retry not yet due keeps its delay (its delayed message was lost too).
         delay_s = max(0.0, (job.step_due_at - now).total_seconds())
-        send_after_commit(job_services.step_requeue(job=job, delay_s=delay_s))
+        send_after_commit(job_steps.step_requeue(job=job, delay_s=delay_s))
     report.redispatched += 1
     logger.warning("Re-sent the lost step message of job_id=%s step_index=%s.", job.id, job.current_step_index)
 
@@ -270,7 +271,7 @@ def _redispatch_if_unparked(job_id, report, *, now, grace):
         member = lease_member(job.id, job.current_step_index, job.step_token)
         if get_limiter().locate(job.current_service, member) is not None:
             return
-        send_after_commit(job_services.step_requeue(job=job))
+        send_after_commit(job_steps.step_requeue(job=job))
     report.redispatched += 1
     logger.warning("Re-sent job_id=%s step_index=%s: its place in line was lost.", job.id, job.current_step_index)
 
@@ -312,7 +313,7 @@ def mark_attempt_lost(job, service):
     max_attempts = service.max_attempts if service else job.step_attempt
     error = errors.WorkerLost("The worker running this attempt stopped before it finished.")
     retry_now = 0.0 if job.step_attempt < max_attempts else None
-    outcome = job_services.step_fail(
+    outcome = job_steps.step_fail(
         job=job, token=job.step_token, failure=failure_from(error), retry_delay_s=retry_now,
         outcome=AttemptOutcome.LOST,
     )

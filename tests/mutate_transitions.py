@@ -3,7 +3,7 @@
 mutmut mutates code inside functions only, and the transition table is
 module-level data. This runner makes every single-edge mutant of the table
 (each allowed move removed, each forbidden move added: one per pair of
-statuses), flips it in place (jobs.services holds the same dict) and runs
+statuses), flips it in place (jobs.state holds the same dict) and runs
 the fast tests that decide moves against it, in this process; a mutant is
 killed when they fail. ``make mutate`` runs it after mutmut::
 

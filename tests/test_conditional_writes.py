@@ -9,7 +9,8 @@ import pytest
 from django.db import connection
 from django.test.utils import CaptureQueriesContext
 
-from jobs import services as job_services
+from jobs import state as job_state
+from jobs import steps as job_steps
 from jobs.models import AttemptOutcome, Job, JobEvent, JobStatus, StepAttempt, StepState
 from jobs.writes import ConditionalWrite
 from orchestration.dispatch import cancel_job, submit_job
@@ -25,10 +26,10 @@ def events_of(job_id):
 
 def test_a_transition_is_written_in_one_statement_with_its_attempt_and_event(registry):
     job, _ = submit_job(feature_name="business_plan", input_data={"topic": "tea"})
-    read = job_services.read_job(job.pk)
+    read = job_state.read_job(job.pk)
     writer = ConditionalWrite(read)
     ran = []
-    job_services.step_claim(job=read, max_attempts=5, writer=writer)
+    job_steps.step_claim(job=read, max_attempts=5, writer=writer)
     writer.after_commit(ran.append, "effect")
     assert ran == [] and not StepAttempt.objects.filter(job=job).exists()  # nothing before execute
 
@@ -52,11 +53,11 @@ def test_a_transition_is_written_in_one_statement_with_its_attempt_and_event(reg
 def test_a_transition_whose_row_moved_since_the_read_writes_nothing_and_runs_no_effect(registry):
     # Given the job read for a claim, then cancelled before the claim is written
     job, _ = submit_job(feature_name="business_plan", input_data={"topic": "tea"})
-    read = job_services.read_job(job.pk)
+    read = job_state.read_job(job.pk)
     cancel_job(job_id=job.pk, is_staff=True)
     writer = ConditionalWrite(read)
     ran = []
-    job_services.step_claim(job=read, max_attempts=5, writer=writer)
+    job_steps.step_claim(job=read, max_attempts=5, writer=writer)
     writer.after_commit(ran.append, "effect")
 
     # When the claim is written, Then nothing of it is: no attempt, no event, no effect
@@ -70,10 +71,10 @@ def test_a_transition_whose_row_moved_since_the_read_writes_nothing_and_runs_no_
 
 def test_effects_run_in_order_after_the_write_with_the_urgent_one_first(registry):
     job, _ = submit_job(feature_name="business_plan", input_data={"topic": "tea"})
-    read = job_services.read_job(job.pk)
+    read = job_state.read_job(job.pk)
     writer = ConditionalWrite(read)
     ran = []
-    job_services.step_claim(job=read, max_attempts=5, writer=writer)  # registers the events' push
+    job_steps.step_claim(job=read, max_attempts=5, writer=writer)  # registers the events' push
     writer.after_commit(ran.append, "log")
     writer.after_commit_first(ran.append, "next message")
 
@@ -84,11 +85,11 @@ def test_effects_run_in_order_after_the_write_with_the_urgent_one_first(registry
 @pytest.mark.parametrize("column", ["step_token", "step_state", "status", "last_event_seq"])
 def test_any_guarded_column_that_moved_stops_the_write(registry, column):
     job, _ = submit_job(feature_name="business_plan", input_data={"topic": "tea"})
-    read = job_services.read_job(job.pk)
+    read = job_state.read_job(job.pk)
     moved = {"step_token": 7, "step_state": StepState.WAITING, "status": JobStatus.RUNNING, "last_event_seq": 3}
     Job.objects.filter(pk=job.pk).update(**{column: moved[column]})
     writer = ConditionalWrite(read)
-    job_services.step_claim(job=read, max_attempts=5, writer=writer)
+    job_steps.step_claim(job=read, max_attempts=5, writer=writer)
 
     assert writer.execute() is False
     assert not StepAttempt.objects.filter(job=job).exists()
@@ -97,9 +98,9 @@ def test_any_guarded_column_that_moved_stops_the_write(registry, column):
 
 def test_a_value_too_long_for_its_column_fails_the_statement_instead_of_being_cut(registry):
     job, _ = submit_job(feature_name="business_plan", input_data={"topic": "tea"})
-    read = job_services.read_job(job.pk)
+    read = job_state.read_job(job.pk)
     writer = ConditionalWrite(read)
-    attempt = job_services.step_claim(job=read, max_attempts=5, writer=writer)
+    attempt = job_steps.step_claim(job=read, max_attempts=5, writer=writer)
     attempt.service = "x" * 65  # the column is varchar(64)
 
     with pytest.raises(Exception, match="too long"):
@@ -195,7 +196,7 @@ def test_a_claim_whose_row_moved_but_whose_step_is_still_current_claims_under_th
 
     def parked_by_another_delivery():
         with transaction.atomic():
-            job_services.step_park(job=job_services.lock_job(job.pk), position=0)
+            job_steps.step_park(job=job_state.lock_job(job.pk), position=0)
 
     limiter = RacingLimiter(parked_by_another_delivery)
 

@@ -189,7 +189,7 @@ def test_a_video_call_is_not_cut_short_by_a_message_time_limit_sized_for_short_c
     import dramatiq
     from dramatiq import Message
 
-    from jobs.services import StepDispatch
+    from jobs.outcomes import StepDispatch
     from orchestration.dispatch import send_step
 
     settings.HTTP_READ_TIMEOUT_S = 30

@@ -4,7 +4,7 @@ import pytest
 
 from jobs.errors import IllegalTransition
 from jobs.models import TRANSITIONS, Job, JobStatus
-from jobs.services import _set_status
+from jobs.state import set_status
 
 P, R, C, F, X = "PENDING", "RUNNING", "COMPLETED", "FAILED", "CANCELLED"
 
@@ -48,11 +48,11 @@ def test_a_status_change(current, target, expected):
     job = Job(status=current)
 
     if expected == "allowed":
-        _set_status(job, JobStatus(target))
+        set_status(job, JobStatus(target))
         assert job.status == target
     else:
         with pytest.raises(IllegalTransition) as raised:
-            _set_status(job, JobStatus(target))
+            set_status(job, JobStatus(target))
         assert str(raised.value) == f"A {current} job cannot become {target}."
         assert job.status == current
 

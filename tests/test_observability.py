@@ -107,7 +107,7 @@ def test_slot_gauges_count_the_calls_held_and_the_steps_parked(client, registry,
 
 
 def test_queue_depth_counts_messages_not_yet_picked_up(client, registry):
-    from jobs.services import StepDispatch
+    from jobs.outcomes import StepDispatch
     from orchestration.dispatch import send_step
 
     # Given no worker running: two first steps sent to the default queue, and a retry due in a minute
@@ -177,7 +177,8 @@ def _stuck(job):
 def _worker_lost(job, *, attempts_left):
     from django.db import transaction
 
-    from jobs.services import lock_job, step_claim
+    from jobs.state import lock_job
+    from jobs.steps import step_claim
     from orchestration.maintenance import mark_attempt_lost
     from services_registry.models import Service
     from services_registry.selectors import service_live

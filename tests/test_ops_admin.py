@@ -13,7 +13,9 @@ from django.utils import timezone
 
 from api_keys.models import ApiKey
 from jobs.models import Job, JobEvent, JobStatus
-from jobs.services import Failure, lock_job, step_claim, step_fail, step_succeed
+from jobs.outcomes import Failure
+from jobs.state import lock_job
+from jobs.steps import step_claim, step_fail, step_succeed
 from orchestration.dispatch import cancel_job, submit_job
 from orchestration.leases import get_limiter
 from orchestration.limiter import Limiter

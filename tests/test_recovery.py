@@ -171,7 +171,7 @@ def test_a_lapsed_lease_reaches_the_next_waiter_within_a_tick(registry, redis_db
     # A timed-out call's held slot, or a dead holder without an owner, expires;
     # the waiter behind it must not wait for the next full maintenance pass.
     from orchestration.leases import handoff_payload
-    from jobs.services import StepDispatch
+    from jobs.outcomes import StepDispatch
 
     limiter = get_limiter()
     from services_registry.models import Service
