@@ -14,7 +14,7 @@ from scripts.stack import ROOT
 
 LOOP = r"""
 from gevent import monkey; monkey.patch_all()
-import asyncio, json, socket, threading, time
+import asyncio, concurrent.futures, json, socket, threading, time
 from common import green
 
 assert green.active()
@@ -40,8 +40,13 @@ try:
 except RuntimeError:
     results["greenlet_sees_a_running_loop"] = False
 
+# The loop waits on a timer of its own while this thread blocks on it (with
+# a deadline): a waiting loop uses next to no CPU meanwhile, a spinning one
+# a whole core.
+timer = concurrent.futures.Future()
 cpu, wall = time.process_time(), time.monotonic()
-time.sleep(1.0)  # an observation window, not a wait: a spinning loop burns CPU all through it
+loop.call_soon_threadsafe(loop.call_later, 0.5, timer.set_result, None)
+timer.result(timeout=30)
 results["idle_cpu_share"] = (time.process_time() - cpu) / (time.monotonic() - wall)
 print(json.dumps(results))
 """
