@@ -15,33 +15,19 @@ steady figure for an A/B comparison of the intake path on a noisy machine.
 
 import argparse
 import json
-import os
 import sys
-import time
 
-from benchmarks.engine_cpu import _configure, _profiled
+from benchmarks.engine_cpu import benchmark_process, timed
 
 
 def measure(*, requests=500, warmup=20, profile=False, app_root=None):
-    simulator = _configure(app_root)
     # The throttles stay on the path, at rates this loop never reaches.
-    os.environ.update(CAO_THROTTLE_RATE="1000000/min", CAO_JOB_CREATE_THROTTLE_RATE="1000000/min")
-    try:
-        import django
-
-        django.setup()
-        import redis
-        from django.conf import settings
-        from django.core.management import call_command
-        from django.db import connection
+    rates = {"CAO_THROTTLE_RATE": "1000000/min", "CAO_JOB_CREATE_THROTTLE_RATE": "1000000/min"}
+    with benchmark_process(app_root, **rates):
         from django.test import Client
 
         from api_keys.models import ApiKey
 
-        call_command("migrate", verbosity=0)
-        redis.Redis.from_url(settings.REDIS_URL).flushdb()
-        with connection.cursor() as cursor:
-            cursor.execute("TRUNCATE jobs_job, jobs_stepattempt, jobs_jobevent")
         _, raw_key = ApiKey.objects.create_key(name="api-cpu benchmark")
         client = Client(headers={"X-API-Key": raw_key}, SERVER_NAME="localhost")
 
@@ -56,20 +42,7 @@ def measure(*, requests=500, warmup=20, profile=False, app_root=None):
                     raise SystemExit(f"POST answered {response.status_code}: {response.content[:200]!r}")
 
         post(warmup, 0)
-        with _profiled(profile):
-            wall, cpu = time.perf_counter(), time.process_time()
-            post(requests, warmup)
-            wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
-        return {
-            "app_root": os.getcwd(),
-            "requests": requests,
-            "cpu_ms_per_request": round(1000 * cpu / requests, 2),
-            "wall_ms_per_request": round(1000 * wall / requests, 2),
-            "profiled": profile,
-        }
-    finally:
-        simulator.stop()
-        simulator.close()
+        return timed(lambda: post(requests, warmup), requests, unit="request", profile=profile)
 
 
 def main(argv=None):

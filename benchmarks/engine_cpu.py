@@ -90,8 +90,15 @@ def _run_jobs(engine, count):
             engine.run_step(job.id, job.current_step_index, job.step_token)
 
 
-def measure(*, jobs=100, warmup=5, profile=False, app_root=None):
+@contextmanager
+def benchmark_process(app_root=None, **env):
+    """This process set up on the benchmark database (migrated, job tables empty) and Redis db (flushed).
+
+    A simulator runs beside it; ``env`` is added to the environment before
+    Django reads its settings.
+    """
     simulator = _configure(app_root)
+    os.environ.update(env)
     try:
         import django
 
@@ -101,30 +108,38 @@ def measure(*, jobs=100, warmup=5, profile=False, app_root=None):
         from django.core.management import call_command
         from django.db import connection
 
-        from orchestration.engine import Engine
-
         call_command("migrate", verbosity=0)
         redis.Redis.from_url(settings.REDIS_URL).flushdb()
         with connection.cursor() as cursor:
             cursor.execute("TRUNCATE jobs_job, jobs_stepattempt, jobs_jobevent")
-        engine = Engine()
-        _run_jobs(engine, warmup)
-
-        with _profiled(profile):
-            wall, cpu = time.perf_counter(), time.process_time()
-            _run_jobs(engine, jobs)
-            wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
-        steps = jobs * 4
-        return {
-            "app_root": os.getcwd(),
-            "steps": steps,
-            "cpu_ms_per_step": round(1000 * cpu / steps, 2),
-            "wall_ms_per_step": round(1000 * wall / steps, 2),
-            "profiled": profile,
-        }
+        yield
     finally:
         simulator.stop()
         simulator.close()
+
+
+def timed(run, count, *, unit, profile=False):
+    """CPU and wall time of ``run()`` per ``unit`` (``count`` of them), profiled if asked."""
+    with _profiled(profile):
+        wall, cpu = time.perf_counter(), time.process_time()
+        run()
+        wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    return {
+        "app_root": os.getcwd(),
+        f"{unit}s": count,
+        f"cpu_ms_per_{unit}": round(1000 * cpu / count, 2),
+        f"wall_ms_per_{unit}": round(1000 * wall / count, 2),
+        "profiled": profile,
+    }
+
+
+def measure(*, jobs=100, warmup=5, profile=False, app_root=None):
+    with benchmark_process(app_root):
+        from orchestration.engine import Engine
+
+        engine = Engine()
+        _run_jobs(engine, warmup)
+        return timed(lambda: _run_jobs(engine, jobs), jobs * 4, unit="step", profile=profile)
 
 
 def main(argv=None):
