@@ -186,7 +186,7 @@ class Engine:
                     member,
                     limit=service.concurrency_limit,
                     ttl_s=service.lease_ttl_s,
-                    payload=handoff_payload(job_state.current_step(job)),
+                    payload=handoff_payload(step),
                     census=lambda: [lease_member(*call) for call in job_selectors.calls_in_flight(service.name)],
                     owner=self.keeper.owner,
                 )
