@@ -112,6 +112,18 @@ def step_timeline(job, attempts):
     return timeline
 
 
+def attempt_running(job_id, *, token, started_at):
+    """Whether the attempt that started at ``started_at`` under ``token`` is still the job's running one."""
+    return Job.objects.filter(
+        pk=job_id,
+        step_token=token,
+        step_state=StepState.RUNNING,
+        attempts__token=token,
+        attempts__started_at=started_at,
+        attempts__outcome=AttemptOutcome.RUNNING,
+    ).exists()
+
+
 def attempt_recorded(job_id, *, token):
     """Whether the attempt run under ``token`` has its result (success or failure) stored."""
     return (

@@ -162,7 +162,7 @@ class Engine:
         return claim
 
     def _claim_once(self, job_id, step_index, token, *, locked):
-        granted = None
+        granted = attempt = None
         try:
             with transaction.atomic() if locked else nullcontext():
                 job = job_state.lock_job(job_id) if locked else job_state.read_job(job_id)
@@ -192,6 +192,7 @@ class Engine:
                 )
                 if acquisition.handoffs:
                     after_commit(send_handoffs, acquisition.handoffs)
+                read_seq = job.last_event_seq
                 writer = LOCKED if locked else ConditionalWrite(job)
                 if not acquisition.granted:
                     job_steps.step_park(job=job, position=acquisition.position, writer=writer)
@@ -206,16 +207,29 @@ class Engine:
                     # Still granted under this lease: the locked decision
                     # keeps the slot or gives it back.
                     return _DECIDE_LOCKED
-                bind(attempt=attempt.attempt)
-                envelope = build_envelope(job, attempt=attempt.attempt, now=attempt.started_at)
-                if parked_since is not None:
-                    metrics.observe_slot_wait(service.name, (attempt.started_at - parked_since).total_seconds())
-        except BaseException:
-            if granted is not None:
-                # The attempt never started: give the slot back at once
-                # rather than after lease_ttl_s.
-                self._release_quietly(*granted)
-            raise
+        except BaseException as exc:
+            went_through = False
+            try:
+                went_through = (
+                    isinstance(exc, DATABASE_ERRORS)
+                    and attempt is not None
+                    and self._claim_went_through(job, attempt, granted)
+                )
+            finally:
+                if not went_through and granted is not None:
+                    # The attempt never started: give the slot back at once
+                    # rather than after lease_ttl_s.
+                    self._release_quietly(*granted)
+            if not went_through:
+                raise
+            # The claim committed although its commit raised: the attempt is
+            # ours; push the events that commit would have pushed.
+            logger.warning("The claim was stored although its commit raised; going on with the call.")
+            self._republish(job, after=read_seq)
+        bind(attempt=attempt.attempt)
+        envelope = build_envelope(job, attempt=attempt.attempt, now=attempt.started_at)
+        if parked_since is not None:
+            metrics.observe_slot_wait(service.name, (attempt.started_at - parked_since).total_seconds())
         logger.info("Started the call to %s.", service.name)
         return Claim(
             step=step,
@@ -225,6 +239,31 @@ class Engine:
             claimed_seq=job.last_event_seq,
             job=job,
         )
+
+    def _claim_went_through(self, job, attempt, granted):
+        """Whether the claim's write committed although it raised; asks until the database answers.
+
+        The attempt row is unique per token and carries the claim's own
+        start time, so finding it (still running) means this claim, not
+        another delivery of the message, started it. The slot is renewed
+        meanwhile so that it is still held when the answer is yes.
+        """
+        step, service = granted
+        member = lease_member(step.job_id, step.step_index, step.token)
+        retry = DatabaseRetry("checking whether the claim was stored", sleep=self.sleep)
+        while True:
+            try:
+                return job_selectors.attempt_running(job.id, token=attempt.token, started_at=attempt.started_at)
+            except DATABASE_ERRORS:
+                retry.wait_or_raise()
+                self.limiter.renew(service.name, member, ttl_s=service.lease_ttl_s)
+
+    def _republish(self, job, *, after):
+        try:
+            publish(str(job.id), job_selectors.job_events(job.id, after=after))
+        except DATABASE_ERRORS:
+            # Stored all the same: subscribers get them on their next replay.
+            logger.warning("Could not read back the events to push them.", exc_info=True)
 
     def _drop(self, job, job_id, step_index, token):
         logger.info(
@@ -264,8 +303,7 @@ class Engine:
         while storing it) is recorded instead as the attempt's failure,
         MALFORMED_RESPONSE.
         """
-        deadline = time.monotonic() + settings.CAO_RECORD_RETRY_SECONDS
-        delay = 0.2
+        retry = DatabaseRetry("recording the result", sleep=self.sleep)
         fast = claim.job is not None
         while True:
             try:
@@ -280,13 +318,7 @@ class Engine:
                 # A write that failed on the wire may have happened anyway:
                 # the locked try finds out (see _record_locked).
                 fast = False
-                if time.monotonic() >= deadline:
-                    logger.error("Giving up recording the result: database unavailable.")
-                    raise
-                logger.warning("Database unavailable while recording the result; retrying in %.1f s.", delay, exc_info=True)
-                close_old_connections()
-                self.sleep(delay)
-                delay = min(delay * 2, 5.0)
+                retry.wait_or_raise()
             except Exception as exc:
                 fast = False
                 if isinstance(reply, errors.StepError):
@@ -402,6 +434,29 @@ class Engine:
                 "Could not release the slot of job_id=%s step_index=%s on %s; it expires by itself.",
                 step.job_id, step.step_index, step.service, exc_info=True,
             )
+
+
+class DatabaseRetry:
+    """Backoff while the database is unavailable, up to CAO_RECORD_RETRY_SECONDS.
+
+    For work whose only copy is in memory (a call's result, a claim that may
+    have been stored): call ``wait_or_raise`` in the ``except`` of each try.
+    """
+
+    def __init__(self, doing, *, sleep=time.sleep):
+        self.doing = doing
+        self.sleep = sleep
+        self.deadline = time.monotonic() + settings.CAO_RECORD_RETRY_SECONDS
+        self.delay = 0.2
+
+    def wait_or_raise(self):
+        if time.monotonic() >= self.deadline:
+            logger.error("Giving up %s: database unavailable.", self.doing)
+            raise
+        logger.warning("Database unavailable while %s; retrying in %.1f s.", self.doing, self.delay, exc_info=True)
+        close_old_connections()
+        self.sleep(self.delay)
+        self.delay = min(self.delay * 2, 5.0)
 
 
 def _log_completed():

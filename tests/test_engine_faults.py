@@ -14,10 +14,12 @@ from asgiref.sync import async_to_sync
 from channels.layers import get_channel_layer
 from django.db import OperationalError, connection
 
-from jobs.models import Job, JobStatus, StepState
+from jobs.models import Job, JobStatus, StepAttempt, StepState
 from jobs.publisher import group_name
+from jobs.writes import ConditionalWrite
 from orchestration.dispatch import submit_job
 from orchestration.engine import Engine
+from orchestration.leases import get_limiter
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -97,6 +99,102 @@ def test_an_ambiguous_commit_of_a_result_still_sends_the_next_step_and_pushes_th
     async_to_sync(receive_pushes)()
     assert seqs >= {1, 2}
     assert Job.objects.get(pk=job.pk).last_event_seq == 2
+
+
+def subscribe(job):
+    layer = get_channel_layer()
+    channel = async_to_sync(layer.new_channel)()
+    async_to_sync(layer.group_add)(group_name(job.pk), channel)
+    return layer, channel
+
+
+def pushed_seqs(layer, channel, *, until):
+    """The event seqs pushed to ``channel``, read until they include ``until`` (10 s deadline)."""
+    seqs = set()
+
+    async def receive():
+        while not until <= seqs:
+            message = await asyncio.wait_for(layer.receive(channel), 10)
+            seqs.update(event["seq"] for event in message["events"])
+
+    async_to_sync(receive)()
+    return seqs
+
+
+def test_an_ambiguous_commit_of_a_claim_goes_on_with_the_call(
+    registry, simulator, write_that_raises_after_it_went_through
+):
+    # Given a job whose first step's message arrives, and a subscriber to its events
+    job, _ = submit_job(feature_name="business_plan", input_data={"topic": "tea"})
+    layer, channel = subscribe(job)
+
+    # When the write that claims the step raises although it went through
+    writes = write_that_raises_after_it_went_through(1)
+    claim = Engine(sleep=lambda seconds: None).run_step(job.pk, 0, job.step_token)
+
+    # Then the worker finds its claim stored and makes the call, once, instead
+    # of leaving a running step that nobody runs
+    assert claim is not None and writes[0] >= 2
+    assert simulator.stats("prompt_enhancer")["calls"] == 1
+    job.refresh_from_db()
+    assert (job.current_step_index, job.step_state, job.step_token) == (1, StepState.QUEUED, 2)
+    assert "step_0_prompt_enhancer" in job.context
+    assert list(StepAttempt.objects.filter(job=job).values_list("outcome", flat=True)) == ["SUCCEEDED"]
+    # ... the STEP_STARTED its commit would have pushed reaches live subscribers
+    assert pushed_seqs(layer, channel, until={1, 2}) >= {1, 2}
+    # ... and the slot is given back after the call
+    assert get_limiter().occupancy("prompt_enhancer").in_use == 0
+
+
+def test_an_ambiguous_commit_of_a_claim_under_the_row_lock_goes_on_with_the_call(
+    registry, simulator, write_that_raises_after_it_went_through, monkeypatch
+):
+    # Given a job whose row moves between the fast path's read and write, so
+    # the claim is decided under the row lock
+    job, _ = submit_job(feature_name="business_plan", input_data={"topic": "tea"})
+    real_execute = ConditionalWrite.execute
+    moved = []
+
+    def row_moved_once(self):
+        if not moved:
+            moved.append(True)
+            return False
+        return real_execute(self)
+
+    monkeypatch.setattr(ConditionalWrite, "execute", row_moved_once)
+
+    # When that transaction's commit raises although it went through
+    write_that_raises_after_it_went_through(1)
+    Engine(sleep=lambda seconds: None).run_step(job.pk, 0, job.step_token)
+
+    # Then the call is made once and its result stored
+    assert moved and simulator.stats("prompt_enhancer")["calls"] == 1
+    job.refresh_from_db()
+    assert (job.current_step_index, job.step_state, job.step_token) == (1, StepState.QUEUED, 2)
+    assert get_limiter().occupancy("prompt_enhancer").in_use == 0
+
+
+def test_a_claim_whose_write_never_happened_gives_its_slot_back_and_raises_for_a_retry(
+    registry, simulator, monkeypatch
+):
+    # Given a job whose first step's message arrives
+    job, _ = submit_job(feature_name="business_plan", input_data={"topic": "tea"})
+
+    # When the claim's write fails on the wire before PostgreSQL ran it
+    def refused(self):
+        raise OperationalError("server closed the connection unexpectedly")
+
+    monkeypatch.setattr(ConditionalWrite, "execute", refused)
+    with pytest.raises(OperationalError):
+        Engine(sleep=lambda seconds: None).run_step(job.pk, 0, job.step_token)
+
+    # Then nothing started: no call, the step still queued under its token
+    # (the message's retry claims it), and the slot free for others
+    assert simulator.stats("prompt_enhancer")["calls"] == 0
+    job.refresh_from_db()
+    assert (job.current_step_index, job.step_state, job.step_token) == (0, StepState.QUEUED, 1)
+    assert not StepAttempt.objects.filter(job=job).exists()
+    assert get_limiter().occupancy("prompt_enhancer").in_use == 0
 
 
 def test_a_late_result_under_a_superseded_token_is_discarded(registry, simulator):
