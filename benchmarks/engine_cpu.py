@@ -17,6 +17,7 @@ times each, and compare the CPU column.
 """
 
 import argparse
+import inspect
 import os
 import sys
 import time
@@ -83,11 +84,15 @@ def _run_jobs(engine, count):
     from jobs.models import Job
     from orchestration.dispatch import submit_job
 
+    # As the step actor calls it; a checkout from before messages named
+    # their service (an A/B baseline) takes three arguments.
+    named = "service" in inspect.signature(engine.run_step).parameters
     for _ in range(count):
         job, _ = submit_job(feature_name="business_plan", input_data={"business_name": "Acme Labs"})
         for _ in range(job.total_steps):
             job = Job.objects.get(pk=job.pk)
-            engine.run_step(job.id, job.current_step_index, job.step_token)
+            step = (job.id, job.current_step_index, job.step_token)
+            engine.run_step(*step, job.current_service) if named else engine.run_step(*step)
 
 
 @contextmanager

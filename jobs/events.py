@@ -34,20 +34,9 @@ def append_events(job, *events, now=None, writer=LOCKED):
     rows = []
     for spec in events:
         job.last_event_seq += 1
-        spec = dict(spec)
-        step_index = spec.pop("step_index")
-        payload = {
-            "type": str(spec.pop("type")),
-            "job_id": str(job.id),
-            "seq": job.last_event_seq,
-            "ts": now.isoformat(),
-            "total_steps": job.total_steps,
-            "message": spec.pop("message"),
-        }
-        if step_index is not None:
-            payload["step_index"] = step_index
-            payload["step_name"] = job.steps[step_index]
-        payload.update(spec)
+        payload = event_payload(
+            spec, job_id=job.id, seq=job.last_event_seq, now=now, total_steps=job.total_steps, steps=job.steps
+        )
         rows.append(
             JobEvent(job=job, seq=payload["seq"], type=payload["type"], payload=payload, created_at=now)
         )
@@ -55,6 +44,25 @@ def append_events(job, *events, now=None, writer=LOCKED):
     payloads = [row.payload for row in rows]
     writer.after_commit(publish, str(job.id), payloads)
     return payloads
+
+
+def event_payload(spec, *, job_id, seq, now, total_steps, steps):
+    """What is stored and pushed for the event ``spec`` (from ``event``): the one shape clients see."""
+    spec = dict(spec)
+    step_index = spec.pop("step_index")
+    payload = {
+        "type": str(spec.pop("type")),
+        "job_id": str(job_id),
+        "seq": seq,
+        "ts": now.isoformat(),
+        "total_steps": total_steps,
+        "message": spec.pop("message"),
+    }
+    if step_index is not None:
+        payload["step_index"] = step_index
+        payload["step_name"] = steps[step_index]
+    payload.update(spec)
+    return payload
 
 
 def publish(job_id, payloads):

@@ -10,11 +10,11 @@ send (``StepDispatch``) and the caller sends it after commit.
 from django.utils import timezone
 
 from common.metrics import JOBS_COMPLETED, JOBS_FAILED, STEP_RETRIES
-from jobs.events import CONTACT_SUPPORT, RETRY_AVAILABLE, append_events, event
+from jobs.events import CONTACT_SUPPORT, RETRY_AVAILABLE, append_events, event, event_payload
 from jobs.models import AttemptOutcome, EventType, JobStatus, StepAttempt, StepState, step_key
 from jobs.outcomes import RecordOutcome
 from jobs.state import current_step, next_token, save, set_status
-from jobs.writes import LOCKED
+from jobs.writes import ATTEMPT_PLACEHOLDER, LOCKED, UnreadClaim
 
 
 def step_is_current(job, *, step_index, token):
@@ -45,6 +45,37 @@ def step_park(*, job, position=None, writer=LOCKED):
     save(job, "step_state", writer=writer)
 
 
+def _started(step_index, service, attempt, max_attempts):
+    return event(
+        EventType.STEP_STARTED,
+        step_index=step_index,
+        message=f"Calling {service} (attempt {attempt} of {max_attempts}).",
+        attempt=attempt,
+        max_attempts=max_attempts,
+    )
+
+
+def step_claim_unread(step, *, max_attempts):
+    """``step_claim`` for a job that was not read: the one statement that starts the attempt.
+
+    For a step message that names its service, once its slot is taken. The
+    statement applies only if ``step`` (a ``StepDispatch``) is the job's
+    current step, queued or waiting under its token; it is the same
+    transition as ``step_claim``, with the attempt number and the event seq
+    computed from the row. Run ``execute()`` on the result: the job as the
+    claim left it, or None when the step is not claimable (read the job,
+    then decide as usual).
+    """
+    now = timezone.now()
+    # The attempt number is known only to the row: the statement writes it
+    # into the placeholders (ATTEMPT_PLACEHOLDER, seq and total_steps).
+    started = event_payload(
+        _started(step.step_index, step.service, ATTEMPT_PLACEHOLDER, max_attempts),
+        job_id=step.job_id, seq=0, now=now, total_steps=0, steps={step.step_index: step.service},
+    )
+    return UnreadClaim(step, now=now, started_event=started)
+
+
 def step_claim(*, job, max_attempts, writer=LOCKED):
     """Slot granted: the attempt starts. Returns the new StepAttempt."""
     now = timezone.now()
@@ -63,16 +94,7 @@ def step_claim(*, job, max_attempts, writer=LOCKED):
     )
     writer.create_attempt(attempt)
     append_events(
-        job,
-        event(
-            EventType.STEP_STARTED,
-            step_index=job.current_step_index,
-            message=f"Calling {job.current_service} (attempt {job.step_attempt} of {max_attempts}).",
-            attempt=job.step_attempt,
-            max_attempts=max_attempts,
-        ),
-        now=now,
-        writer=writer,
+        job, _started(job.current_step_index, job.current_service, job.step_attempt, max_attempts), now=now, writer=writer
     )
     save(job, "status", "step_state", "step_attempt", "step_started_at", "last_progress_at", writer=writer)
     return attempt

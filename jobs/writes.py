@@ -13,6 +13,10 @@ what it writes (job fields, an attempt row, event rows) to a writer:
   message, maintenance), nothing is written and the caller falls back to
   the locked path.
 
+- ``UnreadClaim`` is the engine's claim of a step message that names its
+  service, written without reading the job: one statement that starts the
+  attempt only if that step is the job's current, claimable one.
+
 Every change to a job bumps at least one of those four columns, so a
 conditional write can never overwrite a change it did not see, and event
 seqs computed from the row that was read stay gapless and unique.
@@ -22,12 +26,13 @@ events, sending messages, logging the outcome) goes to ``after_commit``.
 """
 
 import functools
+import json
 import re
 
 from django.db import connection, models
 
 from common.after_commit import after_commit
-from jobs.models import Job, JobEvent, StepAttempt
+from jobs.models import EventType, Job, JobEvent, JobStatus, StepAttempt, StepState
 
 
 class LockedWriter:
@@ -126,6 +131,96 @@ class ConditionalWrite:
         return "WITH " + ", ".join(ctes) + " SELECT 1 FROM job", params
 
 
+# In the event an unread claim writes, where the statement puts the attempt number.
+ATTEMPT_PLACEHOLDER = "{attempt}"
+
+
+class UnreadClaim:
+    """The claim of a step whose job was not read first, as one statement.
+
+    It applies only if the job's current step is ``step`` (a ``StepDispatch``:
+    job, index, token, service), queued or waiting, and the job pending or
+    running. Then it starts the attempt as ``jobs.steps.step_claim`` does: the
+    job RUNNING with its attempt count and event seq advanced (computed from
+    the row), the attempt row, and the STEP_STARTED event, whose payload is
+    ``started_event`` with the row's figures filled in. Run outside a
+    transaction, it commits by itself.
+    """
+
+    def __init__(self, step, *, now, started_event):
+        self.step = step
+        self.started_at = now
+        self.started_event = started_event
+
+    def execute(self):
+        """The job as the claim left it, or None when the step was not claimable.
+
+        The job carries ``claimed_from`` (the step state it was claimed
+        from), ``waiting_since`` (its updated_at before the claim) and
+        ``started_event`` (the payload written).
+        """
+        job = next(iter(Job.objects.raw(_unread_claim_sql(), self.params())), None)
+        if job is not None and isinstance(job.started_event, str):
+            job.started_event = json.loads(job.started_event)
+        return job
+
+    def params(self):
+        step, now = self.step, self.started_at
+        attempt = StepAttempt(step_index=step.step_index, service=step.service, attempt=0, token=0, started_at=now)
+        payload = JobEvent._meta.get_field("payload").get_db_prep_save(self.started_event, connection)
+        return [
+            str(step.job_id),
+            # SET
+            JobStatus.RUNNING, StepState.RUNNING, now, now, now,
+            # WHERE
+            step.step_index, step.token, StepState.QUEUED, StepState.WAITING, JobStatus.PENDING, JobStatus.RUNNING,
+            step.step_index, step.service,
+            # the attempt row's values that do not come from the job row
+            *(_db_value(field, attempt, add=True) for field in _insert_fields(StepAttempt) if field.name not in _FROM_JOB),
+            # the event row
+            EventType.STEP_STARTED, payload, self.started_event["message"], ATTEMPT_PLACEHOLDER, now,
+        ]
+
+
+# Columns of the attempt row an unread claim takes from the job row it updated.
+_FROM_JOB = {"job": "id", "step_index": "current_step_index", "attempt": "step_attempt", "token": "step_token"}
+
+
+@functools.cache
+def _unread_claim_sql():
+    table = _quote(Job._meta.db_table)
+    column = {name: _quote(_job_field(name).column) for name in (
+        "status", "step_state", "step_attempt", "step_started_at", "last_progress_at", "last_event_seq",
+        "updated_at", "current_step_index", "step_token", "steps",
+    )}
+    attempt_fields = _insert_fields(StepAttempt)
+    attempt_values = ", ".join(
+        f"job.{_quote(_FROM_JOB[field.name])}" if field.name in _FROM_JOB else f"%s::{_cast(field)}"
+        for field in attempt_fields
+    )
+    event = {name: _quote(JobEvent._meta.get_field(name).column) for name in ("job", "seq", "type", "payload", "created_at")}
+    return (
+        f"WITH before AS (SELECT id, {column['step_state']}, updated_at FROM {table} WHERE id = %s), "
+        f"job AS (UPDATE {table} AS j SET {column['status']} = %s, {column['step_state']} = %s, "
+        f"{column['step_attempt']} = j.{column['step_attempt']} + 1, {column['step_started_at']} = %s, "
+        f"{column['last_progress_at']} = %s, {column['last_event_seq']} = j.{column['last_event_seq']} + 1, "
+        f"{column['updated_at']} = %s "
+        f"FROM before WHERE j.id = before.id AND j.{column['current_step_index']} = %s "
+        f"AND j.{column['step_token']} = %s AND j.{column['step_state']} IN (%s, %s) "
+        f"AND j.{column['status']} IN (%s, %s) AND j.{column['steps']} ->> %s = %s "
+        f"RETURNING j.*, before.{column['step_state']} AS claimed_from, before.updated_at AS waiting_since), "
+        f"attempt_row AS (INSERT INTO {_quote(StepAttempt._meta.db_table)} "
+        f"({', '.join(_quote(field.column) for field in attempt_fields)}) SELECT {attempt_values} FROM job), "
+        f"event_row AS (INSERT INTO {_quote(JobEvent._meta.db_table)} "
+        f"({', '.join(event.values())}) SELECT job.id, job.{column['last_event_seq']}, %s, "
+        f"%s::jsonb || jsonb_build_object('seq', job.{column['last_event_seq']}, "
+        f"'attempt', job.{column['step_attempt']}, 'total_steps', jsonb_array_length(job.{column['steps']}), "
+        f"'message', replace(%s, %s, job.{column['step_attempt']}::text)), %s FROM job "
+        "RETURNING payload) "
+        "SELECT job.*, event_row.payload AS started_event FROM job, event_row"
+    )
+
+
 # The SQL of each shape is built once per process: building it from the
 # models' metadata cost more CPU than the rest of a write.
 
@@ -168,13 +263,17 @@ def _insert_sql(name, model, count):
     fields = _insert_fields(model)
     # Each value is cast to its column's type without the length: a value
     # too long for a varchar(n) then fails on insert instead of being cut.
-    placeholders = ", ".join(f"%s::{re.sub(r'[(].*[)]', '', field.db_type(connection))}" for field in fields)
+    placeholders = ", ".join(f"%s::{_cast(field)}" for field in fields)
     values = ", ".join(f"({placeholders})" for _ in range(count))
     columns = ", ".join(_quote(field.column) for field in fields)
     return (
         f"{name} AS (INSERT INTO {_quote(model._meta.db_table)} ({columns}) "
         f"SELECT * FROM (VALUES {values}) AS v WHERE EXISTS (SELECT 1 FROM job))"
     )
+
+
+def _cast(field):
+    return re.sub(r"[(].*[)]", "", field.db_type(connection))
 
 
 def _insert(name, model, rows, params):

@@ -24,8 +24,9 @@ def retry_when(retries, exception):
 
 
 def _declare_step_actor(queue):
-    def run_step(job_id, step_index, token):
-        _engine.run_step(job_id, step_index, token)
+    def run_step(job_id, step_index, token, service=None):
+        # Messages sent before they named their service have three arguments.
+        _engine.run_step(job_id, step_index, token, service)
 
     run_step.__name__ = step_actor_name(queue)
     return dramatiq.actor(

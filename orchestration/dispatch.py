@@ -37,6 +37,7 @@ def send_step(dispatch):
         job_id=dispatch.job_id,
         step_index=dispatch.step_index,
         token=dispatch.token,
+        service=dispatch.service,
         time_limit_s=step_time_limit_s(
             service.effective_timeout_s if service else settings.HTTP_READ_TIMEOUT_S,
             record_retry_s=settings.CAO_RECORD_RETRY_SECONDS,

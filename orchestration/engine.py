@@ -1,8 +1,9 @@
 """Run one step of a job: claim, call, record.
 
-    claim  (read the job, then one conditional statement): check the message
-           is current, take a slot of the service or park in its line, start
-           the attempt
+    claim  (one statement): take a slot of the message's service, then start
+           the attempt if the message's step is still current; with no free
+           slot, or a message that is not current, read the job first and
+           park in the service's line, or drop the message
     call   (no transaction): POST the envelope while the lease is renewed
     record (one conditional statement): store the output and advance, or
            schedule a retry, or fail the job; then release the slot
@@ -17,6 +18,7 @@ duplicates are safe.
 """
 
 import copy
+import dataclasses
 import logging
 import random
 import time
@@ -51,6 +53,8 @@ logger = logging.getLogger(__name__)
 
 # The fast path could not decide: decide again under the job's row lock.
 _DECIDE_LOCKED = object()
+# A claim without reading the job could not decide: read it, then decide.
+_READ_FIRST = object()
 
 
 @dataclass(frozen=True)
@@ -110,7 +114,7 @@ class Engine:
     def keeper(self):
         return self._keeper or get_keeper()
 
-    def run_step(self, job_id, step_index, token):
+    def run_step(self, job_id, step_index, token, service=None):
         """Handle one step message; returns the Claim when a call was made.
 
         Once a slot is taken, every way out of the call and record phases
@@ -118,7 +122,7 @@ class Engine:
         attempt as a typed failure instead of stranding the job and the slot.
         """
         with log_context(job_id=str(job_id), step_index=step_index):
-            claim = self.claim(job_id, step_index, token)
+            claim = self.claim(job_id, step_index, token, service)
             if claim is None:
                 return None
             # A green worker's connection serves other steps while this call waits.
@@ -147,21 +151,29 @@ class Engine:
 
     # --- claim -----------------------------------------------------------------
 
-    def claim(self, job_id, step_index, token):
+    def claim(self, job_id, step_index, token, service=None):
         """Start the attempt if the message is current and a slot is free.
 
-        The fast path reads the job without a lock and writes the claim (or
-        the park) in one conditional statement. Anything out of the ordinary
-        (a stale message, a missing service, a row that moved between the
-        read and the write) is decided again under the row lock; taking the
-        slot again there is harmless, as acquire is idempotent per lease.
+        A message that names its service is claimed without reading the
+        job: the slot is taken, then one statement starts the attempt if the
+        step is still the job's current one. Otherwise, and whenever that
+        statement does not apply (no free slot, a stale message), the job is
+        read without a lock and the claim (or the park) written in one
+        conditional statement. Anything out of the ordinary (a stale
+        message, a missing service, a row that moved between the read and
+        the write) is decided again under the row lock. Taking the slot
+        again on a later path is harmless: acquire is idempotent per lease.
         """
+        if service is not None:
+            claim = self._claim_unread(StepDispatch(job_id, step_index, token, service))
+            if claim is not _READ_FIRST:
+                return claim
         claim = self._claim_once(job_id, step_index, token, locked=False)
         if claim is _DECIDE_LOCKED:
-            claim = self._claim_once(job_id, step_index, token, locked=True)
+            claim = self._claim_once(job_id, step_index, token, locked=True, service=service)
         return claim
 
-    def _claim_once(self, job_id, step_index, token, *, locked):
+    def _claim_once(self, job_id, step_index, token, *, locked, service=None):
         granted = attempt = None
         try:
             with transaction.atomic() if locked else nullcontext():
@@ -169,7 +181,7 @@ class Engine:
                 if job is None or not job_steps.step_is_current(job, step_index=step_index, token=token):
                     if not locked:
                         return _DECIDE_LOCKED
-                    self._drop(job, job_id, step_index, token)
+                    self._drop(job, StepDispatch(job_id, step_index, token, service))
                     return None
                 service = service_live(job.current_service)
                 bind(service=job.current_service)
@@ -179,17 +191,7 @@ class Engine:
                     self._fail_unavailable(job)
                     return None
                 step = job_state.current_step(job)
-                member = lease_member(job.id, step_index, token)
-                self.keeper.ensure_alive()  # a slot's owner must be known to be alive
-                acquisition = self.limiter.acquire(
-                    service.name,
-                    member,
-                    limit=service.concurrency_limit,
-                    ttl_s=service.lease_ttl_s,
-                    payload=handoff_payload(step),
-                    census=lambda: [lease_member(*call) for call in job_selectors.calls_in_flight(service.name)],
-                    owner=self.keeper.owner,
-                )
+                acquisition = self._acquire(service, step)
                 if acquisition.handoffs:
                     after_commit(send_handoffs, acquisition.handoffs)
                 read_seq = job.last_event_seq
@@ -213,7 +215,7 @@ class Engine:
                 went_through = (
                     isinstance(exc, DATABASE_ERRORS)
                     and attempt is not None
-                    and self._claim_went_through(job, attempt, granted)
+                    and self._claim_went_through(job.id, step, attempt.started_at, service)
                 )
             finally:
                 if not went_through and granted is not None:
@@ -227,20 +229,73 @@ class Engine:
             logger.warning("The claim was stored although its commit raised; going on with the call.")
             self._republish(job, after=read_seq)
         bind(attempt=attempt.attempt)
-        envelope = build_envelope(job, attempt=attempt.attempt, now=attempt.started_at)
         if parked_since is not None:
             metrics.observe_slot_wait(service.name, (attempt.started_at - parked_since).total_seconds())
+        return self._started(job, step, service)
+
+    def _claim_unread(self, step):
+        """The claim of a message that names its service; _READ_FIRST when the job must be read to decide."""
+        service = service_live(step.service)
+        if service is None or not service.enabled:
+            return _READ_FIRST
+        bind(service=step.service)
+        acquisition = self._acquire(service, step)
+        if acquisition.handoffs:
+            send_handoffs(acquisition.handoffs)
+        if not acquisition.granted:
+            return _READ_FIRST  # parking needs the job's state: the read path re-acquires (same place) and parks
+        claim_write = job_steps.step_claim_unread(step, max_attempts=service.max_attempts)
+        try:
+            job = claim_write.execute()
+        except BaseException as exc:
+            went_through = False
+            try:
+                went_through = isinstance(exc, DATABASE_ERRORS) and self._claim_went_through(
+                    step.job_id, step, claim_write.started_at, service
+                )
+            finally:
+                if not went_through:
+                    self._release_quietly(step, service)
+            if not went_through:
+                raise
+            logger.warning("The claim was stored although its commit raised; going on with the call.")
+            job = job_state.read_job(step.job_id)
+            self._republish(job, after=job.last_event_seq - 1)
+        else:
+            if job is None:
+                # Not the job's claimable step (stale, a duplicate, cancelled):
+                # the read path decides, and frees what this took if it must.
+                return _READ_FIRST
+            publish(str(job.id), [job.started_event])
+        bind(attempt=job.step_attempt)
+        if getattr(job, "claimed_from", None) == StepState.WAITING:
+            metrics.observe_slot_wait(service.name, (claim_write.started_at - job.waiting_since).total_seconds())
+        return self._started(job, step, service)
+
+    def _acquire(self, service, step):
+        self.keeper.ensure_alive()  # a slot's owner must be known to be alive
+        return self.limiter.acquire(
+            service.name,
+            lease_member(step.job_id, step.step_index, step.token),
+            limit=service.concurrency_limit,
+            ttl_s=service.lease_ttl_s,
+            payload=handoff_payload(step),
+            census=lambda: [lease_member(*call) for call in job_selectors.calls_in_flight(service.name)],
+            owner=self.keeper.owner,
+        )
+
+    def _started(self, job, step, service):
         logger.info("Started the call to %s.", service.name)
         return Claim(
             step=step,
             service=service,
-            attempt=attempt.attempt,
-            envelope=envelope,
+            attempt=job.step_attempt,
+            envelope=build_envelope(job, attempt=job.step_attempt, now=job.step_started_at),
             claimed_seq=job.last_event_seq,
             job=job,
         )
 
-    def _claim_went_through(self, job, attempt, granted):
+    def _claim_went_through(self, job_id, step, started_at, service):
         """Whether the claim's write committed although it raised; asks until the database answers.
 
         The attempt row is unique per token and carries the claim's own
@@ -248,12 +303,11 @@ class Engine:
         another delivery of the message, started it. The slot is renewed
         meanwhile so that it is still held when the answer is yes.
         """
-        step, service = granted
         member = lease_member(step.job_id, step.step_index, step.token)
         retry = DatabaseRetry("checking whether the claim was stored", sleep=self.sleep)
         while True:
             try:
-                return job_selectors.attempt_running(job.id, token=attempt.token, started_at=attempt.started_at)
+                return job_selectors.attempt_running(job_id, token=step.token, started_at=started_at)
             except DATABASE_ERRORS:
                 retry.wait_or_raise()
                 self.limiter.renew(service.name, member, ttl_s=service.lease_ttl_s)
@@ -265,22 +319,25 @@ class Engine:
             # Stored all the same: subscribers get them on their next replay.
             logger.warning("Could not read back the events to push them.", exc_info=True)
 
-    def _drop(self, job, job_id, step_index, token):
+    def _drop(self, job, message):
+        """Drop a stale message (``StepDispatch``; its service may be unknown), freeing what it may hold."""
         logger.info(
             "Dropped a stale step message (token %s; job %s).",
-            token,
+            message.token,
             "missing" if job is None else f"{job.status}, step {job.current_step_index} token {job.step_token}",
         )
-        running_here = (
-            job is not None
-            and job.current_step_index == step_index
-            and job.step_token == token
-            and job.step_state == StepState.RUNNING
-        )
-        if job is not None and not running_here and step_index < job.total_steps:
-            # A stale message may still own a reservation or a place in line
-            # (e.g. the job was cancelled while parked): free it.
-            stale = StepDispatch(job.id, step_index, token, job.steps[step_index])
+        if job is None:
+            stale = message if message.service else None
+        elif (job.current_step_index, job.step_token, job.step_state) == (message.step_index, message.token, StepState.RUNNING):
+            stale = None  # a duplicate of the running attempt: its lease is that attempt's
+        elif message.step_index < job.total_steps:
+            stale = dataclasses.replace(message, service=job.steps[message.step_index])
+        else:
+            stale = None
+        if stale is not None:
+            # A stale message may still own a slot, a reservation or a place
+            # in line (taken by its own claim, or before the job was
+            # cancelled while parked): free it.
             after_commit(release_step, stale)
 
     def _fail_unavailable(self, job):

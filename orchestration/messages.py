@@ -12,8 +12,11 @@ def step_actor_name(queue):
     return f"run_step_{queue}"
 
 
-def step_message(*, queue, job_id, step_index, token, time_limit_s=None):
+def step_message(*, queue, job_id, step_index, token, service, time_limit_s=None):
     """The message that runs step ``step_index`` of ``job_id`` under ``token``.
+
+    It names the step's service, so a worker can take the slot and claim
+    the step without reading the job first (``Engine.claim``).
 
     ``time_limit_s`` bounds the whole message (claim, call, record): it is
     set per message from the service's own timeout, so a 600 s call is not
@@ -23,7 +26,7 @@ def step_message(*, queue, job_id, step_index, token, time_limit_s=None):
     return dramatiq.Message(
         queue_name=queue,
         actor_name=step_actor_name(queue),
-        args=(str(job_id), step_index, token),
+        args=(str(job_id), step_index, token, service),
         kwargs={},
         options=options,
     )

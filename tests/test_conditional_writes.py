@@ -12,6 +12,7 @@ from django.test.utils import CaptureQueriesContext
 from jobs import state as job_state
 from jobs import steps as job_steps
 from jobs.models import AttemptOutcome, Job, JobEvent, JobStatus, StepAttempt, StepState
+from jobs.outcomes import StepDispatch
 from jobs.writes import ConditionalWrite
 from orchestration.dispatch import cancel_job, submit_job
 from orchestration.engine import Engine
@@ -128,11 +129,18 @@ class RacingLimiter:
         return getattr(self.real, name)
 
 
-def test_a_cancel_between_taking_the_slot_and_writing_the_claim_gives_the_slot_back(registry, simulator):
+# A step message names its service (the claim takes the slot, then writes
+# without reading the job), or, as sent before it did, does not (the claim
+# reads the job first).
+PATHS = pytest.mark.parametrize("service", ["prompt_enhancer", None], ids=["named", "read-first"])
+
+
+@PATHS
+def test_a_cancel_between_taking_the_slot_and_writing_the_claim_gives_the_slot_back(registry, simulator, service):
     job, _ = submit_job(feature_name="business_plan", input_data={"topic": "tea"})
     limiter = RacingLimiter(lambda: cancel_job(job_id=job.pk, is_staff=True))
 
-    claim = Engine(limiter=limiter).run_step(job.pk, 0, 1)
+    claim = Engine(limiter=limiter).run_step(job.pk, 0, 1, service)
 
     assert claim is None and limiter.raced
     assert simulator.stats("prompt_enhancer")["calls"] == 0
@@ -142,7 +150,8 @@ def test_a_cancel_between_taking_the_slot_and_writing_the_claim_gives_the_slot_b
     assert events_of(job.pk) == [(1, "JOB_CANCELLED")]
 
 
-def test_a_duplicate_that_loses_the_claim_race_leaves_the_winners_slot_and_attempt_alone(registry, simulator):
+@PATHS
+def test_a_duplicate_that_loses_the_claim_race_leaves_the_winners_slot_and_attempt_alone(registry, simulator, service):
     # Given two deliveries of one step message: the winner claims the step
     # while the duplicate sits between taking the (same) slot and writing its claim
     job, _ = submit_job(feature_name="business_plan", input_data={"topic": "tea"})
@@ -151,7 +160,7 @@ def test_a_duplicate_that_loses_the_claim_race_leaves_the_winners_slot_and_attem
     limiter = RacingLimiter(lambda: claims.append(winner.claim(job.pk, 0, 1)))
 
     # When the duplicate goes on
-    duplicate = Engine(limiter=limiter).run_step(job.pk, 0, 1)
+    duplicate = Engine(limiter=limiter).run_step(job.pk, 0, 1, service)
 
     # Then it neither calls nor releases: the winner's attempt runs, holding the slot
     assert duplicate is None and claims[0] is not None
@@ -210,3 +219,107 @@ def test_a_claim_whose_row_moved_but_whose_step_is_still_current_claims_under_th
     assert (stored.current_step_index, stored.step_state, stored.step_token) == (1, StepState.QUEUED, 2)
     assert events_of(job.pk) == [(1, "WAITING_FOR_SLOT"), (2, "STEP_STARTED"), (3, "STEP_COMPLETED")]
     assert get_limiter().locate("prompt_enhancer", lease_member(job.pk, 0, 1)) is None
+
+
+# --- A claim named in the message, written without reading the job -----------------
+
+
+def _run_first_step(job):
+    engine = Engine()
+    engine.record(claim := engine.claim(job.pk, 0, 1), engine.call(claim))
+
+
+def _park_first_step(job):
+    from django.db import transaction
+
+    with transaction.atomic():
+        job_steps.step_park(job=job_state.lock_job(job.pk), position=0)
+
+
+CLAIMABLE = {
+    "the first step of a pending job": (None, 0, 1),
+    "a later step of a running job": (_run_first_step, 1, 2),
+    "a step waiting for a slot": (_park_first_step, 0, 1),
+}
+
+
+def _written(job_id):
+    """What a claim left in the database, without what differs between two jobs (ids, clocks)."""
+    job = Job.objects.get(pk=job_id)
+    attempts = [
+        (*row, finished is None, duration is None)
+        for *row, finished, duration in StepAttempt.objects.filter(job_id=job_id).order_by("token").values_list(
+            "step_index", "service", "attempt", "token", "outcome", "http_status", "error_code", "error_message",
+            "finished_at", "duration_ms",
+        )
+    ]
+    events = [
+        {key: value for key, value in payload.items() if key not in ("job_id", "ts")}
+        for payload in JobEvent.objects.filter(job_id=job_id).order_by("seq").values_list("payload", flat=True)
+    ]
+    state = (job.status, job.current_step_index, job.step_state, job.step_token, job.step_attempt, job.last_event_seq)
+    return state, attempts, events
+
+
+@pytest.mark.parametrize("case", CLAIMABLE)
+def test_a_claim_named_in_the_message_writes_exactly_what_the_read_path_writes(registry, simulator, settings, case):
+    settings.CAO_REGISTRY_CACHE_SECONDS = 60  # as in production: service rows are cached briefly
+    # Given two jobs in the same state
+    prepare, step_index, token = CLAIMABLE[case]
+    read_first, named = (submit_job(feature_name="business_plan", input_data={"topic": "tea"})[0] for _ in range(2))
+    for job in (read_first, named) if prepare else ():
+        prepare(job)
+    service = Job.objects.get(pk=named.pk).steps[step_index]
+    engine = Engine()
+
+    # When one is claimed after reading it, the other in one statement
+    by_read = engine.claim(read_first.pk, step_index, token)
+    with CaptureQueriesContext(connection) as queries:
+        by_name = engine.claim(named.pk, step_index, token, service)
+
+    # Then the second took one statement and wrote the same rows and events
+    assert [q["sql"].split()[0] for q in queries.captured_queries] == ["WITH"]
+    assert _written(named.pk) == _written(read_first.pk)
+    assert _written(named.pk)[0][2] == StepState.RUNNING
+    stored = Job.objects.get(pk=named.pk)
+    assert stored.step_started_at == stored.last_progress_at == StepAttempt.objects.get(job=named, token=token).started_at
+    # ... and hands the call and record phases the same claim
+    def handed_on(claim):
+        meta = {key: value for key, value in claim.envelope["meta"].items() if key not in ("job_id", "timestamp")}
+        payload = claim.envelope["payload"]
+        return claim.attempt, claim.claimed_seq, claim.step.service, meta, payload["params"], sorted(payload["context"])
+
+    assert handed_on(by_name) == handed_on(by_read)
+    assert by_name.envelope["payload"]["context"] == Job.objects.get(pk=named.pk).context
+    assert by_name.job.last_event_seq == by_name.claimed_seq and by_name.job.step_state == StepState.RUNNING
+
+
+def _cancel(job):
+    cancel_job(job_id=job.pk, is_staff=True)
+
+
+def _start(job):
+    Engine().claim(job.pk, 0, 1)
+
+
+NOT_CLAIMABLE = {
+    "a superseded token": (None, 0, 2, "prompt_enhancer"),
+    "another step": (None, 1, 1, "fast_chat_llm"),
+    "another service than the step's": (None, 0, 1, "email_notifier"),
+    "a step already running": (_start, 0, 1, "prompt_enhancer"),
+    "a cancelled job": (_cancel, 0, 1, "prompt_enhancer"),
+}
+
+
+@pytest.mark.parametrize("case", NOT_CLAIMABLE)
+def test_a_claim_named_in_the_message_writes_nothing_when_the_step_is_not_claimable(registry, simulator, case):
+    prepare, step_index, token, service = NOT_CLAIMABLE[case]
+    job, _ = submit_job(feature_name="business_plan", input_data={"topic": "tea"})
+    if prepare:
+        prepare(job)
+    before = _written(job.pk)
+
+    claimed = job_steps.step_claim_unread(StepDispatch(job.pk, step_index, token, service), max_attempts=5).execute()
+
+    assert claimed is None
+    assert _written(job.pk) == before

@@ -7,6 +7,7 @@ import dramatiq
 import pytest
 
 from jobs.models import AttemptOutcome, Job, JobEvent, JobStatus, StepAttempt
+from orchestration.leases import get_limiter
 from orchestration.messages import step_message
 from services_registry.models import RecipeStep, Service
 from tests.gate import GatedService
@@ -203,7 +204,9 @@ def test_a_duplicated_step_message_calls_the_downstream_once_and_keeps_the_runni
     assert get_limiter().locate("prompt_enhancer", lease) == "holder"
 
     # When the broker redelivers (or maintenance re-sends) the very same message, and it is handled
-    duplicate = dramatiq.get_broker().enqueue(step_message(queue="default", job_id=job_id, step_index=0, token=1))
+    duplicate = dramatiq.get_broker().enqueue(
+        step_message(queue="default", job_id=job_id, step_index=0, token=1, service="prompt_enhancer")
+    )
     wait(lambda: duplicate.message_id in processed.ids, message="the duplicate to be handled")
 
     # Then the running call still holds its lease: the duplicate neither called nor released anything
@@ -223,11 +226,13 @@ def test_messages_for_cancelled_or_completed_jobs_do_nothing(api, registry, simu
     broker = dramatiq.get_broker()
 
     for job_id, token in ((done, 1), (done, 5), (cancelled, 1), (str(uuid.uuid4()), 1)):
-        broker.enqueue(step_message(queue="default", job_id=job_id, step_index=0, token=token))
+        broker.enqueue(step_message(queue="default", job_id=job_id, step_index=0, token=token, service="prompt_enhancer"))
     broker.join("default", timeout=10_000)
     worker.join()
 
     assert sum(stats["calls"] for stats in simulator.stats().values()) == 0
+    # ... and the slots those messages took before finding out are free again
+    assert get_limiter().occupancy("prompt_enhancer").in_use == 0
     assert Job.objects.get(pk=done).status == JobStatus.COMPLETED
     assert Job.objects.get(pk=cancelled).status == JobStatus.CANCELLED
 

@@ -16,7 +16,7 @@ from django.db import OperationalError, connection
 
 from jobs.models import Job, JobStatus, StepAttempt, StepState
 from jobs.publisher import group_name
-from jobs.writes import ConditionalWrite
+from jobs.writes import ConditionalWrite, UnreadClaim
 from orchestration.dispatch import submit_job
 from orchestration.engine import Engine
 from orchestration.leases import get_limiter
@@ -121,8 +121,14 @@ def pushed_seqs(layer, channel, *, until):
     return seqs
 
 
+# The claim of a message naming its service (one statement, the job not
+# read), or of one that does not (read first, then a conditional statement).
+PATHS = pytest.mark.parametrize("service", ["prompt_enhancer", None], ids=["named", "read-first"])
+
+
+@PATHS
 def test_an_ambiguous_commit_of_a_claim_goes_on_with_the_call(
-    registry, simulator, write_that_raises_after_it_went_through
+    registry, simulator, write_that_raises_after_it_went_through, service
 ):
     # Given a job whose first step's message arrives, and a subscriber to its events
     job, _ = submit_job(feature_name="business_plan", input_data={"topic": "tea"})
@@ -130,7 +136,7 @@ def test_an_ambiguous_commit_of_a_claim_goes_on_with_the_call(
 
     # When the write that claims the step raises although it went through
     writes = write_that_raises_after_it_went_through(1)
-    claim = Engine(sleep=lambda seconds: None).run_step(job.pk, 0, job.step_token)
+    claim = Engine(sleep=lambda seconds: None).run_step(job.pk, 0, job.step_token, service)
 
     # Then the worker finds its claim stored and makes the call, once, instead
     # of leaving a running step that nobody runs
@@ -174,8 +180,9 @@ def test_an_ambiguous_commit_of_a_claim_under_the_row_lock_goes_on_with_the_call
     assert get_limiter().occupancy("prompt_enhancer").in_use == 0
 
 
+@PATHS
 def test_a_claim_whose_write_never_happened_gives_its_slot_back_and_raises_for_a_retry(
-    registry, simulator, monkeypatch
+    registry, simulator, monkeypatch, service
 ):
     # Given a job whose first step's message arrives
     job, _ = submit_job(feature_name="business_plan", input_data={"topic": "tea"})
@@ -184,9 +191,9 @@ def test_a_claim_whose_write_never_happened_gives_its_slot_back_and_raises_for_a
     def refused(self):
         raise OperationalError("server closed the connection unexpectedly")
 
-    monkeypatch.setattr(ConditionalWrite, "execute", refused)
+    monkeypatch.setattr(UnreadClaim if service else ConditionalWrite, "execute", refused)
     with pytest.raises(OperationalError):
-        Engine(sleep=lambda seconds: None).run_step(job.pk, 0, job.step_token)
+        Engine(sleep=lambda seconds: None).run_step(job.pk, 0, job.step_token, service)
 
     # Then nothing started: no call, the step still queued under its token
     # (the message's retry claims it), and the slot free for others

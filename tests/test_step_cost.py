@@ -43,20 +43,22 @@ def test_one_step_costs_a_fixed_number_of_statements_and_round_trips(registry, s
     settings.CAO_REGISTRY_CACHE_SECONDS = 60  # as in production: service rows are cached briefly
     job, _ = submit_job(feature_name="business_plan", input_data={"topic": "tea"})
     engine = Engine()
-    engine.run_step(job.pk, 0, 1)  # warm caches and connections
+    # As the step actor calls it: the message names the step's service
+    engine.run_step(job.pk, 0, 1, "prompt_enhancer")  # warm caches and connections
 
     job, _ = submit_job(feature_name="business_plan", input_data={"topic": "tea"})
     counted_redis.sent = 0
     with CaptureQueriesContext(connection) as queries:
-        engine.run_step(job.pk, 0, 1)
+        engine.run_step(job.pk, 0, 1, "prompt_enhancer")
 
     statements = [q["sql"].split()[0] for q in queries.captured_queries]
     print(f"\none middle step: {len(statements)} SQL statements {statements}, {counted_redis.sent} Redis round trips")
     assert Job.objects.get(pk=job.pk).current_step_index == 1
     assert Job.objects.get(pk=job.pk).status == JobStatus.RUNNING
-    # claim: read the job; one statement updates it if unchanged, inserts the attempt and the event
+    # claim: once the slot is taken, one statement starts the attempt if the step is current
+    # (updates the job, inserts the attempt and the event) and returns the job
     # record: one statement updates the job if unchanged, finishes the attempt, inserts the event
-    assert statements == ["SELECT", "WITH", "WITH"]
+    assert statements == ["WITH", "WITH"]
     # acquire, release, enqueue the next step, wake its queue's consumers and mark it as sent
     assert counted_redis.sent == 4
 
