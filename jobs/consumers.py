@@ -1,9 +1,9 @@
 """``/ws/<job_id>``: a job's events, replayed from the log and then live.
 
 On connect: authenticate (the monitor token of that job, or a staff session
-from an allowed origin), join the job's group, send ``WS_CONNECTED`` with a
-snapshot, replay stored events after ``?after=<seq>``, then forward live
-ones. What makes every seq arrive exactly once, in order (joining before
+from an allowed origin), send ``WS_CONNECTED`` with a snapshot, join the
+job's group and replay stored events after ``?after=<seq>``, then forward
+live ones. What makes every seq arrive exactly once, in order (joining before
 reading the log, dropping duplicates, filling gaps, resyncing, outlasting
 channel-layer errors) is ``jobs.follow``, shared with the SSE stream; this
 consumer only authenticates, frames and sends.
@@ -86,7 +86,6 @@ class JobProgressConsumer(AsyncJsonWebsocketConsumer):
             return
         self.job_id = str(job.id)
         follower = EventFollower(self.job_id, after=after, inbox=self.inbox)
-        await follower.join()
         await self.send_json(
             {
                 "type": "WS_CONNECTED",
@@ -100,7 +99,7 @@ class JobProgressConsumer(AsyncJsonWebsocketConsumer):
                 "replay_after": after,
             }
         )
-        await self._forward(follower.catch_up())
+        await self._forward(follower.replay())
         # Set once the replay is sent: pushes and ticks wait for it.
         self.follower = follower
 

@@ -120,8 +120,11 @@ class EventFollower:
         self.read_events = read_events or database_sync_to_async(selectors.job_events)
 
     async def join(self):
-        """Join the job's group: before the first read of the log, so no event falls in between."""
         return await self.inbox.join(self.group)
+
+    def replay(self):
+        """The first read: join the group, *then* read the log, so no event can fall between the two."""
+        return self.resync(rejoin=True)
 
     async def catch_up(self, *, through=None):
         """Events from the log beyond ``last_seq`` (up to ``through``), read in batches; DatabaseError propagates."""

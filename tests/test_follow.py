@@ -1,0 +1,163 @@
+"""``jobs.follow``: every seq once, in order, from pushes and the log; the channel layer's outages outlasted.
+
+Real PostgreSQL for the log, real Redis for the channel layer. What the
+WebSocket and the SSE stream do with it is in test_websocket*.py and
+test_sse.py.
+"""
+
+import asyncio
+
+import pytest
+from asgiref.sync import async_to_sync
+from channels.db import database_sync_to_async
+from channels.layers import get_channel_layer
+from channels_redis.core import RedisChannelLayer
+
+from jobs import selectors
+from jobs.follow import REPLAY_BATCH, EventFollower, PushInbox
+from jobs.publisher import group_name
+from tests.test_websocket import fake_events, in_thread, new_job
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+async def collect(events):
+    return [event async for event in events]
+
+
+def seqs(events):
+    return [event["seq"] for event in events]
+
+
+async def follower_of(job, *, after=0, **kwargs):
+    layer = get_channel_layer()
+    return EventFollower(job.pk, after=after, inbox=PushInbox(layer, await layer.new_channel()), **kwargs)
+
+
+def test_a_push_after_a_gap_brings_the_missing_events_from_the_log_first(registry):
+    # Given a follower that has delivered nothing, and three events in the log
+    job = new_job(registry)
+    payloads = fake_events(job, 3, publish=False)
+
+    async def scenario():
+        follower = await follower_of(job)
+        # When only the third one's push arrives (the first two were lost)
+        return await collect(follower.pushed([payloads[2]])), follower.last_seq
+
+    delivered, last_seq = async_to_sync(scenario)()
+
+    # Then 1 and 2 come from the log before 3
+    assert seqs(delivered) == [1, 2, 3] and last_seq == 3
+
+
+def test_a_push_already_delivered_is_dropped(registry):
+    job = new_job(registry)
+    payloads = fake_events(job, 2, publish=False)
+
+    async def scenario():
+        follower = await follower_of(job)
+        replayed = await collect(follower.replay())
+        # The same events pushed again (a retried push), then one pushed twice in one message
+        again = await collect(follower.pushed(payloads))
+        more = await in_thread(fake_events, job, 1, publish=False)
+        twice = await collect(follower.pushed(more + more))
+        return replayed, again, twice
+
+    replayed, again, twice = async_to_sync(scenario)()
+
+    assert seqs(replayed) == [1, 2] and again == [] and seqs(twice) == [3]
+
+
+def test_a_push_beyond_what_the_log_holds_waits_for_a_resync_instead_of_skipping_the_gap(registry):
+    job = new_job(registry)
+    ahead = {"type": "STEP_STARTED", "job_id": str(job.pk), "seq": 3}
+
+    async def scenario():
+        follower = await follower_of(job)
+        return await collect(follower.pushed([ahead])), follower.last_seq
+
+    assert async_to_sync(scenario)() == ([], 0)
+
+
+def test_the_replay_reads_the_log_in_batches_to_its_end(registry):
+    job = new_job(registry)
+    fake_events(job, REPLAY_BATCH + 2, publish=False)
+
+    async def scenario():
+        follower = await follower_of(job, after=1)
+        return await collect(follower.replay())
+
+    assert seqs(async_to_sync(scenario)()) == list(range(2, REPLAY_BATCH + 3))
+
+
+def test_the_replay_joins_the_group_before_it_reads_the_log(registry, redis_db):
+    # Given a log read that notes whether the follower was a member of the job's group by then
+    job = new_job(registry)
+    fake_events(job, 1, publish=False)
+    layer = get_channel_layer()
+    members_at_first_read = []
+
+    async def read_events(job_id, **kwargs):
+        if not members_at_first_read:
+            members_at_first_read.append(await in_thread(redis_db.zcard, f"{layer.prefix}:group:{group_name(job_id)}"))
+        return await database_sync_to_async(selectors.job_events)(job_id, **kwargs)
+
+    async def scenario():
+        follower = await follower_of(job, read_events=read_events)
+        return await collect(follower.replay())
+
+    assert seqs(async_to_sync(scenario)()) == [1]
+    assert members_at_first_read == [1]
+
+
+def test_a_resync_delivers_what_was_committed_but_never_pushed(registry):
+    job = new_job(registry)
+
+    async def scenario():
+        follower = await follower_of(job)
+        first = await collect(follower.replay())
+        await in_thread(fake_events, job, 2, publish=False)
+        return first, await collect(follower.resync())
+
+    first, resynced = async_to_sync(scenario)()
+
+    assert first == [] and seqs(resynced) == [1, 2]
+
+
+def test_the_final_events_mark_the_follower_finished(registry):
+    job = new_job(registry)
+
+    async def scenario():
+        follower = await follower_of(job)
+        before = follower.finished
+        final = {"type": "JOB_COMPLETED", "job_id": str(job.pk), "seq": 1}
+        await collect(follower.pushed([final]))
+        return before, follower.finished
+
+    assert async_to_sync(scenario)() == (False, True)
+
+
+@pytest.mark.timeout(60)
+def test_the_inbox_waits_out_a_channel_layer_outage_and_receives_again(private_redis):
+    # Given an inbox on a channel layer whose Redis is down
+    layer = RedisChannelLayer(hosts=[private_redis.url(0)], prefix="follow-test")
+    private_redis.stop(kill=True)
+
+    async def scenario():
+        inbox = PushInbox(layer, await layer.new_channel(), retry_s=(0.05,))
+        receiving = asyncio.ensure_future(inbox.receive())
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 20
+        while inbox.failures < 2:  # it tried, failed, and tried again
+            assert loop.time() < deadline, "the inbox never tried to receive"
+            assert not receiving.done(), receiving
+            await asyncio.sleep(0.02)
+        # When Redis is back and a message is sent to the channel
+        await asyncio.to_thread(private_redis.start)
+        await layer.send(inbox.channel_name, {"type": "job.events", "events": []})
+        message = await asyncio.wait_for(receiving, 20)
+        await layer.flush()
+        return message, inbox.failures
+
+    # Then the receive that was waiting returns it, and the inbox counts no failure any more
+    assert async_to_sync(scenario)() == ({"type": "job.events", "events": []}, 0)
