@@ -1,15 +1,20 @@
 """ASGI entry point: HTTP through Django on a fixed thread pool, WebSocket through Channels.
 
-Every view is synchronous. Served by Django's ASGI handler, each request
-would run in a thread made for it (asgiref's ThreadSensitiveContext), paying
-for the thread and, worse, for a new PostgreSQL connection per request, as
-persistent connections cannot outlive their thread. Through a2wsgi the WSGI
-handler runs on a fixed pool of threads, each keeping its connection.
-Before it, header names with underscores are dropped (they would alias
-hyphenated ones in the WSGI environ) and bodies are bounded.
+Every view but the event streams is synchronous. Served by Django's ASGI
+handler, each request would run in a thread made for it (asgiref's
+ThreadSensitiveContext), paying for the thread and, worse, for a new
+PostgreSQL connection per request, as persistent connections cannot outlive
+their thread. Through a2wsgi the WSGI handler runs on a fixed pool of
+threads, each keeping its connection. The event streams (``STREAM_PATHS``,
+async views that stay open while a job runs) go to Django's ASGI handler
+instead, without a thread per request, so a waiting stream holds neither a
+thread nor a connection (``common.asgi_streams``). Before both, header names
+with underscores are dropped (they would alias hyphenated ones in the WSGI
+environ) and bodies are bounded.
 """
 
 import os
+import re
 
 from a2wsgi import WSGIMiddleware
 from django.core.wsgi import get_wsgi_application
@@ -27,6 +32,7 @@ from django.conf import settings  # noqa: E402
 from common.backends import require_backends  # noqa: E402
 from common.asgi_body_limit import RequestBodyLimit  # noqa: E402
 from common.asgi_headers import DropUnderscoreHeaders  # noqa: E402
+from common.asgi_streams import StreamingASGIHandler, StreamRouter  # noqa: E402
 from common.logs import SERVER_LOGGERS, redact_loggers  # noqa: E402
 from jobs.routing import websocket_urlpatterns  # noqa: E402
 
@@ -37,10 +43,19 @@ redact_loggers(*SERVER_LOGGERS)
 if settings.CAO_CHECK_BACKENDS_ON_START:
     require_backends()
 
+# The paths of the async views (cao_project.urls): GET /api/v1/jobs/<id>/stream.
+STREAM_PATHS = re.compile(r"/api/v1/jobs/[^/]+/stream")
+
 application = ProtocolTypeRouter(
     {
         "http": DropUnderscoreHeaders(
-            RequestBodyLimit(WSGIMiddleware(django_application, workers=settings.CAO_HTTP_THREADS))
+            RequestBodyLimit(
+                StreamRouter(
+                    WSGIMiddleware(django_application, workers=settings.CAO_HTTP_THREADS),
+                    streams=StreamingASGIHandler(),
+                    paths=STREAM_PATHS,
+                )
+            )
         ),
         # Sessions let staff watch jobs from the web pages; API clients use
         # the monitor token in monitor_url instead (checked by the consumer).

@@ -309,9 +309,13 @@ SANITY_CHECK_INTERVAL_SECONDS = env_float("SANITY_CHECK_INTERVAL_SECONDS", 60.0)
 # Lets requests without an API key in (as one shared anonymous client). For
 # local development only; off by default.
 CAO_ALLOW_ANONYMOUS = env_bool("CAO_ALLOW_ANONYMOUS", False)
-# An open WebSocket re-reads its job's event log this often while the job is
-# active (pushes are the fast path; this recovers a lost one). 0 turns it off.
+# An open WebSocket or event stream re-reads its job's event log this often
+# while the job is active (pushes are the fast path; this recovers a lost
+# one). 0 turns it off.
 CAO_WS_RESYNC_SECONDS = env_float("CAO_WS_RESYNC_SECONDS", 5.0)
+# An event stream (GET /api/v1/jobs/<id>/stream) silent this long sends a
+# comment line, so proxies keep it open and clients see it alive. 0: never.
+CAO_SSE_KEEPALIVE_SECONDS = env_float("CAO_SSE_KEEPALIVE_SECONDS", 15.0)
 # Lifetime of the signed token in monitor_url.
 CAO_MONITOR_TOKEN_MAX_AGE_S = env_int("CAO_MONITOR_TOKEN_MAX_AGE_S", 24 * 3600)
 # Request limits. Bodies over CAO_MAX_BODY_BYTES get 413; input_data is
@@ -407,6 +411,9 @@ SPECTACULAR_SETTINGS = {
     "REDOC_DIST": "SIDECAR",
     "POSTPROCESSING_HOOKS": [
         "drf_spectacular.hooks.postprocess_schema_enums",
+        # The event stream is an async view the generator cannot see; before
+        # the error responses, which then add the statuses it shares.
+        "jobs.stream_schema.add_job_stream",
         "common.openapi.add_error_responses",
     ],
 }
