@@ -6,8 +6,12 @@ the test), and every other wait is on a condition with one.
 """
 
 import json
+import os
+import re
 import socket
+import subprocess
 import threading
+from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
 import pytest
@@ -38,6 +42,7 @@ pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.slow]
 READ_TIMEOUT_S = 10
 RETRY_FRAME = "retry: 3000\n\n"
 KEEP_ALIVE_FRAME = ": keep-alive\n\n"
+README = Path(__file__).resolve().parent.parent / "README.md"
 
 
 class Frame:
@@ -675,3 +680,37 @@ def test_the_openapi_schema_documents_the_stream():
     for status in ("400", "401", "404"):
         error = operation["responses"][status]["content"]["application/json"]["schema"]
         assert error == {"$ref": "#/components/schemas/Error"}
+
+
+# --- The README's examples, as written -----------------------------------------------------------
+
+
+def readme_blocks(section, language):
+    """The ``language`` code blocks of the README section titled ``section``, in order."""
+    text = README.read_text().split(f"\n### {section}\n", 1)[1]
+    body = re.split(r"\n##+ ", text, maxsplit=1)[0]
+    return re.findall(rf"```{language}\n(.*?)```", body, re.S)
+
+
+def run_readme_command(command, server, **env):
+    """A README command run by bash against ``server`` instead of 127.0.0.1:8000; its output's frames."""
+    command = command.replace("http://127.0.0.1:8000", server.base_url)
+    done = subprocess.run(
+        ["bash", "-c", command], env={**os.environ, **env}, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    return [Frame(raw + "\n\n") for raw in done.stdout.split("\n\n") if raw]
+
+
+def test_the_readme_curl_commands_work_as_written(finished_job, asgi_server, client_key):
+    follow, resume = readme_blocks("Watch it live (Server-Sent Events)", "bash")
+    env = {"JOB": str(finished_job.pk), "CAO_KEY": client_key.raw_key}
+
+    followed = run_readme_command(follow, asgi_server, **env)
+    resumed = run_readme_command(resume, asgi_server, **env)
+
+    last = finished_job.last_event_seq
+    assert followed[0].raw == RETRY_FRAME and resumed[0].raw == RETRY_FRAME
+    assert [int(frame.fields["id"]) for frame in followed[1:]] == list(range(1, last + 1))
+    assert [int(frame.fields["id"]) for frame in resumed[1:]] == list(range(4, last + 1))
+    assert followed[-1].fields["event"] == "JOB_COMPLETED"
