@@ -9,18 +9,15 @@ stop reconnecting. Following the job (join before reading the log, no
 duplicates, gaps filled, resync, channel-layer errors outlasted) is
 ``jobs.follow``'s, as for the WebSocket.
 
-Who may open a stream, and every refusal, is answered by a DRF view of the
-job API's own making (``JobStreamGate``: its authentication, permission,
-throttle and error handler), run before the stream starts; it also takes a
-monitor token in ``?token=``, as a browser's EventSource cannot send
-headers. The stream itself is an async view served by Django's ASGI handler
+Who may open a stream, where it resumes, and every refusal are answered
+first by ``jobs.stream_gate`` (a DRF view made like the job API's). The
+stream itself is an async view served by Django's ASGI handler
 (``cao_project.asgi``): while it waits it holds neither a thread nor a
 database connection.
 """
 
 import asyncio
 import json
-import re
 from contextlib import aclosing
 
 from channels.db import database_sync_to_async
@@ -29,129 +26,21 @@ from django.conf import settings
 from django.db import DatabaseError
 from django.http import StreamingHttpResponse
 from django.views.decorators.csrf import csrf_exempt
-from rest_framework import authentication, exceptions
-from rest_framework.authentication import SessionAuthentication
-from rest_framework.negotiation import BaseContentNegotiation
-from rest_framework.response import Response
-from rest_framework.views import APIView
 
-from api_keys.authentication import ApiKeyAuthentication, IsApiClient, caller_scope
-from api_keys.throttling import ClientRateThrottle
-from common.errors import InvalidInput
-from jobs import selectors
 from jobs.follow import EventFollower, PushInbox, resync_interval
-from jobs.monitor import token_allows
-from jobs.permissions import READ_JOBS
-from jobs.stream_end import ends_stream, finishing_seq
+from jobs.stream_end import ends_stream
+from jobs.stream_gate import JobStreamGate
 
 CONTENT_TYPE = "text/event-stream"
 HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 # How long an EventSource waits before reconnecting after the connection drops.
 RETRY_MS = 3000
 KEEP_ALIVE = ": keep-alive\n\n"
-# Seqs are PostgreSQL integers.
-MAX_SEQ = 2**31 - 1
-SEQ = re.compile(r"[0-9]{1,10}")
 
 
 def event_frame(event):
     """One event as the stream sends it; ``data`` is the JSON the WebSocket sends (one line: JSON escapes newlines)."""
     return f"id: {event['seq']}\nevent: {event['type']}\ndata: {json.dumps(event)}\n\n"
-
-
-def resume_point(request):
-    """The seq the stream resumes after: ``Last-Event-ID`` if sent, else ``?after``, else 0."""
-    # An EventSource whose last id is empty sends no header; an empty one means the same.
-    header = request.headers.get("Last-Event-ID", "")
-    if header:
-        return _seq("Last-Event-ID", header)
-    if "after" in request.query_params:
-        return _seq("after", request.query_params["after"])
-    return 0
-
-
-def _seq(name, value):
-    if not SEQ.fullmatch(value) or int(value) > MAX_SEQ:
-        raise InvalidInput(
-            f"{name} must be the seq of an event: a whole number from 0 to {MAX_SEQ}.", details={name: "invalid"}
-        )
-    return int(value)
-
-
-class JobWatcher:
-    """Whoever holds a valid monitor token of one job: they may watch that job, nothing else."""
-
-    is_authenticated = True
-
-    def __init__(self, job_id):
-        self.job_id = job_id
-
-
-class MonitorTokenAuthentication(authentication.BaseAuthentication):
-    """``?token=<monitor token>`` (``jobs.monitor``) for the job in the URL; a bad one is refused, not ignored."""
-
-    def authenticate(self, request):
-        token = request.query_params.get("token")
-        if token is None:
-            return None
-        job_id = request.parser_context["kwargs"]["job_id"]
-        if not token_allows(token, job_id):
-            raise exceptions.AuthenticationFailed("Invalid or expired monitor token, or a token for another job.")
-        return JobWatcher(job_id), token
-
-
-class WatcherOrApiClient(IsApiClient):
-    """A monitor token's holder, or whoever the job API lets in (with its messages)."""
-
-    def has_permission(self, request, view):
-        return isinstance(request.user, JobWatcher) or super().has_permission(request, view)
-
-
-class StreamThrottle(ClientRateThrottle):
-    """The client budget of the job API; a token holder, who has no key of its own here, is counted by address."""
-
-    def client_ident(self, request):
-        if isinstance(request.user, JobWatcher):
-            return f"ip:{self.get_ident(request)}"
-        return super().client_ident(request)
-
-
-class AlwaysJson(BaseContentNegotiation):
-    """The gate's own answers (refusals) are JSON whatever ``Accept`` says: it asks for the stream, not for them."""
-
-    def select_parser(self, request, parsers):
-        return parsers[0] if parsers else None
-
-    def select_renderer(self, request, renderers, format_suffix=None):
-        return renderers[0], renderers[0].media_type
-
-
-class JobStreamGate(APIView):
-    """Whether and where a stream may start: 200 with ``{job_id, after}``, 204 when nothing is left, or an error.
-
-    Not routed: ``job_event_stream`` runs it first, in Django's database thread.
-    """
-
-    # The job API's, with a token before the session: a credential the
-    # client chose to send counts before the cookie a browser sends anyway.
-    authentication_classes = [ApiKeyAuthentication, MonitorTokenAuthentication, SessionAuthentication]
-    permission_classes = [WatcherOrApiClient]
-    throttle_classes = [StreamThrottle]
-    content_negotiation_class = AlwaysJson
-    session_permissions = {"GET": READ_JOBS}
-    http_method_names = ["get", "options"]
-
-    def get(self, request, job_id):
-        after = resume_point(request)
-        if isinstance(request.user, JobWatcher):
-            owner, is_staff = None, True  # the token names this very job
-        else:
-            owner, is_staff = caller_scope(request)
-        job = selectors.job_get(job_id, owner=owner, is_staff=is_staff)
-        end = finishing_seq(job)
-        if end is not None and after >= end:
-            return Response(status=204)
-        return Response({"job_id": str(job.id), "after": after})
 
 
 _gate = JobStreamGate.as_view()

@@ -9,7 +9,8 @@ shares (403, 429) without replacing the ones described here.
 
 import copy
 
-from jobs.sse import MAX_SEQ, RETRY_MS
+from jobs.sse import RETRY_MS
+from jobs.stream_gate import MAX_SEQ
 
 PATH = "/api/v1/jobs/{job_id}/stream"
 # The operation is listed right after this one.
