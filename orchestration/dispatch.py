@@ -17,7 +17,7 @@ from jobs.state import current_step
 from jobs.errors import ForceNotAllowed, JobNotFound
 from jobs.selectors import parse_job_id, visible_jobs
 from orchestration.broker import NotifyingRedisBroker
-from orchestration.leases import get_limiter, lease_member, parse_handoff
+from orchestration.leases import get_limiter, parse_handoff, step_member
 from orchestration.messages import step_message, step_time_limit_s
 from services_registry.selectors import service_live
 
@@ -90,7 +90,7 @@ def release_step(step, *, limit=None):
     if limit is None:
         service = service_live(step.service)
         limit = service.concurrency_limit if service else 0
-    member = lease_member(step.job_id, step.step_index, step.token)
+    member = step_member(step)
     send_handoffs(get_limiter().release(step.service, member, limit=limit))
 
 

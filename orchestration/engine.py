@@ -44,7 +44,7 @@ from orchestration.errors import failure_from
 from jobs.writes import LOCKED, ConditionalWrite
 from orchestration.dispatch import release_step, send_after_commit, send_handoffs, send_step
 from orchestration.http_client import ServiceClient
-from orchestration.leases import get_keeper, get_limiter, handoff_payload, lease_member
+from orchestration.leases import get_keeper, get_limiter, handoff_payload, lease_member, step_member
 from orchestration.retry import retry_delay
 from services_registry.selectors import service_live
 
@@ -74,7 +74,7 @@ class Claim:
 
     @property
     def member(self):
-        return lease_member(self.step.job_id, self.step.step_index, self.step.token)
+        return step_member(self.step)
 
     @property
     def idempotency_key(self):
@@ -276,7 +276,7 @@ class Engine:
         self.keeper.ensure_alive()  # a slot's owner must be known to be alive
         return self.limiter.acquire(
             service.name,
-            lease_member(step.job_id, step.step_index, step.token),
+            step_member(step),
             limit=service.concurrency_limit,
             ttl_s=service.lease_ttl_s,
             payload=handoff_payload(step),
@@ -303,7 +303,7 @@ class Engine:
         another delivery of the message, started it. The slot is renewed
         meanwhile so that it is still held when the answer is yes.
         """
-        member = lease_member(step.job_id, step.step_index, step.token)
+        member = step_member(step)
         retry = DatabaseRetry("checking whether the claim was stored", sleep=self.sleep)
         while True:
             try:

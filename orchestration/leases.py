@@ -27,6 +27,11 @@ def lease_member(job_id, step_index, token):
     return f"{job_id}:{step_index}:{token}"
 
 
+def step_member(step):
+    """The lease of a step message (``StepDispatch``)."""
+    return lease_member(step.job_id, step.step_index, step.token)
+
+
 def parse_member(member):
     """``(job_id, step_index, token)`` of a lease member, or None if it is not a step's."""
     try:
