@@ -31,7 +31,7 @@ if [ "${1:-api}" = "api" ]; then
     # uvicorn's default parser reads a header of any size. As scripts/stack.py.
     exec uvicorn cao_project.asgi:application \
         --host "${HOST:-0.0.0.0}" --port "${PORT:-8000}" --lifespan off --proxy-headers \
-        --http common.http_protocol:H11Protocol "$@"
+        --timeout-graceful-shutdown 5 --http common.http_protocol:H11Protocol "$@"
 fi
 
 exec "$@"

@@ -104,6 +104,11 @@ SERVICES = [service[0] for service in reference.SERVICES]
 API_SERVER_OPTIONS = ("--http", "common.http_protocol:H11Protocol")
 
 
+# Seconds a stopping API process lets open requests and streams finish.
+# docker-entrypoint.sh uses the same figure.
+API_GRACEFUL_SHUTDOWN_S = 5
+
+
 def api_server_options(root):
     """API_SERVER_OPTIONS, unless ``root`` is an older checkout without that protocol (a benchmark's "before")."""
     return API_SERVER_OPTIONS if (Path(root) / "common" / "http_protocol.py").exists() else ()
@@ -150,6 +155,9 @@ def stack_processes(
             [
                 python, "-m", "uvicorn", "cao_project.asgi:application", "--app-dir", str(root),
                 "--host", host, "--port", str(port), "--lifespan", "off", "--no-access-log",
+                # Open event streams would hold a stop off forever: cut them
+                # after this (their clients reconnect with Last-Event-ID).
+                "--timeout-graceful-shutdown", str(API_GRACEFUL_SHUTDOWN_S),
                 *api_server_options(root),
             ],
         ),

@@ -111,3 +111,10 @@ def test_dockerfile_uses_the_entrypoint_and_pinned_requirements():
     assert "FROM python:3.11" in dockerfile
     assert "pip install -r requirements.txt" in dockerfile
     assert 'ENTRYPOINT ["/app/docker-entrypoint.sh"]' in dockerfile
+
+
+def test_the_containers_api_cuts_open_streams_on_stop_as_the_local_stack_does():
+    from scripts.stack import API_GRACEFUL_SHUTDOWN_S
+
+    entrypoint = (ROOT / "docker-entrypoint.sh").read_text()
+    assert f"--timeout-graceful-shutdown {API_GRACEFUL_SHUTDOWN_S} " in entrypoint

@@ -714,3 +714,35 @@ def test_the_readme_curl_commands_work_as_written(finished_job, asgi_server, cli
     assert [int(frame.fields["id"]) for frame in followed[1:]] == list(range(1, last + 1))
     assert [int(frame.fields["id"]) for frame in resumed[1:]] == list(range(4, last + 1))
     assert followed[-1].fields["event"] == "JOB_COMPLETED"
+
+
+@pytest.mark.slow
+@pytest.mark.e2e
+def test_stopping_the_api_cuts_its_open_streams_instead_of_waiting_for_them(testbed):
+    import signal
+
+    with testbed() as bed:
+        # Given a stream open on a job whose call takes long
+        bed.simulator.configure(latency={"prompt_enhancer": "60s"})
+        job_id = bed.submit()
+        stream = requests.get(
+            f"{bed.base_url}/api/v1/jobs/{job_id}/stream", headers={"X-API-Key": bed.api_key}, stream=True, timeout=30
+        )
+        assert stream.status_code == 200
+        lines = stream.iter_lines(decode_unicode=True)
+        assert next(lines).startswith("retry:")
+
+        # When the API process is asked to stop
+        bed.stack.signal("api", signal.SIGTERM)
+
+        # Then it exits by itself within its graceful timeout (uvicorn would
+        # otherwise wait for the stream to end), and the stream is closed
+        api = bed.stack.processes["api"]
+        try:
+            api.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            pytest.fail("the API process still runs 30 s after SIGTERM, held by an open stream")
+        assert api.returncode is not None and api.returncode != -signal.SIGKILL
+        with pytest.raises((requests.RequestException, StopIteration)):
+            while True:
+                next(lines)
