@@ -123,6 +123,17 @@ def simulator_env(env, simulator_port):
     }
 
 
+def api_command(python, root, host, port):
+    return [
+        python, "-m", "uvicorn", "cao_project.asgi:application", "--app-dir", str(root),
+        "--host", host, "--port", str(port), "--lifespan", "off", "--no-access-log",
+        # Open event streams would hold a stop off forever: cut them
+        # after this (their clients reconnect with Last-Event-ID).
+        "--timeout-graceful-shutdown", str(API_GRACEFUL_SHUTDOWN_S),
+        *api_server_options(root),
+    ]
+
+
 def stack_processes(
     *,
     python,
@@ -134,6 +145,7 @@ def stack_processes(
     root=ROOT,
     worker_hosts=1,
     mode="green",
+    more_api_ports=(),
 ):
     """The processes of a local stack, in start order; ``mode`` is the workers' (worker_mode()).
 
@@ -150,18 +162,12 @@ def stack_processes(
                 *simulator_args,
             ],
         ),
-        ProcessSpec(
-            "api",
-            [
-                python, "-m", "uvicorn", "cao_project.asgi:application", "--app-dir", str(root),
-                "--host", host, "--port", str(port), "--lifespan", "off", "--no-access-log",
-                # Open event streams would hold a stop off forever: cut them
-                # after this (their clients reconnect with Last-Event-ID).
-                "--timeout-graceful-shutdown", str(API_GRACEFUL_SHUTDOWN_S),
-                *api_server_options(root),
-            ],
-        ),
+        ProcessSpec("api", api_command(python, root, host, port)),
     ]
+    # More API processes, each on its port of ``more_api_ports``: any of them
+    # serves any job's WebSocket or stream (the pushes go through Redis).
+    for number, more_port in enumerate(more_api_ports, start=2):
+        specs.append(ProcessSpec(f"api_{number}", api_command(python, root, host, more_port)))
     # worker_hosts > 1 simulates more worker hosts on this machine: each
     # extra set of workers is its own process group, like another host's.
     for host_number in range(1, worker_hosts + 1):

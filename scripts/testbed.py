@@ -53,6 +53,7 @@ class Testbed:
         port=None,
         simulator_port=None,
         root=ROOT,
+        api_processes=1,
     ):
         self.root = Path(root)
         self.worker_hosts = worker_hosts
@@ -76,6 +77,9 @@ class Testbed:
         self.scheduler = scheduler
         self.base_url = f"http://127.0.0.1:{self.port}"
         self.ws_url = f"ws://127.0.0.1:{self.port}"
+        # The other API processes (api_2, ...): their base URLs, in order.
+        self.more_api_ports = [free_port() for _ in range(api_processes - 1)]
+        self.more_api_urls = [f"http://127.0.0.1:{port}" for port in self.more_api_ports]
         self.simulator = SimulatorClient(f"http://127.0.0.1:{self.simulator_port}")
         self.log_dir = Path(log_dir)
         self.stack = None
@@ -109,6 +113,7 @@ class Testbed:
             root=self.root,
             worker_hosts=self.worker_hosts,
             mode=self.worker_mode,
+            more_api_ports=self.more_api_ports,
         )
         if not self.scheduler:
             specs = [spec for spec in specs if spec.name != "scheduler"]
@@ -131,7 +136,8 @@ class Testbed:
     def wait_ready(self, timeout=60):
         def ready():
             try:
-                return self.session.get(f"{self.base_url}/api/v1/health", timeout=1).ok and self.simulator.healthy()
+                apis = [self.base_url, *self.more_api_urls]
+                return all(self.session.get(f"{url}/api/v1/health", timeout=1).ok for url in apis) and self.simulator.healthy()
             except requests.RequestException:
                 return False
 
