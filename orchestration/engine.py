@@ -210,23 +210,10 @@ class Engine:
                     # keeps the slot or gives it back.
                     return _DECIDE_LOCKED
         except BaseException as exc:
-            went_through = False
-            try:
-                went_through = (
-                    isinstance(exc, DATABASE_ERRORS)
-                    and attempt is not None
-                    and self._claim_went_through(job.id, step, attempt.started_at, service)
-                )
-            finally:
-                if not went_through and granted is not None:
-                    # The attempt never started: give the slot back at once
-                    # rather than after lease_ttl_s.
-                    self._release_quietly(*granted)
-            if not went_through:
+            started_at = attempt.started_at if attempt is not None else None
+            if granted is None or not self._stored_despite(exc, *granted, started_at):
                 raise
-            # The claim committed although its commit raised: the attempt is
-            # ours; push the events that commit would have pushed.
-            logger.warning("The claim was stored although its commit raised; going on with the call.")
+            # The attempt is ours: push the events its commit would have pushed.
             self._republish(job, after=read_seq)
         bind(attempt=attempt.attempt)
         if parked_since is not None:
@@ -248,17 +235,8 @@ class Engine:
         try:
             job = claim_write.execute()
         except BaseException as exc:
-            went_through = False
-            try:
-                went_through = isinstance(exc, DATABASE_ERRORS) and self._claim_went_through(
-                    step.job_id, step, claim_write.started_at, service
-                )
-            finally:
-                if not went_through:
-                    self._release_quietly(step, service)
-            if not went_through:
+            if not self._stored_despite(exc, step, service, claim_write.started_at):
                 raise
-            logger.warning("The claim was stored although its commit raised; going on with the call.")
             job = job_state.read_job(step.job_id)
             self._republish(job, after=job.last_event_seq - 1)
         else:
@@ -295,7 +273,29 @@ class Engine:
             job=job,
         )
 
-    def _claim_went_through(self, job_id, step, started_at, service):
+    def _stored_despite(self, exc, step, service, started_at):
+        """After the claim's write raised ``exc``: whether it was stored all the same; if not, the slot goes back.
+
+        ``started_at`` is the attempt's start the write carried (None when
+        it raised before the attempt was built).
+        """
+        stored = False
+        try:
+            stored = (
+                isinstance(exc, DATABASE_ERRORS)
+                and started_at is not None
+                and self._claim_went_through(step, started_at, service)
+            )
+        finally:
+            if not stored:
+                # The attempt never started: give the slot back at once
+                # rather than after lease_ttl_s.
+                self._release_quietly(step, service)
+        if stored:
+            logger.warning("The claim was stored although its commit raised; going on with the call.")
+        return stored
+
+    def _claim_went_through(self, step, started_at, service):
         """Whether the claim's write committed although it raised; asks until the database answers.
 
         The attempt row is unique per token and carries the claim's own
@@ -307,7 +307,7 @@ class Engine:
         retry = DatabaseRetry("checking whether the claim was stored", sleep=self.sleep)
         while True:
             try:
-                return job_selectors.attempt_running(job_id, token=step.token, started_at=started_at)
+                return job_selectors.attempt_running(step.job_id, token=step.token, started_at=started_at)
             except DATABASE_ERRORS:
                 retry.wait_or_raise()
                 self.limiter.renew(service.name, member, ttl_s=service.lease_ttl_s)
