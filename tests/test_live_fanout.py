@@ -10,28 +10,17 @@ worker, through Redis, to the other process.
 import json
 import threading
 import time
-from urllib.parse import parse_qs, urlsplit
 
 import pytest
 import requests
 from websockets.sync.client import connect
 
+from tests.job_api import create_job
+
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 
 JOBS = 4
 FINAL = "JOB_COMPLETED"
-
-
-def create(bed):
-    response = bed.session.post(
-        f"{bed.base_url}/api/v1/jobs",
-        json={"feature_name": "business_plan", "input_data": {"topic": "tea"}},
-        headers={"X-API-Key": bed.api_key},
-        timeout=30,
-    )
-    response.raise_for_status()
-    body = response.json()
-    return body["job_id"], parse_qs(urlsplit(body["monitor_url"]).query)["token"][0]
 
 
 def watch_websocket(url, seqs, connected_at):
@@ -62,7 +51,7 @@ def test_jobs_created_on_one_api_process_are_watched_live_on_another(testbed):
         # Given jobs created through the first API process, whose steps take a while
         bed.simulator.configure(latency={"*": "400ms"})
         other = bed.more_api_urls[0]
-        jobs = [create(bed) for _ in range(JOBS)]
+        jobs = [create_job(bed.base_url, bed.api_key, session=bed.session) for _ in range(JOBS)]
 
         # When each is watched through the second, by WebSocket and by event stream, at once
         received, connected_at, watchers = {}, {}, []

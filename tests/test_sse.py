@@ -12,7 +12,6 @@ import socket
 import subprocess
 import threading
 from pathlib import Path
-from urllib.parse import parse_qs, urlsplit
 
 import pytest
 import redis
@@ -34,6 +33,7 @@ from orchestration import dispatch
 from orchestration.dispatch import submit_job
 from scripts.polling import wait_until
 from tests.gate import GatedService
+from tests.job_api import create_job
 from tests.test_websocket import fake_events
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.slow]
@@ -450,14 +450,8 @@ def test_an_unknown_job_is_a_404(registry, asgi_server, client_key, job_id):
 
 def test_the_token_of_monitor_url_opens_the_stream_without_any_header(registry, asgi_server, client_key):
     # Given the monitor_url the API gave when the job was created
-    created = requests.post(
-        f"{asgi_server.base_url}/api/v1/jobs",
-        json={"feature_name": "business_plan", "input_data": {}},
-        headers={"X-API-Key": client_key.raw_key},
-        timeout=10,
-    ).json()
-    token = parse_qs(urlsplit(created["monitor_url"]).query)["token"][0]
-    job = Job.objects.get(pk=created["job_id"])
+    job_id, token = create_job(asgi_server.base_url, client_key.raw_key)
+    job = Job.objects.get(pk=job_id)
 
     # When a client that can send no header (a browser's EventSource) opens the stream with it
     response = requests.get(
