@@ -175,12 +175,17 @@ def test_after_a_timeout_the_slot_stays_held_for_one_more_timeout_period(api, re
     job = wait_status(wait, submit(api), JobStatus.FAILED)
     assert job.error_code == "DOWNSTREAM_TIMEOUT"
 
-    # Then the timed-out call keeps its slot (not released, not 30 s either)...
+    # Then the timed-out call keeps its slot (not released, not 30 s either);
+    # the engine shortens the hold just after it records the failure...
     attempt = StepAttempt.objects.get(job=job, service="summarizer_pro")
     member = lease_member(job.pk, 2, attempt.token)
-    held = get_limiter().occupancy("summarizer_pro")
-    assert [holder.member for holder in held.holders] == [member]
-    assert held.holders[0].expires_at - held.now <= 1.0
+
+    def held_for_one_timeout():
+        held = get_limiter().occupancy("summarizer_pro")
+        left = [(holder.member, holder.expires_at - held.now) for holder in held.holders]
+        return len(left) == 1 and left[0][0] == member and left[0][1] <= 1.0
+
+    wait(held_for_one_timeout, timeout=5, message="the slot to be held for one timeout period")
     # ... and it frees itself after about one timeout
     wait(lambda: slots_in_use("summarizer_pro") == 0, timeout=5, message="the held slot to expire")
 
