@@ -19,9 +19,10 @@ Where the time goes, from the event timestamps of each step:
   the claim's commit, the HTTP call around the service, the start of the record;
 - ``between_steps_p50_by_step``: the first, per step index (0: from created_at).
 
-The pause matters: Dramatiq's Redis consumer polls an empty queue with a
-growing back-off (up to its worker_timeout, 1 s by default), so a step sent
-to a queue that has been idle waits longer than one sent back to back.
+The pause matters: it measures a step sent to idle workers, the case a
+single interactive job meets. Idle consumers do not poll (the broker wakes
+them when a message is enqueued, ``orchestration.broker``), so the figure
+includes that wake-up rather than a polling back-off.
 """
 
 import time

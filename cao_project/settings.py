@@ -183,6 +183,9 @@ BROKER_URL = env_str("BROKER_URL", REDIS_URL)
 # without one, only these client addresses may scrape.
 CAO_METRICS_TOKEN = env_str("CAO_METRICS_TOKEN")
 CAO_METRICS_ALLOWED_IPS = env_list("CAO_METRICS_ALLOWED_IPS", ["127.0.0.1", "::1"])
+# Set (to a writable directory) when several processes serve metrics on one
+# host; prometheus_client reads the same variable to write per-process files.
+PROMETHEUS_MULTIPROC_DIR = env_str("PROMETHEUS_MULTIPROC_DIR") or None
 
 # Connections a green worker keeps open per downstream host, shared by its greenlets.
 CAO_HTTP_POOL_SIZE = env_int("CAO_HTTP_POOL_SIZE", 100)

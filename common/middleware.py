@@ -1,4 +1,9 @@
-"""HTTP middleware: body size limit and security headers the stock stack lacks."""
+"""HTTP middleware: refuse oversized request bodies with 413 before a view reads them.
+
+Security headers come from Django's own SecurityMiddleware (settings
+``SECURE_*``); request headers with underscores are dropped earlier, in
+``common.asgi_headers``.
+"""
 
 from django.conf import settings
 from django.http import JsonResponse

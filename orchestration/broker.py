@@ -19,6 +19,14 @@ from dramatiq.brokers.redis import RedisBroker, _RedisConsumer
 from dramatiq.errors import ConnectionClosed
 from dramatiq.message import Message
 
+# The Dramatiq release whose internals this module (``_RedisConsumer``'s
+# fields: message_cache, misses, queued_message_ids, outstanding_message_count,
+# prefetch, timeout; ``do_fetch``; the consumer thread's ``delay_queue``) and
+# ``maintenance.return_messages_of_dead_workers`` (a ``do_*`` command runs the
+# dispatch script's dead-worker sweep) were checked against. Pinned in
+# requirements.txt; tests/test_dramatiq_internals.py fails when it changes.
+DRAMATIQ_VERSION = "2.2.1"
+
 # Pending wake-ups beyond a few are redundant: a woken consumer fetches up to
 # its whole prefetch, and stale tokens would make idle consumers fetch in vain.
 MAX_PENDING_NOTIFICATIONS = 4

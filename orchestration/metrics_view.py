@@ -2,7 +2,6 @@
 
 import hmac
 import logging
-import os
 
 import dramatiq
 from django.conf import settings
@@ -62,7 +61,7 @@ def queue_depths():
 def gateway_registry():
     """Every process's metrics on this host (multiprocess mode) or this process's, plus shared state."""
     registry = CollectorRegistry()
-    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+    if settings.PROMETHEUS_MULTIPROC_DIR:
         MultiProcessCollector(registry)
     else:
         registry.register(_ProcessLocal())
