@@ -82,7 +82,7 @@ def _profiled(enabled):
 
 def _run_jobs(engine, count):
     from jobs.models import Job
-    from orchestration.dispatch import submit_job
+    from orchestration.commands import submit_job
 
     # As the step actor calls it; a checkout from before messages named
     # their service (an A/B baseline) takes three arguments.

@@ -16,7 +16,7 @@ from jobs.models import JobStatus
 from jobs.monitor import monitor_url
 from jobs.permissions import OPERATE_JOBS, READ_JOBS, START_JOBS
 from jobs.services import FEATURE_NAME
-from orchestration import dispatch
+from orchestration import commands
 
 MAX_IDEMPOTENCY_KEY_LENGTH = 255
 
@@ -123,7 +123,7 @@ class JobCreateApi(APIView):
         serializer = self.JobCreateInputSerializer(data=request.data)
         serializer.is_valid(raise_exception=True)
         owner, _ = caller_scope(request)
-        job, created = dispatch.submit_job(
+        job, created = commands.submit_job(
             feature_name=serializer.validated_data["feature_name"],
             input_data=serializer.validated_data["input_data"],
             owner=owner,
@@ -268,7 +268,7 @@ class JobResumeApi(APIView):
         serializer = self.JobResumeInputSerializer(data=request.data)
         serializer.is_valid(raise_exception=True)
         owner, is_staff = caller_scope(request)
-        outcome = dispatch.resume_job(
+        outcome = commands.resume_job(
             job_id=job_id, owner=owner, is_staff=is_staff, force=serializer.validated_data["force"]
         )
         body = {
@@ -295,7 +295,7 @@ class JobCancelApi(APIView):
     @extend_schema(summary="Cancel a job", request=None, responses=JobCancelledSerializer)
     def post(self, request, job_id):
         owner, is_staff = caller_scope(request)
-        outcome = dispatch.cancel_job(job_id=job_id, owner=owner, is_staff=is_staff)
+        outcome = commands.cancel_job(job_id=job_id, owner=owner, is_staff=is_staff)
         body = {
             "success": True,
             "job_id": outcome.job.id,

@@ -4,7 +4,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from jobs.models import JobStatus
-from orchestration import dispatch
+from orchestration import commands
 
 
 @dataclass(frozen=True)
@@ -19,7 +19,7 @@ class JobOperation:
 
 
 def _resume(force):
-    return lambda job_id: dispatch.resume_job(job_id=job_id, is_staff=True, force=force)
+    return lambda job_id: commands.resume_job(job_id=job_id, is_staff=True, force=force)
 
 
 def _describe_resume(verb):
@@ -48,7 +48,7 @@ CANCEL = JobOperation(
     name="cancel",
     label="Cancel",
     past="cancelled",
-    run=lambda job_id: dispatch.cancel_job(job_id=job_id, is_staff=True),
+    run=lambda job_id: commands.cancel_job(job_id=job_id, is_staff=True),
     describe=lambda outcome: f"Cancelled (was {outcome.previous_status}).",
 )
 

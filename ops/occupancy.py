@@ -4,7 +4,7 @@ import logging
 
 from redis.exceptions import RedisError
 
-from orchestration.leases import get_limiter
+from orchestration.per_process import get_limiter
 
 logger = logging.getLogger(__name__)
 

@@ -1,24 +1,21 @@
-"""The entry point interfaces use: submit, resume and cancel jobs, send step messages.
+"""Sending step messages and giving slots back.
 
-State changes happen in ``jobs.services`` inside one transaction; messages
-and lease hand-offs leave only after that transaction commits.
+``send_step`` enqueues a step's message on its service's queue and marks it
+as sent (what maintenance checks before re-sending); ``release_step`` gives a
+step's slot (or place in line) back and sends the hand-offs that frees.
+Callers inside a transaction use ``send_after_commit``: a message must never
+leave before the state it announces is committed.
 """
 
 import logging
 import dramatiq
 from django.conf import settings
-from django.db import transaction
 
-from common import metrics
 from common.after_commit import after_commit
 from common.redis import get_redis
-from jobs import services as job_services
-from jobs.state import current_step
-from jobs.errors import ForceNotAllowed, JobNotFound
-from jobs.selectors import parse_job_id, visible_jobs
 from orchestration.broker import NotifyingRedisBroker
-from orchestration.leases import get_limiter, parse_handoff, step_member
-from orchestration.messages import step_message, step_time_limit_s
+from orchestration.messages import parse_handoff, step_member, step_message, step_time_limit_s
+from orchestration.per_process import get_limiter
 from services_registry.selectors import service_live
 
 logger = logging.getLogger(__name__)
@@ -92,46 +89,3 @@ def release_step(step, *, limit=None):
         limit = service.concurrency_limit if service else 0
     member = step_member(step)
     send_handoffs(get_limiter().release(step.service, member, limit=limit))
-
-
-def _locked_visible_job(job_id, *, owner, is_staff):
-    job = visible_jobs(owner, is_staff=is_staff).select_for_update().filter(pk=parse_job_id(job_id)).first()
-    if job is None:
-        raise JobNotFound()
-    return job
-
-
-def submit_job(*, feature_name, input_data, owner=None, idempotency_key=None):
-    """Create a job and send its first step; returns ``(job, created)``.
-
-    The job is one INSERT that commits by itself; its first message leaves
-    once it has (after the caller's transaction, if there is one).
-    """
-    job, created = job_services.job_create(
-        feature_name=feature_name, input_data=input_data, owner=owner, idempotency_key=idempotency_key
-    )
-    if created:
-        send_after_commit(current_step(job))
-        after_commit(metrics.JOBS_CREATED.labels(feature_name).inc)
-    return job, created
-
-
-def resume_job(*, job_id, owner=None, is_staff=False, force=False):
-    """Continue a FAILED job from its current step; returns a ResumeOutcome."""
-    if force and not is_staff:
-        raise ForceNotAllowed()
-    with transaction.atomic():
-        job = _locked_visible_job(job_id, owner=owner, is_staff=is_staff)
-        outcome = job_services.job_resume(job=job, force=force)
-        send_after_commit(outcome.dispatch)
-    return outcome
-
-
-def cancel_job(*, job_id, owner=None, is_staff=False):
-    """Cancel an unfinished job; returns a CancelOutcome."""
-    with transaction.atomic():
-        job = _locked_visible_job(job_id, owner=owner, is_staff=is_staff)
-        outcome = job_services.job_cancel(job=job)
-        if outcome.withdrawn:
-            after_commit(release_step, outcome.withdrawn)
-    return outcome

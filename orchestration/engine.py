@@ -44,7 +44,8 @@ from orchestration.errors import failure_from
 from jobs.writes import LOCKED, ConditionalWrite
 from orchestration.dispatch import release_step, send_after_commit, send_handoffs, send_step
 from orchestration.http_client import ServiceClient
-from orchestration.leases import get_keeper, get_limiter, handoff_payload, lease_member, step_member
+from orchestration.messages import handoff_payload, lease_member, step_member
+from orchestration.per_process import get_keeper, get_limiter
 from orchestration.retry import retry_delay
 from services_registry.selectors import service_live
 

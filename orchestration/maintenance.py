@@ -37,7 +37,8 @@ from jobs.models import ACTIVE_STATUSES, AttemptOutcome, Job, JobStatus, StepSta
 from orchestration import errors
 from orchestration.dispatch import DISPATCH_MARKER, dispatched_token, release_step, send_after_commit, send_handoffs
 from orchestration.errors import failure_from
-from orchestration.leases import get_limiter, lease_member, parse_member
+from orchestration.messages import lease_member, parse_member
+from orchestration.per_process import get_limiter
 from services_registry.selectors import service_list
 
 logger = logging.getLogger(__name__)

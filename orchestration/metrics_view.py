@@ -13,7 +13,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.multiprocess import MultiProcessCollector
 
 from common.errors import error_body
-from orchestration.leases import get_limiter
+from orchestration.per_process import get_limiter
 from services_registry.selectors import service_list
 
 logger = logging.getLogger(__name__)

@@ -27,7 +27,7 @@ class AnnounceWorker(Middleware):
     """
 
     def after_worker_boot(self, broker, worker):
-        from orchestration.leases import get_liveness
+        from orchestration.per_process import get_liveness
 
         try:
             liveness = get_liveness()
@@ -37,7 +37,7 @@ class AnnounceWorker(Middleware):
             logger.warning("Could not announce this worker to the scheduler.", exc_info=True)
 
     def after_worker_shutdown(self, broker, worker):
-        from orchestration.leases import get_identity, get_liveness
+        from orchestration.per_process import get_identity, get_liveness
 
         try:
             get_liveness().retire(get_identity())

@@ -29,7 +29,8 @@ from dramatiq.brokers.redis import RedisBroker
 
 from jobs.models import Job, StepState
 from orchestration.dispatch import send_handoffs
-from orchestration.leases import get_limiter, get_liveness, parse_member
+from orchestration.messages import parse_member
+from orchestration.per_process import get_limiter, get_liveness
 from orchestration.maintenance import (
     MaintenanceReport,
     mark_attempt_lost,

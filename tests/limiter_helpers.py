@@ -7,7 +7,8 @@ import time
 
 import redis
 
-from orchestration.limiter import Limiter, LeaseKeeper
+from orchestration.lease_keeper import LeaseKeeper
+from orchestration.limiter import Limiter
 
 
 def dispatch(client, handoffs):

@@ -14,9 +14,10 @@ from jobs import steps as job_steps
 from jobs.models import AttemptOutcome, Job, JobEvent, JobStatus, StepAttempt, StepState
 from jobs.outcomes import StepDispatch
 from jobs.writes import ConditionalWrite
-from orchestration.dispatch import cancel_job, submit_job
+from orchestration.commands import cancel_job, submit_job
 from orchestration.engine import Engine
-from orchestration.leases import get_limiter, lease_member
+from orchestration.messages import lease_member
+from orchestration.per_process import get_limiter
 
 pytestmark = pytest.mark.django_db(transaction=True)
 

@@ -7,7 +7,7 @@ import dramatiq
 import pytest
 
 from jobs.models import AttemptOutcome, Job, JobEvent, JobStatus, StepAttempt
-from orchestration.leases import get_limiter
+from orchestration.per_process import get_limiter
 from orchestration.messages import step_message
 from services_registry.models import RecipeStep, Service
 from tests.gate import GatedService
@@ -194,7 +194,8 @@ def gate(worker, settings):
 def test_a_duplicated_step_message_calls_the_downstream_once_and_keeps_the_running_lease(
     api, registry, simulator, worker, gate, processed, wait
 ):
-    from orchestration.leases import get_limiter, lease_member
+    from orchestration.messages import lease_member
+    from orchestration.per_process import get_limiter
 
     # Given the first step's call in flight, holding its lease (no renewal within the test)
     set_service("prompt_enhancer", queue="default", lease_ttl_s=600)

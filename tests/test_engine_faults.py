@@ -17,9 +17,9 @@ from django.db import OperationalError, connection
 from jobs.models import Job, JobStatus, StepAttempt, StepState
 from jobs.publisher import group_name
 from jobs.writes import ConditionalWrite, UnreadClaim
-from orchestration.dispatch import submit_job
+from orchestration.commands import submit_job
 from orchestration.engine import Engine
-from orchestration.leases import get_limiter
+from orchestration.per_process import get_limiter
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -211,7 +211,7 @@ def test_a_late_result_under_a_superseded_token_is_discarded(registry, simulator
 
     from jobs.models import StepAttempt
     from orchestration.http_client import ServiceClient
-    from orchestration.leases import get_limiter
+    from orchestration.per_process import get_limiter
     from orchestration.maintenance import mark_attempt_lost
     from services_registry.selectors import service_live
 

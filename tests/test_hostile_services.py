@@ -11,7 +11,8 @@ from django.db import connection
 from jobs.models import Job, JobStatus, StepAttempt
 from orchestration.engine import Engine
 from orchestration.http_client import ServiceReply
-from orchestration.leases import get_limiter, lease_member
+from orchestration.messages import lease_member
+from orchestration.per_process import get_limiter
 from services_registry.models import Service
 from tests.test_engine import event_types, set_service, submit, wait_status
 
@@ -103,7 +104,7 @@ def test_a_reply_postgresql_refuses_while_recording_becomes_a_failure_not_a_stra
 
 
 def _queued_job(registry):
-    from orchestration.dispatch import submit_job
+    from orchestration.commands import submit_job
 
     job, _ = submit_job(feature_name="business_plan", input_data={"topic": "tea"})
     return Job.objects.get(pk=job.pk)

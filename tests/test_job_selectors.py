@@ -4,7 +4,8 @@ import pytest
 
 from jobs.models import Job, JobStatus, StepState
 from jobs.selectors import calls_in_flight
-from orchestration.leases import get_limiter, lease_member
+from orchestration.messages import lease_member
+from orchestration.per_process import get_limiter
 
 pytestmark = pytest.mark.django_db
 

@@ -17,7 +17,8 @@ from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
-from orchestration.limiter import Acquisition, LeaseKeeper, Limiter
+from orchestration.lease_keeper import LeaseKeeper
+from orchestration.limiter import Acquisition, Limiter
 from scripts.polling import wait_until
 from tests.limiter_helpers import Model, dispatch, inbox_of, kept_holder, stress_worker, take_slot
 

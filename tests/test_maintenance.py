@@ -9,8 +9,10 @@ from django.utils import timezone
 
 from jobs.models import Job, JobEvent, JobStatus, StepAttempt, StepState
 from services_registry.models import Service
-from orchestration.dispatch import DISPATCH_MARKER, submit_job
-from orchestration.leases import get_limiter, lease_member
+from orchestration.commands import submit_job
+from orchestration.dispatch import DISPATCH_MARKER
+from orchestration.messages import lease_member
+from orchestration.per_process import get_limiter
 from orchestration.maintenance import SUSPECT_KEY, run_maintenance
 from tests.conftest import wait_for
 

@@ -9,7 +9,7 @@ import pytest
 
 from common.logs import JobContextFilter, RedactSecretsFilter, log_context
 from jobs.models import Job, JobStatus, StepState
-from orchestration.dispatch import submit_job
+from orchestration.commands import submit_job
 from tests.gate import GatedService
 
 pytestmark = pytest.mark.django_db(transaction=True)

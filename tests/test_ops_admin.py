@@ -16,8 +16,8 @@ from jobs.models import Job, JobEvent, JobStatus
 from jobs.outcomes import Failure
 from jobs.state import lock_job
 from jobs.steps import step_claim, step_fail, step_succeed
-from orchestration.dispatch import cancel_job, submit_job
-from orchestration.leases import get_limiter
+from orchestration.commands import cancel_job, submit_job
+from orchestration.per_process import get_limiter
 from orchestration.limiter import Limiter
 from ops.occupancy import read_occupancies
 from services_registry.models import Recipe, Service

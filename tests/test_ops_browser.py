@@ -6,8 +6,8 @@ import time
 import pytest
 
 from jobs.models import Job, JobStatus
-from orchestration.dispatch import submit_job
-from orchestration.leases import get_limiter
+from orchestration.commands import submit_job
+from orchestration.per_process import get_limiter
 from services_registry.models import Service
 from tests.browser import *  # noqa: F401,F403 (chromium, page, login)
 from tests.browser import login

@@ -3,7 +3,7 @@
 import pytest
 
 from jobs.models import Job
-from orchestration.dispatch import submit_job
+from orchestration.commands import submit_job
 
 pytestmark = pytest.mark.django_db
 

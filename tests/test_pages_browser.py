@@ -48,7 +48,7 @@ def test_start_a_job_and_watch_every_step_turn_done(page, asgi_server, worker, s
 
 
 def test_a_dropped_socket_recovers_without_missing_a_step(page, asgi_server, worker, simulator, registry, staff_user):
-    from orchestration.dispatch import submit_job
+    from orchestration.commands import submit_job
 
     simulator.configure(latency={"fast_chat_llm": "1200ms", "*": "100ms"})
     login(page, asgi_server.base_url, "ops", "ops-password")
@@ -73,7 +73,7 @@ def test_resume_a_failed_job_from_its_page(page, asgi_server, worker, simulator,
     Service.objects.filter(name="summarizer_pro").update(max_attempts=1)
     simulator.configure(fail={"summarizer_pro": "503"})
     login(page, asgi_server.base_url, "ops", "ops-password")
-    from orchestration.dispatch import submit_job
+    from orchestration.commands import submit_job
 
     job, _ = submit_job(feature_name="business_plan", input_data={})
     page.goto(f"{asgi_server.base_url}/jobs/{job.pk}/")
@@ -90,7 +90,7 @@ def test_resume_a_failed_job_from_its_page(page, asgi_server, worker, simulator,
 
 
 def test_a_view_only_user_watches_live_without_buttons(page, asgi_server, worker, simulator, registry, make_staff):
-    from orchestration.dispatch import submit_job
+    from orchestration.commands import submit_job
 
     make_staff("looker", "jobs.view_job", password="looker-password")
     errors = []
@@ -145,7 +145,7 @@ class CrossPortPage:
 
 
 def test_a_page_on_another_port_cannot_watch_a_job_with_the_staff_cookie(page, asgi_server, registry, staff_user):
-    from orchestration.dispatch import submit_job
+    from orchestration.commands import submit_job
 
     # Given a staff user logged in to the gateway, and a page served from another port of the same host
     login(page, asgi_server.base_url, "ops", "ops-password")
@@ -167,7 +167,7 @@ def test_a_page_on_another_port_cannot_watch_a_job_with_the_staff_cookie(page, a
 
 def test_the_pages_policy_lets_their_scripts_connect_to_their_own_origin_only(page, asgi_server, registry, staff_user):
     from jobs.monitor import monitor_token
-    from orchestration.dispatch import submit_job
+    from orchestration.commands import submit_job
 
     # Given a job page, live over its own origin (ws://127.0.0.1:<port>)
     login(page, asgi_server.base_url, "ops", "ops-password")

@@ -14,8 +14,9 @@ from dramatiq.brokers.redis import RedisBroker
 from django.utils import timezone
 
 from jobs.models import Job, JobStatus, StepAttempt, StepState
-from orchestration.dispatch import submit_job
-from orchestration.leases import get_keeper, get_limiter, get_liveness, lease_member
+from orchestration.commands import submit_job
+from orchestration.messages import lease_member
+from orchestration.per_process import get_keeper, get_limiter, get_liveness
 from orchestration.liveness import WAKE_KEY, ProcessIdentity
 from orchestration.recovery import Recovery
 from tests.conftest import wait_for
@@ -170,7 +171,7 @@ def test_a_redis_restart_is_seen_and_lost_queued_steps_are_resent_within_the_tic
 def test_a_lapsed_lease_reaches_the_next_waiter_within_a_tick(registry, redis_db):
     # A timed-out call's held slot, or a dead holder without an owner, expires;
     # the waiter behind it must not wait for the next full maintenance pass.
-    from orchestration.leases import handoff_payload
+    from orchestration.messages import handoff_payload
     from jobs.outcomes import StepDispatch
 
     limiter = get_limiter()
@@ -205,7 +206,7 @@ def test_one_scheduler_leads_the_other_stands_by_then_takes_over(redis_db):
 
 
 def keeper_with_heartbeat(clock):
-    from orchestration.limiter import LeaseKeeper
+    from orchestration.lease_keeper import LeaseKeeper
     from orchestration.liveness import ProcessHeartbeat
 
     identity = ProcessIdentity.current()

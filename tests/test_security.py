@@ -206,7 +206,7 @@ SESSION_RIGHTS = [
 )
 def test_a_staff_session_gets_exactly_the_job_permissions_the_admin_grants(registry, make_staff, permissions, expected):
     # Given a pending job, a non-retryable failed job, and a staff user with some permissions
-    from orchestration.dispatch import submit_job
+    from orchestration.commands import submit_job
 
     pending, _ = submit_job(feature_name="business_plan", input_data={"secret_plan": "tea"})
     failed, _ = submit_job(feature_name="business_plan", input_data={})
@@ -242,7 +242,7 @@ def test_a_staff_session_gets_exactly_the_job_permissions_the_admin_grants(regis
 
 
 def test_a_refused_session_learns_nothing_about_which_jobs_exist(registry, make_staff):
-    from orchestration.dispatch import submit_job
+    from orchestration.commands import submit_job
 
     job, _ = submit_job(feature_name="business_plan", input_data={})
     session = session_client(make_staff("ops"))
@@ -256,7 +256,7 @@ def test_a_refused_session_learns_nothing_about_which_jobs_exist(registry, make_
 
 
 def test_the_pages_offer_only_the_buttons_the_permissions_allow(registry, make_staff):
-    from orchestration.dispatch import submit_job
+    from orchestration.commands import submit_job
 
     job, _ = submit_job(feature_name="business_plan", input_data={})
     viewer = session_client(make_staff("viewer", "jobs.view_job"))
@@ -299,7 +299,7 @@ def login_over_http(base_url, username, password):
 @pytest.mark.django_db(transaction=True)
 def test_the_probe_a_view_only_staff_session_cannot_cancel_or_force_resume_over_http(registry, asgi_server, make_staff):
     # Given a staff user the admin lets only look at jobs, logged in, with a CSRF token
-    from orchestration.dispatch import submit_job
+    from orchestration.commands import submit_job
 
     make_staff("looker", "jobs.view_job", password="looker-password")
     pending, _ = submit_job(feature_name="business_plan", input_data={})
@@ -544,7 +544,7 @@ HOSTILE = '<script>alert(1)</script><img src=x onerror=alert(2)>"\'>'
 def test_hostile_text_in_a_job_is_escaped_on_every_page(registry, client, django_user_model):
     # Given a job whose input, idempotency key, error and events carry markup (errors come from downstream)
     from jobs.events import append_events, event
-    from orchestration.dispatch import submit_job
+    from orchestration.commands import submit_job
 
     job, _ = submit_job(feature_name="business_plan", input_data={"name": HOSTILE}, idempotency_key=HOSTILE[:60])
     fail_job(job.pk, retryable=True)
@@ -583,7 +583,7 @@ def test_logins_and_admin_buttons_never_redirect_off_site(registry, client, djan
 
 
 def create_failed_job():
-    from orchestration.dispatch import submit_job
+    from orchestration.commands import submit_job
 
     job, _ = submit_job(feature_name="business_plan", input_data={})
     fail_job(job.pk, retryable=True)

@@ -84,7 +84,7 @@ def metrics_server(settings, tmp_path):
 
 
 def test_it_serves_the_sum_of_every_process_and_the_shared_state(registry, settings, tmp_path, metrics_server):
-    from orchestration.leases import get_limiter
+    from orchestration.per_process import get_limiter
 
     # Given two worker processes that recorded calls, and a slot of video_gen_v2 held
     env = process_env(settings, tmp_path)

@@ -29,8 +29,8 @@ from cao_project.asgi import STREAM_PATHS
 from jobs.models import EventType, Job, JobEvent, JobStatus
 from jobs.monitor import monitor_token
 from jobs.publisher import group_name
-from orchestration import dispatch
-from orchestration.dispatch import submit_job
+from orchestration import commands
+from orchestration.commands import submit_job
 from scripts.polling import wait_until
 from tests.gate import GatedService
 from tests.job_api import create_job
@@ -281,7 +281,7 @@ def test_a_resumed_failure_does_not_end_the_replay(registry, simulator, worker, 
     simulator.configure(fail={"fast_chat_llm": "400x1"})
     job = job_of(client_key)
     wait(lambda: Job.objects.get(pk=job.pk).status == JobStatus.FAILED, message="the job to fail")
-    dispatch.resume_job(job_id=job.pk, owner=client_key, is_staff=True, force=True)
+    commands.resume_job(job_id=job.pk, owner=client_key, is_staff=True, force=True)
     wait(lambda: Job.objects.get(pk=job.pk).status == JobStatus.COMPLETED, message="the resumed job to complete")
 
     # When a client replays it from the start

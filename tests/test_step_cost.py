@@ -8,7 +8,7 @@ from django.test.utils import CaptureQueriesContext
 
 from common.redis import get_redis
 from jobs.models import Job, JobStatus
-from orchestration.dispatch import submit_job
+from orchestration.commands import submit_job
 from orchestration.engine import Engine
 
 pytestmark = pytest.mark.django_db(transaction=True)

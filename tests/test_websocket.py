@@ -15,7 +15,7 @@ from jobs.events import append_events, event
 from jobs.models import EventType, Job, JobEvent, JobStatus
 from jobs.monitor import monitor_token
 from jobs.publisher import get_publisher
-from orchestration.dispatch import submit_job
+from orchestration.commands import submit_job
 
 pytestmark = pytest.mark.django_db(transaction=True)
 

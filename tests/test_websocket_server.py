@@ -11,7 +11,7 @@ from django.db import connection
 
 from jobs.models import Job, JobStatus, StepState
 from jobs.monitor import monitor_token
-from orchestration.dispatch import submit_job
+from orchestration.commands import submit_job
 from services_registry.models import Service
 from tests.gate import GatedService
 

@@ -19,7 +19,7 @@ from django.db import close_old_connections
 
 from common.backends import require_backends
 from common.redis import get_redis
-from orchestration.leases import get_liveness
+from orchestration.per_process import get_liveness
 from orchestration.maintenance import run_maintenance
 from orchestration.recovery import Recovery
 

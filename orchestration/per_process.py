@@ -1,59 +1,26 @@
-"""The process-wide limiter and lease keeper, and how leases are named.
+"""The objects each process holds one of: limiter, liveness, identity, lease keeper.
 
-A lease is named after the step message that holds it (job, step, token):
-a stale or duplicate message can then never release the slot of the
-attempt that is really running.
+Fork-aware: a forked worker process builds its own (its parent's keeper
+thread does not exist in the child).
 """
 
-import json
 import os
 import threading
 
-from django.conf import settings
-
 import dramatiq
+from django.conf import settings
 from dramatiq.brokers.redis import RedisBroker
 
 from common.redis import get_redis
-from jobs.outcomes import StepDispatch
-from orchestration.limiter import LeaseKeeper, Limiter
+from orchestration.lease_keeper import LeaseKeeper
+from orchestration.limiter import Limiter
 from orchestration.liveness import Liveness, ProcessHeartbeat, ProcessIdentity
 
 _lock = threading.RLock()  # factories may build other singletons
 _state = {}
 
 
-def lease_member(job_id, step_index, token):
-    return f"{job_id}:{step_index}:{token}"
-
-
-def step_member(step):
-    """The lease of a step message (``StepDispatch``)."""
-    return lease_member(step.job_id, step.step_index, step.token)
-
-
-def parse_member(member):
-    """``(job_id, step_index, token)`` of a lease member, or None if it is not a step's."""
-    try:
-        job_id, step_index, token = member.rsplit(":", 2)
-        return job_id, int(step_index), int(token)
-    except (AttributeError, ValueError):
-        return None
-
-
-def handoff_payload(dispatch):
-    """What a parked step leaves with the limiter: the message to send on hand-off."""
-    return json.dumps([str(dispatch.job_id), dispatch.step_index, dispatch.token, dispatch.service])
-
-
-def parse_handoff(payload):
-    job_id, step_index, token, service = json.loads(payload)
-    return StepDispatch(job_id, step_index, token, service)
-
-
 def _per_process(name, factory):
-    # Fork-aware: a forked worker process builds its own (its parent's
-    # keeper thread does not exist in the child).
     key = (name, os.getpid())
     value = _state.get(key)
     if value is None:
