@@ -89,3 +89,15 @@ def release_step(step, *, limit=None):
         limit = service.concurrency_limit if service else 0
     member = step_member(step)
     send_handoffs(get_limiter().release(step.service, member, limit=limit))
+
+
+def release_quietly(step, service):
+    """``release_step`` under ``service``'s limit as the registry has it now, logging instead of raising."""
+    try:
+        release_step(step, limit=(service_live(service.name) or service).concurrency_limit)
+    except Exception:
+        # The lease expires after lease_ttl_s; nothing else is lost.
+        logger.warning(
+            "Could not release the slot of job_id=%s step_index=%s on %s; it expires by itself.",
+            step.job_id, step.step_index, step.service, exc_info=True,
+        )

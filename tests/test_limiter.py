@@ -405,7 +405,7 @@ def test_lease_keeper_logs_renewal_failures_and_never_raises(caplog):
     down = Limiter(unreachable)
     keeper = LeaseKeeper(down)
     try:
-        with caplog.at_level(logging.WARNING, logger="orchestration.limiter"):
+        with caplog.at_level(logging.WARNING, logger="orchestration.lease_keeper"):
             with keeper.keep(SERVICE, "a", 0.15):
                 # Wait for two failed renewals (retried at the next tick), however slow the machine.
                 deadline = time.monotonic() + 10
