@@ -41,21 +41,21 @@ _recent = {}
 def active_key(raw_key, *, clock=time.monotonic):
     """The active ApiKey ``raw_key`` belongs to, or None.
 
-    Read at most every CAO_API_KEY_CACHE_SECONDS per process: a key
+    Read at most every CAO_API_KEY_CACHE_S per process: a key
     deactivated or deleted in one process stops working there at once, and
     in the others within that time.
     """
     digest = hash_key(raw_key)
     now = clock()
     entry = _recent.get(digest)
-    if entry is not None and now - entry[0] < settings.CAO_API_KEY_CACHE_SECONDS:
+    if entry is not None and now - entry[0] < settings.CAO_API_KEY_CACHE_S:
         return entry[1]
     prefix = ApiKey.prefix_of(raw_key)
     api_key = ApiKey.objects.filter(prefix=prefix, is_active=True).first() if prefix else None
     if api_key is None or not api_key.matches(raw_key):
         _recent.pop(digest, None)
         return None
-    if settings.CAO_API_KEY_CACHE_SECONDS > 0:
+    if settings.CAO_API_KEY_CACHE_S > 0:
         _recent[digest] = (now, api_key)
     return api_key
 

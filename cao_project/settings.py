@@ -8,6 +8,7 @@ prefixed ``CAO_``.
 
 import os
 import re
+import warnings
 from datetime import timedelta
 from pathlib import Path
 
@@ -61,6 +62,14 @@ def env_int(name, default):
 
 def env_float(name, default):
     return _env_number(name, default, float)
+
+
+def env_seconds(name, default, *, was=None, kind=float):
+    """A duration in seconds (``CAO_*_S``); ``was`` is its deprecated name, still read when ``name`` is unset."""
+    if was and os.environ.get(name, "").strip() == "" and os.environ.get(was, "").strip() != "":
+        warnings.warn(f"{was} is deprecated and will be removed; set {name} instead.", FutureWarning, stacklevel=2)
+        return _env_number(was, default, kind)
+    return _env_number(name, default, kind)
 
 
 def env_list(name, default):
@@ -274,11 +283,11 @@ CAO_SERVICE_URL_OVERRIDES = {
 # --- Jobs and maintenance ---------------------------------------------------
 
 # Hot paths (steps, job creation) read services and recipes at most this old.
-CAO_REGISTRY_CACHE_SECONDS = env_float("CAO_REGISTRY_CACHE_SECONDS", 1.0)
+CAO_REGISTRY_CACHE_S = env_seconds("CAO_REGISTRY_CACHE_S", 1.0, was="CAO_REGISTRY_CACHE_SECONDS")
 # How long a process trusts an API key it has authenticated before reading
 # its row again: a key deactivated or deleted stops working within this
 # time in every process (at once in the one that changed it). 0: every request.
-CAO_API_KEY_CACHE_SECONDS = env_float("CAO_API_KEY_CACHE_SECONDS", 5.0)
+CAO_API_KEY_CACHE_S = env_seconds("CAO_API_KEY_CACHE_S", 5.0, was="CAO_API_KEY_CACHE_SECONDS")
 
 # Retries of a failed step: exponential backoff with jitter, from base to cap.
 CAO_RETRY_BASE_DELAY_S = env_float("CAO_RETRY_BASE_DELAY_S", 1.0)
@@ -294,13 +303,13 @@ CAO_RECOVERY_TICK_S = env_float("CAO_RECOVERY_TICK_S", 1.0)
 CAO_HANDOFF_TTL_S = env_float("CAO_HANDOFF_TTL_S", 30.0)
 # Maintenance re-sends a step whose message, place in line or lease vanished
 # (e.g. Redis restarted) once it has been missing for this long.
-CAO_REDISPATCH_GRACE_SECONDS = env_float("CAO_REDISPATCH_GRACE_SECONDS", 30.0)
+CAO_REDISPATCH_GRACE_S = env_seconds("CAO_REDISPATCH_GRACE_S", 30.0, was="CAO_REDISPATCH_GRACE_SECONDS")
 # A sent step message is presumed lost after this long in the broker.
-CAO_DISPATCH_MARKER_TTL_SECONDS = env_float("CAO_DISPATCH_MARKER_TTL_SECONDS", 900.0)
+CAO_DISPATCH_MARKER_TTL_S = env_seconds("CAO_DISPATCH_MARKER_TTL_S", 900.0, was="CAO_DISPATCH_MARKER_TTL_SECONDS")
 # How often a step message is retried while PostgreSQL or Redis is down.
 CAO_INFRA_MAX_RETRIES = env_int("CAO_INFRA_MAX_RETRIES", 60)
 # How long a worker keeps retrying to record a finished call while PostgreSQL is down.
-CAO_RECORD_RETRY_SECONDS = env_float("CAO_RECORD_RETRY_SECONDS", 300.0)
+CAO_RECORD_RETRY_S = env_seconds("CAO_RECORD_RETRY_S", 300.0, was="CAO_RECORD_RETRY_SECONDS")
 # Whether downstream calls honour HTTP(S)_PROXY / NO_PROXY and .netrc.
 CAO_HTTP_TRUST_ENV = env_bool("CAO_HTTP_TRUST_ENV", False)
 
@@ -315,10 +324,10 @@ CAO_ALLOW_ANONYMOUS = env_bool("CAO_ALLOW_ANONYMOUS", False)
 # An open WebSocket or event stream re-reads its job's event log this often
 # while the job is active (pushes are the fast path; this recovers a lost
 # one). 0 turns it off.
-CAO_WS_RESYNC_SECONDS = env_float("CAO_WS_RESYNC_SECONDS", 5.0)
+CAO_WS_RESYNC_S = env_seconds("CAO_WS_RESYNC_S", 5.0, was="CAO_WS_RESYNC_SECONDS")
 # An event stream (GET /api/v1/jobs/<id>/stream) silent this long sends a
 # comment line, so proxies keep it open and clients see it alive. 0: never.
-CAO_SSE_KEEPALIVE_SECONDS = env_float("CAO_SSE_KEEPALIVE_SECONDS", 15.0)
+CAO_SSE_KEEPALIVE_S = env_seconds("CAO_SSE_KEEPALIVE_S", 15.0, was="CAO_SSE_KEEPALIVE_SECONDS")
 # Lifetime of the signed token in monitor_url.
 CAO_MONITOR_TOKEN_MAX_AGE_S = env_int("CAO_MONITOR_TOKEN_MAX_AGE_S", 24 * 3600)
 # Request limits. Bodies over CAO_MAX_BODY_BYTES get 413; input_data is
@@ -348,7 +357,7 @@ CORS_URLS_REGEX = r"^/api/.*$"
 CORS_ALLOW_HEADERS = ["accept", "authorization", "content-type", "idempotency-key", "x-api-key"]
 # Cookies and HSTS for deployments behind TLS.
 SESSION_COOKIE_SECURE = CSRF_COOKIE_SECURE = env_bool("CAO_SECURE_COOKIES", False)
-SECURE_HSTS_SECONDS = env_int("CAO_HSTS_SECONDS", 0)
+SECURE_HSTS_SECONDS = env_seconds("CAO_HSTS_S", 0, was="CAO_HSTS_SECONDS", kind=int)
 SESSION_COOKIE_HTTPONLY = True
 SESSION_COOKIE_SAMESITE = CSRF_COOKIE_SAMESITE = "Lax"
 X_FRAME_OPTIONS = "DENY"

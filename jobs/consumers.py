@@ -9,7 +9,7 @@ channel-layer errors) is ``jobs.follow``, shared with the SSE stream; this
 consumer only authenticates, frames and sends.
 
 The consumer resyncs on every client ``ping`` (before it answers ``pong``)
-and every CAO_WS_RESYNC_SECONDS while the job is active, so a lost push is
+and every CAO_WS_RESYNC_S while the job is active, so a lost push is
 recovered even when nothing follows it. When the channel layer fails (Redis
 restarting), the socket stays open: it keeps streaming from the log and
 rejoins the group once Redis answers again.

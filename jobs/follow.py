@@ -13,7 +13,7 @@ log, one committed after it is pushed to the group. From then on:
   or one that the log read delivered first);
 - a pushed event beyond the next seq means earlier pushes were lost or
   overtaken: the missing events are read from the log first;
-- a resync (every CAO_WS_RESYNC_SECONDS while the job is active, and on a
+- a resync (every CAO_WS_RESYNC_S while the job is active, and on a
   WebSocket ping) reads the log beyond the last seq delivered, so a lost push
   is recovered even when nothing follows it (the final JOB_COMPLETED, say).
 
@@ -46,7 +46,7 @@ logger = logging.getLogger(__name__)
 
 def resync_interval():
     """Seconds between log re-reads of an active job's subscriber, or None when resyncing is off."""
-    interval = settings.CAO_WS_RESYNC_SECONDS
+    interval = settings.CAO_WS_RESYNC_S
     return interval if interval > 0 else None
 
 

@@ -58,7 +58,7 @@ async def job_event_stream(request, job_id):
 class JobEventStream:
     """The frames of one job's stream from ``after``: replay, then live, until the event that finishes the job.
 
-    Silent for CAO_SSE_KEEPALIVE_SECONDS, it sends a comment line, so proxies
+    Silent for CAO_SSE_KEEPALIVE_S, it sends a comment line, so proxies
     and clients see the connection is alive. Closed early (the client went
     away, which cancels it), it leaves the job's group on its way out.
     """
@@ -90,7 +90,7 @@ class JobEventStream:
                             if await self._is_last(follower, event):
                                 return
                     source = None
-                keep_alive = settings.CAO_SSE_KEEPALIVE_SECONDS
+                keep_alive = settings.CAO_SSE_KEEPALIVE_S
                 next_keep_alive = last_write + keep_alive if keep_alive > 0 else float("inf")
                 wake_at = min(next_resync, next_keep_alive)
                 timeout = None if wake_at == float("inf") else max(wake_at - loop.time(), 0.0)

@@ -29,7 +29,7 @@ OPERATION = {
     "description": (
         "The job's stored events after the resume point, then live ones, as `text/event-stream`: "
         "each event is `id: <seq>`, `event: <type>`, `data: <the event JSON, as the WebSocket sends it>`. "
-        f"The stream starts with `retry: {RETRY_MS}`, sends `: keep-alive` after CAO_SSE_KEEPALIVE_SECONDS "
+        f"The stream starts with `retry: {RETRY_MS}`, sends `: keep-alive` after CAO_SSE_KEEPALIVE_S "
         "of silence, and ends after the event that finishes the job (JOB_COMPLETED, JOB_CANCELLED, or a "
         "JOB_ERROR the job was not resumed from). A browser's EventSource, which cannot send headers, "
         "authenticates with `?token=` (the token in `monitor_url`) and resumes with `Last-Event-ID` by itself."

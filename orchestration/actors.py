@@ -42,7 +42,7 @@ def _declare_step_actor(queue):
         time_limit=int(
             step_time_limit_s(
                 settings.HTTP_READ_TIMEOUT_S,
-                record_retry_s=settings.CAO_RECORD_RETRY_SECONDS,
+                record_retry_s=settings.CAO_RECORD_RETRY_S,
                 connect_timeout_s=settings.HTTP_CONNECT_TIMEOUT_S,
             )
             * 1000

@@ -10,7 +10,7 @@ logger = logging.getLogger(__name__)
 
 
 class DatabaseRetry:
-    """Backoff while the database is unavailable, up to CAO_RECORD_RETRY_SECONDS.
+    """Backoff while the database is unavailable, up to CAO_RECORD_RETRY_S.
 
     For work whose only copy is in memory (a call's result, a claim that may
     have been stored): call ``wait_or_raise`` in the ``except`` of each try.
@@ -19,7 +19,7 @@ class DatabaseRetry:
     def __init__(self, doing, *, sleep=time.sleep):
         self.doing = doing
         self.sleep = sleep
-        self.deadline = time.monotonic() + settings.CAO_RECORD_RETRY_SECONDS
+        self.deadline = time.monotonic() + settings.CAO_RECORD_RETRY_S
         self.delay = 0.2
 
     def wait_or_raise(self):

@@ -37,7 +37,7 @@ def send_step(dispatch):
         service=dispatch.service,
         time_limit_s=step_time_limit_s(
             service.effective_timeout_s if service else settings.HTTP_READ_TIMEOUT_S,
-            record_retry_s=settings.CAO_RECORD_RETRY_SECONDS,
+            record_retry_s=settings.CAO_RECORD_RETRY_S,
             connect_timeout_s=settings.HTTP_CONNECT_TIMEOUT_S,
         ),
     )
@@ -47,7 +47,7 @@ def send_step(dispatch):
     # generous TTL (a message stuck in the broker that long is presumed lost).
     # It is set once the message is enqueued: in the broker's wake-up round
     # trip when the broker's Redis is the gateway's own.
-    marker_ms = (delay_ms or 0) + int(settings.CAO_DISPATCH_MARKER_TTL_SECONDS * 1000)
+    marker_ms = (delay_ms or 0) + int(settings.CAO_DISPATCH_MARKER_TTL_S * 1000)
     marker = DISPATCH_MARKER.format(job_id=dispatch.job_id)
     broker = dramatiq.get_broker()
     if isinstance(broker, NotifyingRedisBroker) and settings.BROKER_URL == settings.REDIS_URL:

@@ -78,7 +78,7 @@ def run_maintenance(*, now=None, after_redis_loss=False):
     ``after_redis_loss``: Redis is known to have lost its data (a restart
     was seen), so a queued step without its marker, or a waiting step
     without its place in line, is re-sent at once instead of after
-    CAO_REDISPATCH_GRACE_SECONDS.
+    CAO_REDISPATCH_GRACE_S.
     """
     now = now or timezone.now()
     report = MaintenanceReport()
@@ -210,7 +210,7 @@ def _fail_stuck(job_id, cutoff, report):
 
 
 def redispatch_lost_work(report, *, now, after_redis_loss=False):
-    grace = timedelta(seconds=0 if after_redis_loss else settings.CAO_REDISPATCH_GRACE_SECONDS)
+    grace = timedelta(seconds=0 if after_redis_loss else settings.CAO_REDISPATCH_GRACE_S)
     # After a loss every queued step's message is gone, due or not yet (a
     # delayed retry); otherwise only one overdue by the grace is suspect.
     queued = Q(step_state=StepState.QUEUED)

@@ -86,7 +86,7 @@ class Recovery:
         return report
 
     def _services(self):
-        # As fresh as the engine's own view (CAO_REGISTRY_CACHE_SECONDS): a
+        # As fresh as the engine's own view (CAO_REGISTRY_CACHE_S): a
         # limit lowered in the admin must not be pumped at its old value.
         return cached(
             ("service_limits",), lambda: [(service.name, service.concurrency_limit) for service in service_list()]

@@ -1,4 +1,4 @@
-"""Registry rows as hot paths read them: live, but at most CAO_REGISTRY_CACHE_SECONDS old.
+"""Registry rows as hot paths read them: live, but at most CAO_REGISTRY_CACHE_S old.
 
 Every job creation reads its recipe and every step its service several
 times; reading the rows each time cost a handful of queries per step.
@@ -27,7 +27,7 @@ def cached(key, load, *, clock=time.monotonic):
     """
     now = clock()
     entry = _entries.get(key)
-    if entry is not None and now - entry[0] < settings.CAO_REGISTRY_CACHE_SECONDS:
+    if entry is not None and now - entry[0] < settings.CAO_REGISTRY_CACHE_S:
         return entry[1]
     try:
         value = load()

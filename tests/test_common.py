@@ -33,7 +33,7 @@ def test_side_effects_of_a_rolled_back_transaction_never_run():
 
 
 def test_the_registry_cache_rereads_after_its_age_and_serves_stale_rows_while_the_database_is_down(settings):
-    settings.CAO_REGISTRY_CACHE_SECONDS = 1.0
+    settings.CAO_REGISTRY_CACHE_S = 1.0
     now = [100.0]
     reads = []
 

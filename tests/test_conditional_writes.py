@@ -264,7 +264,7 @@ def _written(job_id):
 
 @pytest.mark.parametrize("case", CLAIMABLE)
 def test_a_claim_named_in_the_message_writes_exactly_what_the_read_path_writes(registry, simulator, settings, case):
-    settings.CAO_REGISTRY_CACHE_SECONDS = 60  # as in production: service rows are cached briefly
+    settings.CAO_REGISTRY_CACHE_S = 60  # as in production: service rows are cached briefly
     # Given two jobs in the same state
     prepare, step_index, token = CLAIMABLE[case]
     read_first, named = (submit_job(feature_name="business_plan", input_data={"topic": "tea"})[0] for _ in range(2))

@@ -47,7 +47,7 @@ def watch_stream(url, seqs, connected_at):
 
 
 def test_jobs_created_on_one_api_process_are_watched_live_on_another(testbed):
-    with testbed(api_processes=2, env={"CAO_WS_RESYNC_SECONDS": "0"}) as bed:
+    with testbed(api_processes=2, env={"CAO_WS_RESYNC_S": "0"}) as bed:
         # Given jobs created through the first API process, whose steps take a while
         bed.simulator.configure(latency={"*": "400ms"})
         other = bed.more_api_urls[0]

@@ -60,7 +60,7 @@ def test_a_job_with_recent_progress_is_left_alone(registry, settings):
 
 def test_a_step_whose_message_was_lost_is_sent_again_with_a_new_token(registry, settings, redis_db):
     # Given a queued step whose message and marker vanished (Redis restarted empty)
-    settings.CAO_REDISPATCH_GRACE_SECONDS = 5
+    settings.CAO_REDISPATCH_GRACE_S = 5
     job = new_job(registry)
     redis_db.flushdb()
     age(job.pk, 30, times=["step_due_at"])
@@ -77,7 +77,7 @@ def test_a_step_whose_message_was_lost_is_sent_again_with_a_new_token(registry, 
 
 
 def test_a_step_whose_message_is_still_in_the_broker_is_not_sent_twice(registry, settings):
-    settings.CAO_REDISPATCH_GRACE_SECONDS = 5
+    settings.CAO_REDISPATCH_GRACE_S = 5
     job = new_job(registry)
     age(job.pk, 30, times=["step_due_at"])
 
@@ -89,7 +89,7 @@ def test_a_step_whose_message_is_still_in_the_broker_is_not_sent_twice(registry,
 
 
 def test_a_parked_step_that_lost_its_place_in_line_is_sent_again(registry, settings, redis_db):
-    settings.CAO_REDISPATCH_GRACE_SECONDS = 5
+    settings.CAO_REDISPATCH_GRACE_S = 5
     job = new_job(registry)
     age(job.pk, 30, step_state=StepState.WAITING, times=["updated_at"])
 
@@ -101,7 +101,7 @@ def test_a_parked_step_that_lost_its_place_in_line_is_sent_again(registry, setti
 
 
 def test_a_parked_step_still_in_line_is_left_alone(registry, settings):
-    settings.CAO_REDISPATCH_GRACE_SECONDS = 5
+    settings.CAO_REDISPATCH_GRACE_S = 5
     job = new_job(registry)
     limiter = get_limiter()
     member = lease_member(job.pk, 0, 1)
@@ -128,7 +128,7 @@ def running_job(registry, seconds_ago):
 
 def test_a_dead_workers_attempt_is_recovered_after_a_second_sighting(registry, settings, redis_db):
     # Given a RUNNING step whose lease is gone (its worker died)
-    settings.CAO_REDISPATCH_GRACE_SECONDS = 5
+    settings.CAO_REDISPATCH_GRACE_S = 5
     job = running_job(registry, seconds_ago=60)
 
     # When maintenance first notices, it only remembers the sighting
@@ -151,7 +151,7 @@ def test_a_dead_workers_attempt_is_recovered_after_a_second_sighting(registry, s
 
 
 def test_a_running_step_with_a_live_lease_is_left_alone(registry, settings):
-    settings.CAO_REDISPATCH_GRACE_SECONDS = 5
+    settings.CAO_REDISPATCH_GRACE_S = 5
     job = running_job(registry, seconds_ago=60)
     get_limiter().acquire("prompt_enhancer", lease_member(job.pk, 0, 1), limit=50, ttl_s=15, payload="p")
 
@@ -163,7 +163,7 @@ def test_a_running_step_with_a_live_lease_is_left_alone(registry, settings):
 
 
 def test_a_lost_attempt_without_attempts_left_fails_the_job_retryable(registry, settings, redis_db):
-    settings.CAO_REDISPATCH_GRACE_SECONDS = 5
+    settings.CAO_REDISPATCH_GRACE_S = 5
     job = running_job(registry, seconds_ago=60)
     Job.objects.filter(pk=job.pk).update(step_attempt=6)
     member = lease_member(job.pk, 0, 1)
@@ -193,7 +193,7 @@ def test_expired_leases_are_reaped_and_their_slots_handed_to_waiters(registry, r
 
 
 def test_two_maintenance_runs_do_not_double_send(registry, settings, redis_db):
-    settings.CAO_REDISPATCH_GRACE_SECONDS = 5
+    settings.CAO_REDISPATCH_GRACE_S = 5
     job = new_job(registry)
     redis_db.flushdb()
     age(job.pk, 30, times=["step_due_at"])
@@ -228,7 +228,7 @@ def test_messages_fetched_by_a_dead_worker_go_back_to_their_queue(registry, redi
 def test_a_first_sighting_outlives_the_gap_between_two_passes(registry, settings, redis_db):
     # prompt_enhancer's lease lives 15 s: a sighting kept 3 x 15 s would be
     # gone by the next pass, 60 s later, and the step never declared LOST.
-    settings.CAO_REDISPATCH_GRACE_SECONDS = 5
+    settings.CAO_REDISPATCH_GRACE_S = 5
     settings.SANITY_CHECK_INTERVAL_SECONDS = 60
     job = running_job(registry, seconds_ago=60)
 
@@ -241,7 +241,7 @@ def test_a_first_sighting_outlives_the_gap_between_two_passes(registry, settings
 def test_a_missing_lease_is_not_declared_lost_before_a_renewal_period_has_passed(registry, settings, redis_db):
     # A live worker re-adds a lease Redis forgot within ttl/3: two passes in
     # quick succession must not call its step lost (it would run twice).
-    settings.CAO_REDISPATCH_GRACE_SECONDS = 5
+    settings.CAO_REDISPATCH_GRACE_S = 5
     job = running_job(registry, seconds_ago=60)
 
     first, second = run_maintenance(), run_maintenance()
@@ -252,7 +252,7 @@ def test_a_missing_lease_is_not_declared_lost_before_a_renewal_period_has_passed
 
 def test_an_old_lost_step_is_found_behind_more_than_a_batch_of_healthy_waiters(registry, settings, redis_db):
     # Given an old job whose message was lost, and 510 newer healthy ones parked in line
-    settings.CAO_REDISPATCH_GRACE_SECONDS = 5
+    settings.CAO_REDISPATCH_GRACE_S = 5
     lost = new_job(registry)
     redis_db.delete(DISPATCH_MARKER.format(job_id=lost.pk))
     age(lost.pk, 3600, times=["created_at", "step_due_at"])
@@ -370,7 +370,7 @@ def test_a_waiter_of_a_finished_or_resent_job_leaves_the_line(registry):
 
 def test_a_cancelled_jobs_call_whose_worker_died_is_closed(registry, settings, redis_db):
     # Given a cancelled job whose call was running when its worker died (no lease)
-    settings.CAO_REDISPATCH_GRACE_SECONDS = 5
+    settings.CAO_REDISPATCH_GRACE_S = 5
     job = running_job(registry, seconds_ago=60)
     Job.objects.filter(pk=job.pk).update(status=JobStatus.CANCELLED)
     redis_db.set(SUSPECT_KEY.format(member=lease_member(job.pk, 0, 1)), 0)  # seen missing long ago
@@ -386,7 +386,7 @@ def test_a_cancelled_jobs_call_whose_worker_died_is_closed(registry, settings, r
 
 def test_after_a_redis_loss_queued_steps_are_resent_at_once_delayed_retries_keep_their_delay(registry, settings, redis_db):
     # Given a step queued a moment ago and a retry due in 30 s, both lost with Redis
-    settings.CAO_REDISPATCH_GRACE_SECONDS = 30
+    settings.CAO_REDISPATCH_GRACE_S = 30
     fresh, retry = new_job(registry), new_job(registry)
     Job.objects.filter(pk=retry.pk).update(step_due_at=timezone.now() + timedelta(seconds=30))
     redis_db.flushdb()

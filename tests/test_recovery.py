@@ -155,7 +155,7 @@ def test_heartbeats_restored_from_a_snapshot_are_not_trusted_until_processes_bea
 
 def test_a_redis_restart_is_seen_and_lost_queued_steps_are_resent_within_the_tick(registry, redis_db, settings):
     # Given a step queued a moment ago (within the 30 s grace), then Redis restarts empty
-    settings.CAO_REDISPATCH_GRACE_SECONDS = 30
+    settings.CAO_REDISPATCH_GRACE_S = 30
     recovery = Recovery()
     recovery.tick()
     job, _ = submit_job(feature_name="business_plan", input_data={"topic": "tea"})

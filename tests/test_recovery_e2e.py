@@ -22,7 +22,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 
 PRODUCTION_RECOVERY = {
     "SANITY_CHECK_INTERVAL_SECONDS": "60",
-    "CAO_REDISPATCH_GRACE_SECONDS": "30",
+    "CAO_REDISPATCH_GRACE_S": "30",
     "CAO_HANDOFF_TTL_S": "30",
     "CAO_BROKER_HEARTBEAT_TIMEOUT_MS": "60000",
 }

@@ -288,7 +288,7 @@ def test_hot_paths_read_every_service_in_one_query_per_cache_period(registry, se
     from services_registry.cache import forget
     from services_registry.selectors import service_live
 
-    settings.CAO_REGISTRY_CACHE_SECONDS = 60
+    settings.CAO_REGISTRY_CACHE_S = 60
     forget()
     with django_assert_num_queries(1):
         names = [service_live(name).name for name in registry]

@@ -66,6 +66,36 @@ def test_service_url_env_vars_override_and_other_urls_do_not():
     assert "database" not in result.stdout
 
 
+RENAMED_DURATIONS = [
+    ("CAO_RECORD_RETRY_SECONDS", "CAO_RECORD_RETRY_S", "CAO_RECORD_RETRY_S"),
+    ("CAO_WS_RESYNC_SECONDS", "CAO_WS_RESYNC_S", "CAO_WS_RESYNC_S"),
+    ("CAO_SSE_KEEPALIVE_SECONDS", "CAO_SSE_KEEPALIVE_S", "CAO_SSE_KEEPALIVE_S"),
+    ("CAO_REDISPATCH_GRACE_SECONDS", "CAO_REDISPATCH_GRACE_S", "CAO_REDISPATCH_GRACE_S"),
+    ("CAO_DISPATCH_MARKER_TTL_SECONDS", "CAO_DISPATCH_MARKER_TTL_S", "CAO_DISPATCH_MARKER_TTL_S"),
+    ("CAO_REGISTRY_CACHE_SECONDS", "CAO_REGISTRY_CACHE_S", "CAO_REGISTRY_CACHE_S"),
+    ("CAO_API_KEY_CACHE_SECONDS", "CAO_API_KEY_CACHE_S", "CAO_API_KEY_CACHE_S"),
+    ("CAO_HSTS_SECONDS", "CAO_HSTS_S", "SECURE_HSTS_SECONDS"),
+]
+
+
+@pytest.mark.parametrize("old, new, setting", RENAMED_DURATIONS)
+def test_a_deprecated_duration_name_still_applies_with_a_warning(old, new, setting):
+    result = run_python(f"import cao_project.settings as s; print(s.{setting})", DEBUG="true", **{old: "7", new: ""})
+
+    assert result.returncode == 0, result.stderr
+    assert float(result.stdout.strip()) == 7
+    assert f"{old} is deprecated" in result.stderr and new in result.stderr
+
+
+@pytest.mark.parametrize("old, new, setting", RENAMED_DURATIONS)
+def test_the_new_duration_name_wins_over_the_deprecated_one(old, new, setting):
+    result = run_python(f"import cao_project.settings as s; print(s.{setting})", DEBUG="true", **{old: "7", new: "3"})
+
+    assert result.returncode == 0, result.stderr
+    assert float(result.stdout.strip()) == 3
+    assert "deprecated" not in result.stderr
+
+
 def test_malformed_numbers_are_reported_by_name():
     result = run_python("import cao_project.settings", SECRET_KEY="x", HTTP_READ_TIMEOUT_S="soon")
 
@@ -188,12 +218,12 @@ out["hsts_over_http"] = client.get("/api/v1/health").headers.get("Strict-Transpo
     "env, expected",
     [
         (
-            {"CAO_SECURE_COOKIES": "true", "CAO_HSTS_SECONDS": "31536000"},
+            {"CAO_SECURE_COOKIES": "true", "CAO_HSTS_S": "31536000"},
             {"csrf_cookie_secure": True, "session_cookie_secure": True, "session_cookie_httponly": True,
              "hsts_over_tls": "max-age=31536000", "hsts_over_http": None},
         ),
         (
-            {"CAO_SECURE_COOKIES": "", "CAO_HSTS_SECONDS": ""},  # the defaults: plain-HTTP local development
+            {"CAO_SECURE_COOKIES": "", "CAO_HSTS_S": ""},  # the defaults: plain-HTTP local development
             {"csrf_cookie_secure": False, "session_cookie_secure": False, "session_cookie_httponly": True,
              "hsts_over_tls": None, "hsts_over_http": None},
         ),

@@ -169,7 +169,7 @@ def test_a_running_job_streams_every_event_once_in_order_then_the_stream_closes(
     registry, simulator, worker, asgi_server, gate, client_key, settings
 ):
     # Given a job whose first call is held in flight, and no resync: live events can only come pushed
-    settings.CAO_WS_RESYNC_SECONDS = 0
+    settings.CAO_WS_RESYNC_S = 0
     job = job_of(client_key)
     gate.wait_in_flight(1)
     quiet_seq = Job.objects.get(pk=job.pk).last_event_seq
@@ -323,7 +323,7 @@ def test_a_cancelled_job_ends_the_stream_and_its_late_step_record_does_not_reope
 
 
 def test_a_quiet_stream_sends_keep_alive_comments(registry, asgi_server, client_key, settings):
-    settings.CAO_SSE_KEEPALIVE_SECONDS = 0.2
+    settings.CAO_SSE_KEEPALIVE_S = 0.2
     job = job_of(client_key)  # no worker: the job says nothing
     stream = open_stream(asgi_server, job.pk, key=client_key)
 
@@ -338,7 +338,7 @@ def test_a_quiet_stream_sends_keep_alive_comments(registry, asgi_server, client_
 
 def test_lost_pushes_are_filled_from_the_log_when_the_next_one_arrives(registry, asgi_server, client_key, settings):
     # Given a stream that has replayed a job's one event, and no resync: only the gap fill can recover a lost push
-    settings.CAO_WS_RESYNC_SECONDS = 0
+    settings.CAO_WS_RESYNC_S = 0
     job = job_of(client_key)
     fake_events(job, 1, publish=False)
     stream = open_stream(asgi_server, job.pk, key=client_key)
@@ -359,7 +359,7 @@ def test_lost_pushes_are_filled_from_the_log_when_the_next_one_arrives(registry,
 
 def test_a_lost_final_push_arrives_by_the_resync_and_the_stream_closes(registry, asgi_server, client_key, settings):
     # Given a stream that has replayed a job's one event
-    settings.CAO_WS_RESYNC_SECONDS = 0.2
+    settings.CAO_WS_RESYNC_S = 0.2
     job = job_of(client_key)
     fake_events(job, 1, publish=False)
     stream = open_stream(asgi_server, job.pk, key=client_key)
@@ -386,7 +386,7 @@ def test_a_stream_outlasts_a_channel_layer_outage_and_rejoins_its_group(
             "CONFIG": {"hosts": [private_redis.url(0)], "prefix": "cao:ws"},
         }
     }
-    settings.CAO_WS_RESYNC_SECONDS = 0.2
+    settings.CAO_WS_RESYNC_S = 0.2
     layer_redis = redis.Redis.from_url(private_redis.url(0))
     job = job_of(client_key)
     stream = open_stream(asgi_server, job.pk, key=client_key)

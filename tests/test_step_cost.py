@@ -40,7 +40,7 @@ def counted_redis():
 
 
 def test_one_step_costs_a_fixed_number_of_statements_and_round_trips(registry, simulator, counted_redis, settings):
-    settings.CAO_REGISTRY_CACHE_SECONDS = 60  # as in production: service rows are cached briefly
+    settings.CAO_REGISTRY_CACHE_S = 60  # as in production: service rows are cached briefly
     job, _ = submit_job(feature_name="business_plan", input_data={"topic": "tea"})
     engine = Engine()
     # As the step actor calls it: the message names the step's service
@@ -64,7 +64,7 @@ def test_one_step_costs_a_fixed_number_of_statements_and_round_trips(registry, s
 
 
 def test_creating_a_job_is_one_statement_and_two_round_trips_to_redis(registry, counted_redis, settings):
-    settings.CAO_REGISTRY_CACHE_SECONDS = 60  # as in production: the recipe is cached briefly
+    settings.CAO_REGISTRY_CACHE_S = 60  # as in production: the recipe is cached briefly
     submit_job(feature_name="business_plan", input_data={"topic": "tea"})  # warm caches and connections
 
     counted_redis.sent = 0

@@ -15,7 +15,7 @@ pytestmark = pytest.mark.django_db(transaction=True)
 
 
 def test_a_ping_answers_with_what_the_log_holds_after_sending_what_was_missed(registry, settings):
-    settings.CAO_WS_RESYNC_SECONDS = 0  # the timer is off: only the ping can recover it
+    settings.CAO_WS_RESYNC_S = 0  # the timer is off: only the ping can recover it
     job = new_job(registry)
 
     async def scenario():
@@ -35,7 +35,7 @@ def test_a_ping_answers_with_what_the_log_holds_after_sending_what_was_missed(re
 
 
 def test_a_lost_final_push_arrives_by_itself_within_the_resync_interval(registry, settings):
-    settings.CAO_WS_RESYNC_SECONDS = 0.2
+    settings.CAO_WS_RESYNC_S = 0.2
     job = new_job(registry)
 
     async def scenario():
@@ -51,7 +51,7 @@ def test_a_lost_final_push_arrives_by_itself_within_the_resync_interval(registry
 
 def test_a_socket_whose_group_membership_was_lost_rejoins_and_gets_live_pushes_again(registry, settings, redis_db):
     # Given a subscriber, then Redis loses its data (the group membership with it)
-    settings.CAO_WS_RESYNC_SECONDS = 0.2
+    settings.CAO_WS_RESYNC_S = 0.2
     job = new_job(registry)
     layer = get_channel_layer()
 
@@ -101,7 +101,7 @@ def test_the_watch_script_pings_a_silent_socket_and_learns_of_a_lost_final_event
     from jobs.models import Job, JobEvent
     from scripts.watch_job import watch
 
-    settings.CAO_WS_RESYNC_SECONDS = 0  # only the client's ping can recover it
+    settings.CAO_WS_RESYNC_S = 0  # only the client's ping can recover it
     job = new_job(registry)
     lines = []
 
