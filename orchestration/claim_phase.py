@@ -29,9 +29,9 @@ from jobs.outcomes import StepDispatch
 from jobs.writes import LOCKED, ConditionalWrite
 from orchestration import errors
 from orchestration.database_retry import DatabaseRetry
-from orchestration.dispatch import release_quietly, release_step, send_handoffs
+from orchestration.slots import acquire_step, release_quietly, release_step, send_handoffs
 from orchestration.errors import failure_from
-from orchestration.messages import handoff_payload, lease_member, step_member
+from orchestration.messages import step_member
 from services_registry.selectors import service_live
 
 logger = logging.getLogger(__name__)
@@ -186,15 +186,7 @@ class ClaimPhase:
 
     def _acquire(self, service, step):
         self.keeper.ensure_alive()  # a slot's owner must be known to be alive
-        return self.limiter.acquire(
-            service.name,
-            step_member(step),
-            limit=service.concurrency_limit,
-            ttl_s=service.lease_ttl_s,
-            payload=handoff_payload(step),
-            census=lambda: [lease_member(*call) for call in job_selectors.calls_in_flight(service.name)],
-            owner=self.keeper.owner,
-        )
+        return acquire_step(step, service, limiter=self.limiter, owner=self.keeper.owner)
 
     def _started(self, job, step, service):
         logger.info("Started the call to %s.", service.name)
@@ -224,7 +216,7 @@ class ClaimPhase:
             if not stored:
                 # The attempt never started: give the slot back at once
                 # rather than after lease_ttl_s.
-                release_quietly(step, service)
+                release_quietly(step, service, limiter=self.limiter)
         if stored:
             logger.warning("The claim was stored although its commit raised; going on with the call.")
         return stored
@@ -272,7 +264,7 @@ class ClaimPhase:
             # A stale message may still own a slot, a reservation or a place
             # in line (taken by its own claim, or before the job was
             # cancelled while parked): free it.
-            after_commit(release_step, stale)
+            after_commit(release_step, stale, limiter=self.limiter)
 
     def _fail_unavailable(self, job):
         error = errors.ServiceUnavailable(

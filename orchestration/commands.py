@@ -13,7 +13,8 @@ from jobs import services as job_services
 from jobs.errors import ForceNotAllowed, JobNotFound
 from jobs.selectors import parse_job_id, visible_jobs
 from jobs.state import current_step
-from orchestration.dispatch import release_step, send_after_commit
+from orchestration.dispatch import send_after_commit
+from orchestration.slots import release_step
 
 
 def _locked_visible_job(job_id, *, owner, is_staff):

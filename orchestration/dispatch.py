@@ -1,10 +1,9 @@
-"""Sending step messages and giving slots back.
+"""Sending step messages.
 
 ``send_step`` enqueues a step's message on its service's queue and marks it
-as sent (what maintenance checks before re-sending); ``release_step`` gives a
-step's slot (or place in line) back and sends the hand-offs that frees.
-Callers inside a transaction use ``send_after_commit``: a message must never
-leave before the state it announces is committed.
+as sent (what maintenance checks before re-sending). Callers inside a
+transaction use ``send_after_commit``: a message must never leave before the
+state it announces is committed.
 """
 
 import logging
@@ -14,8 +13,7 @@ from django.conf import settings
 from common.after_commit import after_commit
 from common.redis import get_redis
 from orchestration.broker import NotifyingRedisBroker
-from orchestration.messages import parse_handoff, step_member, step_message, step_time_limit_s
-from orchestration.per_process import get_limiter
+from orchestration.messages import step_message, step_time_limit_s
 from services_registry.selectors import service_live
 
 logger = logging.getLogger(__name__)
@@ -70,34 +68,3 @@ def dispatched_token(job_id):
 def send_after_commit(dispatch):
     """Send the step message once the transaction commits (maintenance re-sends it if this fails)."""
     after_commit(send_step, dispatch)
-
-
-def send_handoffs(payloads):
-    """Send the messages of waiters that were just handed a slot."""
-    for payload in payloads:
-        try:
-            send_step(parse_handoff(payload))
-        except Exception:
-            # The grant lapses after CAO_HANDOFF_TTL_S and maintenance re-hands it.
-            logger.warning("Could not dispatch a hand-off (%s); maintenance will retry.", payload, exc_info=True)
-
-
-def release_step(step, *, limit=None):
-    """Give back the slot (or place in line) of ``step`` and pass it on."""
-    if limit is None:
-        service = service_live(step.service)
-        limit = service.concurrency_limit if service else 0
-    member = step_member(step)
-    send_handoffs(get_limiter().release(step.service, member, limit=limit))
-
-
-def release_quietly(step, service):
-    """``release_step`` under ``service``'s limit as the registry has it now, logging instead of raising."""
-    try:
-        release_step(step, limit=(service_live(service.name) or service).concurrency_limit)
-    except Exception:
-        # The lease expires after lease_ttl_s; nothing else is lost.
-        logger.warning(
-            "Could not release the slot of job_id=%s step_index=%s on %s; it expires by itself.",
-            step.job_id, step.step_index, step.service, exc_info=True,
-        )

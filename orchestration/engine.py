@@ -27,10 +27,10 @@ from common import green, metrics
 from common.logs import log_context
 from orchestration import errors
 from orchestration.claim_phase import ClaimPhase
-from orchestration.dispatch import release_quietly
 from orchestration.http_client import ServiceClient
 from orchestration.per_process import get_keeper, get_limiter
 from orchestration.record_phase import RecordPhase
+from orchestration.slots import release_quietly
 
 logger = logging.getLogger(__name__)
 
@@ -94,7 +94,7 @@ class Engine(ClaimPhase, RecordPhase):
         if isinstance(reply, errors.DownstreamTimeout):
             self._hold_after_timeout(claim)
         else:
-            release_quietly(claim.step, claim.service)
+            release_quietly(claim.step, claim.service, limiter=self.limiter)
 
     def _hold_after_timeout(self, claim):
         # A service that timed out may still be working on the request:

@@ -35,7 +35,8 @@ from jobs import steps as job_steps
 from jobs.state import current_step
 from jobs.models import ACTIVE_STATUSES, AttemptOutcome, Job, JobStatus, StepState
 from orchestration import errors
-from orchestration.dispatch import DISPATCH_MARKER, dispatched_token, release_step, send_after_commit, send_handoffs
+from orchestration.dispatch import DISPATCH_MARKER, dispatched_token, send_after_commit
+from orchestration.slots import release_step, send_handoffs
 from orchestration.errors import failure_from
 from orchestration.messages import lease_member, parse_member
 from orchestration.per_process import get_limiter

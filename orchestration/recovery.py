@@ -28,7 +28,7 @@ from django.db import transaction
 from dramatiq.brokers.redis import RedisBroker
 
 from jobs.models import Job, StepState
-from orchestration.dispatch import send_handoffs
+from orchestration.slots import send_handoffs
 from orchestration.messages import parse_member
 from orchestration.per_process import get_limiter, get_liveness
 from orchestration.maintenance import (

@@ -1,0 +1,66 @@
+"""A step's slot of its service: take it, give it back, pass it on.
+
+A slot is a lease in the service's limiter named after the step message
+(``messages.step_member``). ``acquire_step`` takes one or parks the step in
+line, leaving the message to send when a slot is handed over; every release
+sends the messages of the waiters it handed slots to (``send_handoffs``).
+"""
+
+import logging
+
+from jobs import selectors as job_selectors
+from orchestration.dispatch import send_step
+from orchestration.messages import handoff_payload, lease_member, parse_handoff, step_member
+from orchestration.per_process import get_limiter
+from services_registry.selectors import service_live
+
+logger = logging.getLogger(__name__)
+
+
+def acquire_step(step, service, *, limiter=None, owner=None):
+    """Take a slot of ``service`` for ``step``, or its place in line; the ``Acquisition``.
+
+    Should Redis have lost the service's keys, the calls in flight that the
+    database knows of re-seed them first (the census), so the limit holds.
+    """
+    limiter = limiter or get_limiter()
+    return limiter.acquire(
+        service.name,
+        step_member(step),
+        limit=service.concurrency_limit,
+        ttl_s=service.lease_ttl_s,
+        payload=handoff_payload(step),
+        census=lambda: [lease_member(*call) for call in job_selectors.calls_in_flight(service.name)],
+        owner=owner,
+    )
+
+
+def send_handoffs(payloads):
+    """Send the messages of waiters that were just handed a slot."""
+    for payload in payloads:
+        try:
+            send_step(parse_handoff(payload))
+        except Exception:
+            # The grant lapses after CAO_HANDOFF_TTL_S and maintenance re-hands it.
+            logger.warning("Could not dispatch a hand-off (%s); maintenance will retry.", payload, exc_info=True)
+
+
+def release_step(step, *, limit=None, limiter=None):
+    """Give back the slot (or place in line) of ``step`` and pass it on."""
+    if limit is None:
+        service = service_live(step.service)
+        limit = service.concurrency_limit if service else 0
+    limiter = limiter or get_limiter()
+    send_handoffs(limiter.release(step.service, step_member(step), limit=limit))
+
+
+def release_quietly(step, service, *, limiter=None):
+    """``release_step`` under ``service``'s limit as the registry has it now, logging instead of raising."""
+    try:
+        release_step(step, limit=(service_live(service.name) or service).concurrency_limit, limiter=limiter)
+    except Exception:
+        # The lease expires after lease_ttl_s; nothing else is lost.
+        logger.warning(
+            "Could not release the slot of job_id=%s step_index=%s on %s; it expires by itself.",
+            step.job_id, step.step_index, step.service, exc_info=True,
+        )
