@@ -2,6 +2,7 @@
 
 import uuid
 
+from jobs import stream_end
 from jobs.errors import JobNotFound
 from jobs.models import AttemptOutcome, Job, JobEvent, JobStatus, StepAttempt, StepState, step_key
 
@@ -131,3 +132,20 @@ def attempt_recorded(job_id, *, token):
         .exclude(outcome__in=(AttemptOutcome.RUNNING, AttemptOutcome.LOST))
         .exists()
     )
+
+
+def finishing_seq(job):
+    """The seq of the event that finished ``job``, or None while it can still emit events.
+
+    Queries the log: async code calls it in Django's database thread.
+    """
+    if job.status not in stream_end.FINISHED_STATUSES:
+        return None
+    seq = (
+        JobEvent.objects.filter(job_id=job.pk, type__in=stream_end.END_EVENTS)
+        .order_by("-seq")
+        .values_list("seq", flat=True)
+        .first()
+    )
+    # A finished job always logged its end; should the row be missing, its last event stands in.
+    return job.last_event_seq if seq is None else seq

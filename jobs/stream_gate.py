@@ -22,7 +22,6 @@ from common.errors import InvalidInput
 from jobs import selectors
 from jobs.monitor import token_allows
 from jobs.permissions import READ_JOBS
-from jobs.stream_end import finishing_seq
 
 # Seqs are PostgreSQL integers.
 MAX_SEQ = 2**31 - 1
@@ -115,7 +114,7 @@ class JobStreamGate(APIView):
         else:
             owner, is_staff = caller_scope(request)
         job = selectors.job_get(job_id, owner=owner, is_staff=is_staff)
-        end = finishing_seq(job)
+        end = selectors.finishing_seq(job)
         if end is not None and after >= end:
             return Response(status=204)
         return Response({"job_id": str(job.id), "after": after})
