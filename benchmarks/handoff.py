@@ -23,7 +23,7 @@ video_gen_v2 STEP_COMPLETED or JOB_ERROR of any job. Approximations:
 """
 
 
-from benchmarks.harness import case_main, events, run_case, summary_ms
+from benchmarks.harness import case_main, events, summary_ms
 
 SERVICE = "video_gen_v2"
 RELEASES = ("STEP_COMPLETED", "JOB_ERROR")
@@ -69,10 +69,6 @@ def measure(bed, *, jobs=20, step_latency="200ms", limit=2):
         "handoff_ms": summary_ms(latest),
         "fifo_ms": summary_ms(fifo),
     }
-
-
-def run(*, jobs=20):
-    return run_case(measure, jobs=jobs)
 
 
 def main(argv=None):

@@ -10,7 +10,7 @@ not in the total. Reported as % of one core: CPU seconds / wall seconds * 100.
 import time
 
 from benchmarks.cpu import CpuMeter
-from benchmarks.harness import case_main, run_case
+from benchmarks.harness import case_main
 
 
 def measure(bed, *, seconds=60.0, settle_s=2.0):
@@ -34,10 +34,6 @@ def measure(bed, *, seconds=60.0, settle_s=2.0):
         "postgres_backends": usage["postgres_backends"],
         "per_process_pct": {name: pct(cpu_s) for name, cpu_s in usage["processes"].items()},
     }
-
-
-def run(*, seconds=60.0):
-    return run_case(measure, seconds=seconds)
 
 
 def main(argv=None):

@@ -14,7 +14,7 @@ PostgreSQL connections of the whole stack to its database, sampled every
 
 import threading
 
-from benchmarks.harness import case_main, run_case, workers_held
+from benchmarks.harness import case_main, workers_held
 
 SERVICE = "fast_chat_llm"
 
@@ -62,10 +62,6 @@ def measure(bed, *, jobs=330, limit=300, call_s=2.0):
         "pg_connections_max": connections.maximum,
         "seconds": round(seconds, 2),
     }
-
-
-def run(*, jobs=330, limit=300, call_s=2.0):
-    return run_case(measure, jobs=jobs, limit=limit, call_s=call_s)
 
 
 def main(argv=None):

@@ -27,7 +27,7 @@ includes that wake-up rather than a polling back-off.
 
 import time
 
-from benchmarks.harness import case_main, events, run_case, summary_ms
+from benchmarks.harness import case_main, events, summary_ms
 from scripts.polling import wait_until
 
 STEPS = 4  # business_plan
@@ -96,10 +96,6 @@ def measure(bed, *, jobs=30, warmup=3, step_latency="5ms", pause_s=0.5):
         "in_step_ms": summary_ms(in_step),
         "between_steps_p50_by_step": {str(index): summary_ms(gaps)["p50"] for index, gaps in sorted(by_step.items())},
     }
-
-
-def run(*, jobs=30):
-    return run_case(measure, jobs=jobs)
 
 
 def main(argv=None):

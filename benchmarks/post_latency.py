@@ -21,7 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import requests
 
-from benchmarks.harness import bench_testbed, reset, summary_ms
+from benchmarks.harness import reset, run_case, summary_ms
 
 
 def measure_rate(bed, *, rate, seconds=10.0, warmup_s=1.0, threads=32, feature="business_plan"):
@@ -75,18 +75,13 @@ def measure(bed, *, rates=(10, 50), seconds=10.0, warmup_s=1.0):
     return results
 
 
-def run(*, rates=(10, 50), seconds=10.0):
-    with bench_testbed() as bed:
-        return measure(bed, rates=rates, seconds=seconds)
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rates", default="10,50", help="requests per second, comma-separated (default 10,50)")
     parser.add_argument("--seconds", type=float, default=10.0, help="how long at each rate (default 10)")
     args = parser.parse_args(argv)
     rates = [float(rate) for rate in args.rates.split(",")]
-    print(json.dumps(run(rates=rates, seconds=args.seconds), indent=2))
+    print(json.dumps(run_case(measure, rates=rates, seconds=args.seconds), indent=2))
 
 
 if __name__ == "__main__":

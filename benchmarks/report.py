@@ -135,7 +135,23 @@ LATENCY_FIGURES = (
            target=20, reference=137, floor="dramatiq"),
     Figure("ws_p50", "WebSocket delivery, p50", ("ws", "delivery_ms", "p50"), "ms", floor="redis"),
     Figure("ws_p95", "WebSocket delivery, p95", ("ws", "delivery_ms", "p95"), "ms", target=25, floor="redis"),
+    Figure("ws_cpu_per_event", "WebSocket fan-out: API CPU per delivered event", ("ws", "api_cpu_ms_per_event"), "ms"),
 )
+
+
+def _ws_burst_figures(case):
+    label = f"WebSocket per job during the {(case or {}).get('jobs', 'N')}-job burst"
+    return (
+        Figure("ws_burst_p50", f"{label}: delivery, p50", ("ws_burst", "delivery_ms", "p50"), "ms", floor="redis"),
+        Figure("ws_burst_p95", f"{label}: delivery, p95", ("ws_burst", "delivery_ms", "p95"), "ms",
+               target=100, floor="redis"),
+        Figure("ws_burst_terminal_p95", f"{label}: terminal event after its commit, p95",
+               ("ws_burst", "terminal_ms", "p95"), "ms", target=100, floor="redis"),
+        Figure("ws_burst_terminal_100ms", f"{label}: sockets with the terminal event within 100 ms",
+               ("ws_burst", "terminal_within_100ms"), "sockets", higher_is_better=True),
+        Figure("ws_burst_gapless", f"{label}: sockets that got every seq in order",
+               ("ws_burst", "gapless_sockets"), "sockets", higher_is_better=True),
+    )
 
 def _inflight_figures(case):
     limit, call_s = (case or {}).get("limit", "N"), (case or {}).get("call_s", "N")
@@ -184,6 +200,7 @@ def figures_of(cases):
         *_cpu_figures(next(iter(_numeric_keys(cases.get("throughput"))), None)),
         *_execution_figures((cases.get("execution") or {}).get("jobs", "N")),
         *LATENCY_FIGURES,
+        *_ws_burst_figures(cases.get("ws_burst")),
         *_post_figures(_numeric_keys(cases.get("post"))),
         *_inflight_figures(cases.get("inflight")),
         *RECOVERY_FIGURES,

@@ -38,7 +38,9 @@ from scripts.testbed import PrivateRedis
 # In run order: idle first, on a stack that has done nothing yet; floors
 # before the load; the heaviest loads last.
 # Recovery runs on a stack of its own (it kills workers and Redis).
-CASES = ("idle", "floors", "overhead", "handoff", "ws", "post", "throughput", "execution", "inflight", "recovery")
+CASES = (
+    "idle", "floors", "overhead", "handoff", "ws", "post", "throughput", "ws_burst", "execution", "inflight", "recovery",
+)
 
 FULL = {
     "idle": {"seconds": 60},
@@ -46,6 +48,7 @@ FULL = {
     "overhead": {"jobs": 30, "warmup": 3},
     "handoff": {"jobs": 20},
     "ws": {"jobs": 50},
+    "ws_burst": {"jobs": 200},
     "post": {"rates": (10, 50), "seconds": 10},
     "throughput": {"jobs": (200, 500)},
     "execution": {"jobs": 500},
@@ -58,6 +61,7 @@ QUICK = {
     "overhead": {"jobs": 5, "warmup": 1, "pause_s": 0.2},
     "handoff": {"jobs": 6},
     "ws": {"jobs": 5},
+    "ws_burst": {"jobs": 10, "clients": 5},
     "post": {"rates": (20,), "seconds": 2, "warmup_s": 0.5},
     "throughput": {"jobs": (20,)},
     "execution": {"jobs": 20},
@@ -72,6 +76,7 @@ MEASURES = {
     "overhead": overhead.measure,
     "handoff": handoff.measure,
     "ws": ws_latency.measure,
+    "ws_burst": ws_latency.measure_burst,
     "post": post_latency.measure,
     "throughput": throughput.measure_sizes,
     "execution": throughput.measure_execution,

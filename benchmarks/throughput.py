@@ -25,7 +25,7 @@ import json
 import time
 
 from benchmarks.cpu import CpuMeter
-from benchmarks.harness import bench_testbed, reset, summary_ms, workers_held
+from benchmarks.harness import reset, run_case, summary_ms, workers_held
 
 STEPS_PER_JOB = {"business_plan": 4, "viral_video": 3}
 # Clients submitting at once (the reference design was measured with 20).
@@ -107,18 +107,13 @@ def measure_execution(bed, *, jobs=500):
     return measure(bed, jobs=jobs, held=True)
 
 
-def run(*, jobs=200, feature="business_plan", held=False):
-    with bench_testbed() as bed:
-        return measure(bed, jobs=jobs, feature=feature, held=held)
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--jobs", type=int, default=200)
     parser.add_argument("--feature", default="business_plan", choices=sorted(STEPS_PER_JOB))
     parser.add_argument("--held", action="store_true", help="execution alone: queue every job, then start the workers")
     args = parser.parse_args(argv)
-    print(json.dumps(run(jobs=args.jobs, feature=args.feature, held=args.held), indent=2))
+    print(json.dumps(run_case(measure, jobs=args.jobs, feature=args.feature, held=args.held), indent=2))
 
 
 if __name__ == "__main__":

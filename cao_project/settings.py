@@ -325,6 +325,9 @@ CAO_ALLOW_ANONYMOUS = env_bool("CAO_ALLOW_ANONYMOUS", False)
 # while the job is active (pushes are the fast path; this recovers a lost
 # one). 0 turns it off.
 CAO_WS_RESYNC_S = env_seconds("CAO_WS_RESYNC_S", 5.0, was="CAO_WS_RESYNC_SECONDS")
+# A pushed event that overtook an earlier one (pushed by another worker) waits
+# this long for it before the gap is read from the log; 0 reads it at once.
+CAO_FOLLOW_REORDER_WAIT_S = env_seconds("CAO_FOLLOW_REORDER_WAIT_S", 0.2)
 # An event stream (GET /api/v1/jobs/<id>/stream) silent this long sends a
 # comment line, so proxies keep it open and clients see it alive. 0: never.
 CAO_SSE_KEEPALIVE_S = env_seconds("CAO_SSE_KEEPALIVE_S", 15.0, was="CAO_SSE_KEEPALIVE_SECONDS")

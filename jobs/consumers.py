@@ -9,8 +9,9 @@ channel-layer errors) is ``jobs.follow``, shared with the SSE stream; this
 consumer only authenticates, frames and sends.
 
 The consumer resyncs on every client ``ping`` (before it answers ``pong``)
-and every CAO_WS_RESYNC_S while the job is active, so a lost push is
-recovered even when nothing follows it. When the channel layer fails (Redis
+and after CAO_WS_RESYNC_S without a push while the job is active, so a
+lost push is recovered even when nothing follows it; a push that overtook an earlier one
+is held up to CAO_FOLLOW_REORDER_WAIT_S for it, then the log fills the gap. When the channel layer fails (Redis
 restarting), the socket stays open: it keeps streaming from the log and
 rejoins the group once Redis answers again.
 
@@ -32,9 +33,12 @@ from django.utils import timezone
 from common.origins import scope_origin_allowed
 from jobs import selectors
 from jobs.errors import JobNotFound
-from jobs.follow import EventFollower, PushInbox, resync_interval
+from jobs.follow import EventFollower, PushInbox
 from jobs.monitor import token_allows
 from jobs.permissions import may_read_jobs
+
+# With no timer due (resyncs off, the job done), how often the tick looks again.
+IDLE_TICK_S = 60.0
 
 CLOSE_BAD_REQUEST = 4400
 CLOSE_UNAUTHORIZED = 4401
@@ -52,16 +56,29 @@ class JobProgressConsumer(AsyncJsonWebsocketConsumer):
         self.base_send = send
         self.inbox = PushInbox(self.channel_layer, self.channel_name)
         self.job_id, self.follower = None, None
+        self._timers_changed = asyncio.Event()
         try:
-            await await_many_dispatch([receive, self.inbox.receive, self._resync_tick], self.dispatch)
+            await await_many_dispatch([receive, self.inbox.receive, self._tick], self.dispatch)
         except StopConsumer:
             pass
 
-    async def _resync_tick(self):
+    async def _tick(self):
+        """The follower's timers as messages: a held push's gap to read from the log, a resync after silence."""
         while True:
-            interval = resync_interval()
-            await asyncio.sleep(interval or 60.0)
-            if self.follower and not self.follower.finished and interval:
+            follower = self.follower
+            waits = (follower.gap_wait_s(), follower.resync_wait_s()) if follower else ()
+            self._timers_changed.clear()
+            try:
+                # A follower that starts, or a push that opens a gap, wakes this up to wait for that instead.
+                await asyncio.wait_for(
+                    self._timers_changed.wait(), timeout=min((w for w in waits if w is not None), default=IDLE_TICK_S)
+                )
+                continue
+            except asyncio.TimeoutError:
+                pass
+            if follower is not None and follower.gap_wait_s() == 0:
+                return {"type": "job.gap"}
+            if follower is not None and follower.resync_wait_s() == 0:
                 return {"type": "job.resync"}
 
     async def connect(self):
@@ -85,7 +102,7 @@ class JobProgressConsumer(AsyncJsonWebsocketConsumer):
             await self.close(code=CLOSE_NOT_FOUND)
             return
         self.job_id = str(job.id)
-        follower = EventFollower(self.job_id, after=after, inbox=self.inbox)
+        follower = EventFollower(self.job_id, after=after, inbox=self.inbox, on_gap=self._timers_changed.set)
         await self.send_json(
             {
                 "type": "WS_CONNECTED",
@@ -102,6 +119,7 @@ class JobProgressConsumer(AsyncJsonWebsocketConsumer):
         await self._forward(follower.replay())
         # Set once the replay is sent: pushes and ticks wait for it.
         self.follower = follower
+        self._timers_changed.set()
 
     async def disconnect(self, code):
         await self.inbox.leave()
@@ -121,6 +139,11 @@ class JobProgressConsumer(AsyncJsonWebsocketConsumer):
     async def job_resync(self, message):
         """The periodic tick: rejoin the group (Redis may have lost it), then read the log."""
         await self._forward(self.follower.resync(rejoin=True))
+
+    async def job_gap(self, message):
+        """A held push waited long enough for the ones it overtook: read them from the log."""
+        if self.follower:
+            await self._forward(self.follower.fill_gap())
 
     async def _forward(self, events):
         async for event in events:

@@ -11,11 +11,20 @@ log, one committed after it is pushed to the group. From then on:
 
 - a pushed event whose seq was already delivered is dropped (a push retried,
   or one that the log read delivered first);
-- a pushed event beyond the next seq means earlier pushes were lost or
-  overtaken: the missing events are read from the log first;
-- a resync (every CAO_WS_RESYNC_S while the job is active, and on a
-  WebSocket ping) reads the log beyond the last seq delivered, so a lost push
-  is recovered even when nothing follows it (the final JOB_COMPLETED, say).
+- a pushed event beyond the next seq was overtaken, or earlier pushes were
+  lost. Overtaking is the common case: a step's STEP_COMPLETED is pushed by
+  one worker after it sent the next step's message, whose worker may push
+  STEP_STARTED first. So the early event is held for up to
+  CAO_FOLLOW_REORDER_WAIT_S for the missing ones to arrive; only if they do
+  not is the gap read from the log (``gap_wait_s`` says when, and
+  ``fill_gap`` does it), so a busy API does not read the log once per step
+  and subscriber;
+- a resync (after CAO_WS_RESYNC_S without a push while the job is active,
+  and on a WebSocket ping) reads the log beyond the last seq delivered, so a
+  lost push is recovered even when nothing follows it (the final
+  JOB_COMPLETED, say). A follower that pushes keep reaching is evidently in
+  its group, so busy jobs cost no periodic reads of the log
+  (``resync_wait_s``).
 
 A channel-layer error (Redis restarting) never ends a follow: ``PushInbox``
 waits it out with backoff, a failed join is retried by the next resync,
@@ -24,6 +33,7 @@ and the log keeps the subscriber current meanwhile.
 
 import asyncio
 import logging
+import time
 
 from channels.db import database_sync_to_async
 from django.conf import settings
@@ -42,6 +52,11 @@ LAYER_RETRY_S = (0.5, 1.0, 2.0, 5.0)
 EVENTS_MESSAGE = "job.events"
 
 logger = logging.getLogger(__name__)
+
+
+def reorder_wait_s():
+    """How long a push that overtook an earlier one waits for it before the log fills the gap."""
+    return max(settings.CAO_FOLLOW_REORDER_WAIT_S, 0.0)
 
 
 def resync_interval():
@@ -109,15 +124,22 @@ class EventFollower:
     FINAL_EVENTS event was yielded (nothing follows it, so resyncs can stop).
     ``read_events(job_id, after=, through=, limit=)`` is awaited for the
     log (by default ``selectors.job_events`` in Django's database thread).
+    Pushes that overtook earlier ones wait in ``early``; ``on_gap()`` is
+    called when such a wait starts, so the caller can wake up for it.
     """
 
-    def __init__(self, job_id, *, after=0, inbox=None, read_events=None):
+    def __init__(self, job_id, *, after=0, inbox=None, read_events=None, on_gap=None, clock=time.monotonic):
         self.job_id = str(job_id)
         self.group = group_name(self.job_id)
         self.last_seq = after
         self.finished = False
         self.inbox = inbox
         self.read_events = read_events or database_sync_to_async(selectors.job_events)
+        self.early = {}
+        self.on_gap = on_gap
+        self.clock = clock
+        self._gap_deadline = None
+        self._heard_at = clock()  # the last push or read of the log
 
     async def join(self):
         return await self.inbox.join(self.group)
@@ -137,6 +159,7 @@ class EventFollower:
 
     async def resync(self, *, rejoin=False):
         """``catch_up``, first rejoining the group if asked (Redis may have lost it); a database error waits for the next one."""
+        self._heard_at = self.clock()
         if rejoin:
             await self.join()
         try:
@@ -144,25 +167,73 @@ class EventFollower:
                 yield event
         except DatabaseError:
             logger.warning("Could not read the log of job %s; retrying at the next resync.", self.job_id)
+        for event in self._release_early():
+            yield event
 
     async def pushed(self, events):
-        """Live events pushed after commit: duplicates dropped, a gap filled from the log first."""
+        """Live events pushed after commit: duplicates dropped, one that overtook an earlier one held for it."""
+        self._heard_at = self.clock()
         for event in events:
             seq = event["seq"]
             if seq <= self.last_seq:
                 continue
             if seq > self.last_seq + 1:
-                try:
-                    async for missing in self.catch_up(through=seq - 1):
-                        yield missing
-                except DatabaseError:
-                    # Delivering this push now would skip the gap: the next
-                    # resync reads it and everything after it from the log.
-                    logger.warning("Could not fill a gap in job %s's events; the next resync will.", self.job_id)
-                    return
-                if seq != self.last_seq + 1:
-                    continue  # the log does not hold the gap yet; the next resync reads it in order
+                self._hold(event)
+                continue
             yield self._delivered(event)
+            for held in self._release_early():
+                yield held
+        if self.early and reorder_wait_s() == 0:
+            async for event in self.fill_gap():
+                yield event
+
+    def resync_wait_s(self):
+        """Seconds until the log is due to be re-read (0: now), or None when resyncs are off or the job is done."""
+        interval = resync_interval()
+        if interval is None or self.finished:
+            return None
+        return max(self._heard_at + interval - self.clock(), 0.0)
+
+    def gap_wait_s(self):
+        """Seconds until a held push's gap must be read from the log (0: now), or None when nothing is held."""
+        if self._gap_deadline is None:
+            return None
+        return max(self._gap_deadline - self.clock(), 0.0)
+
+    async def fill_gap(self):
+        """The events the held pushes overtook, from the log, then the held pushes that follow them."""
+        self._gap_deadline = None
+        if not self.early:
+            return
+        try:
+            async for event in self.catch_up(through=max(self.early)):
+                yield event
+        except DatabaseError:
+            # Delivering the held pushes now would skip the gap: the next
+            # resync reads it and everything after it from the log.
+            logger.warning("Could not fill a gap in job %s's events; the next resync will.", self.job_id)
+            return
+        # What the log does not hold yet stays held: the next resync reads it in order.
+        for event in self._release_early():
+            yield event
+
+    def _hold(self, event):
+        self.early[event["seq"]] = event
+        if self._gap_deadline is None:
+            self._gap_deadline = self.clock() + reorder_wait_s()
+            if self.on_gap is not None:
+                self.on_gap()
+
+    def _release_early(self):
+        """The held pushes that are next in order now; held ones already delivered are dropped."""
+        released = []
+        while self.last_seq + 1 in self.early:
+            released.append(self._delivered(self.early.pop(self.last_seq + 1)))
+        for seq in [seq for seq in self.early if seq <= self.last_seq]:
+            del self.early[seq]
+        if not self.early:
+            self._gap_deadline = None
+        return released
 
     async def messages(self, message):
         """The events of one channel-layer message (anything but a push of events holds none)."""

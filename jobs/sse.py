@@ -27,7 +27,7 @@ from django.db import DatabaseError
 from django.http import StreamingHttpResponse
 from django.views.decorators.csrf import csrf_exempt
 
-from jobs.follow import EventFollower, PushInbox, resync_interval
+from jobs.follow import EventFollower, PushInbox
 from jobs.stream_end import ends_stream
 from jobs.stream_gate import JobStreamGate
 
@@ -78,8 +78,6 @@ class JobEventStream:
             yield f"retry: {RETRY_MS}\n\n"
             source = follower.replay()
             receiving = asyncio.ensure_future(inbox.receive())
-            interval = resync_interval()
-            next_resync = loop.time() + interval if interval else float("inf")
             last_write = loop.time()
             while True:
                 if source is not None:
@@ -92,16 +90,17 @@ class JobEventStream:
                     source = None
                 keep_alive = settings.CAO_SSE_KEEPALIVE_S
                 next_keep_alive = last_write + keep_alive if keep_alive > 0 else float("inf")
-                wake_at = min(next_resync, next_keep_alive)
+                timers = [loop.time() + wait_s for wait_s in (follower.gap_wait_s(), follower.resync_wait_s()) if wait_s is not None]
+                wake_at = min([next_keep_alive, *timers])
                 timeout = None if wake_at == float("inf") else max(wake_at - loop.time(), 0.0)
                 done, _ = await asyncio.wait({receiving}, timeout=timeout)
                 now = loop.time()
                 if receiving in done:
                     source = follower.messages(receiving.result())
                     receiving = asyncio.ensure_future(inbox.receive())
-                elif now >= next_resync:
-                    interval = resync_interval()
-                    next_resync = now + interval if interval else float("inf")
+                elif follower.gap_wait_s() == 0:
+                    source = follower.fill_gap()
+                elif follower.resync_wait_s() == 0:
                     source = follower.resync(rejoin=True)
                 elif now >= next_keep_alive:
                     yield KEEP_ALIVE

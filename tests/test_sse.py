@@ -357,6 +357,29 @@ def test_lost_pushes_are_filled_from_the_log_when_the_next_one_arrives(registry,
     assert [frame.event for frame in replayed + frames] == stored_events(job)
 
 
+def test_a_push_that_overtook_a_lost_one_gets_it_from_the_log_once_the_reorder_wait_is_over(
+    registry, asgi_server, client_key, settings
+):
+    # Given a stream that has replayed a job's one event, no resync, and no push after the next one
+    settings.CAO_WS_RESYNC_S = 0
+    settings.CAO_FOLLOW_REORDER_WAIT_S = 0.3
+    job = job_of(client_key)
+    fake_events(job, 1, publish=False)
+    stream = open_stream(asgi_server, job.pk, key=client_key)
+    replayed = stream.events(1)
+
+    # When event 2 is committed but its push is lost, and 3 is pushed
+    fake_events(job, 1, publish=False)
+    third = fake_events(job, 1, publish=False)
+    async_to_sync(get_channel_layer().group_send)(group_name(job.pk), {"type": "job.events", "events": third})
+    frames = stream.events(2)
+    stream.close()
+
+    # Then, with nothing else to wake it, the stream reads 2 from the log and sends it before 3
+    assert [int(frame.fields["id"]) for frame in replayed + frames] == [1, 2, 3]
+    assert [frame.event for frame in replayed + frames] == stored_events(job)
+
+
 def test_a_lost_final_push_arrives_by_the_resync_and_the_stream_closes(registry, asgi_server, client_key, settings):
     # Given a stream that has replayed a job's one event
     settings.CAO_WS_RESYNC_S = 0.2

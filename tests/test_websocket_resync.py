@@ -49,6 +49,31 @@ def test_a_lost_final_push_arrives_by_itself_within_the_resync_interval(registry
     assert async_to_sync(scenario)() == [1, 2]
 
 
+def test_a_push_that_overtook_a_lost_one_is_held_then_the_log_fills_the_gap(registry, settings):
+    # Given a socket with no resync timer: only the end of the reorder wait can recover a lost push
+    settings.CAO_WS_RESYNC_S = 0
+    settings.CAO_FOLLOW_REORDER_WAIT_S = 1.0
+    job = new_job(registry)
+    layer = get_channel_layer()
+
+    async def scenario():
+        socket = await open_socket(path(job.pk, monitor_token(job.pk)))
+        await socket.receive_json_from()
+        # When two events are committed and only the second one is pushed
+        payloads = await in_thread(fake_events, job, 2, publish=False)
+        await layer.group_send(f"job.{job.pk}", {"type": "job.events", "events": [payloads[1]]})
+        held = await socket.receive_nothing(0.3)
+        seqs = [(await socket.receive_json_from(timeout=5))["seq"] for _ in range(2)]
+        await socket.disconnect()
+        return held, seqs
+
+    held, seqs = async_to_sync(scenario)()
+
+    # Then the second is held back rather than sent out of order, and both arrive in order
+    assert held is True
+    assert seqs == [1, 2]
+
+
 def test_a_socket_whose_group_membership_was_lost_rejoins_and_gets_live_pushes_again(registry, settings, redis_db):
     # Given a subscriber, then Redis loses its data (the group membership with it)
     settings.CAO_WS_RESYNC_S = 0.2
