@@ -211,9 +211,14 @@ CACHES = {
     },
 }
 
+# Pub/sub: a push is one PUBLISH, and each API process holds one subscription
+# per followed job, shared by its sockets and streams, read from one
+# connection (channels-redis's list layer popped every message of every
+# socket with two round trips). Pushes are the fast path; ``jobs.follow``
+# reads the log for whatever a push misses (while Redis restarts, say).
 CHANNEL_LAYERS = {
     "default": {
-        "BACKEND": "channels_redis.core.RedisChannelLayer",
+        "BACKEND": "channels_redis.pubsub.RedisPubSubChannelLayer",
         "CONFIG": {"hosts": [REDIS_URL], "prefix": "cao:ws"},
     },
 }

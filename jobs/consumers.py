@@ -52,9 +52,8 @@ class JobProgressConsumer(AsyncJsonWebsocketConsumer):
         # waits layer errors out, and a resync tick reads the log meanwhile.
         self.scope = scope
         self.channel_layer = get_channel_layer(self.channel_layer_alias)
-        self.channel_name = await self.channel_layer.new_channel()
         self.base_send = send
-        self.inbox = PushInbox(self.channel_layer, self.channel_name)
+        self.inbox = PushInbox(self.channel_layer)
         self.job_id, self.follower = None, None
         self._timers_changed = asyncio.Event()
         try:

@@ -69,21 +69,33 @@ class PushInbox:
     """One subscriber's channel on the channel layer: joins a job's group, receives what is pushed to it.
 
     Layer errors are logged and waited out, never raised: the log is the
-    subscriber's fallback while the layer is away.
+    subscriber's fallback while the layer is away. The channel is made at
+    the first join that reaches the layer (with the pub/sub layer, making
+    one subscribes), so a subscriber that starts while Redis is down follows
+    the log until a resync's join gets through.
     """
 
-    def __init__(self, layer, channel_name, *, retry_s=LAYER_RETRY_S, sleep=asyncio.sleep):
+    def __init__(self, layer, channel_name=None, *, retry_s=LAYER_RETRY_S, sleep=asyncio.sleep):
         self.layer = layer
         self.channel_name = channel_name
         self.group = None
         self.retry_s = retry_s
         self.sleep = sleep
         self.failures = 0
+        self._opened = asyncio.Event()
+        if channel_name is not None:
+            self._opened.set()
 
     async def join(self, group):
         """Join ``group`` (idempotent, and it renews the membership's expiry); False when the layer failed."""
         self.group = group
         try:
+            if self.channel_name is None:
+                # A try that fails leaves channels-redis an empty queue it
+                # never hands out: a few bytes, per retry of a subscriber
+                # that started while Redis was down.
+                self.channel_name = await self.layer.new_channel()
+                self._opened.set()
             await self.layer.group_add(group, self.channel_name)
         except Exception:
             logger.warning("Could not join %s; following the log until the next resync.", group)
@@ -97,10 +109,11 @@ class PushInbox:
         try:
             await self.layer.group_discard(group, self.channel_name)
         except Exception:
-            pass  # the membership expires by itself (channels-redis group_expiry)
+            pass  # the subscription ends with the connection; a stale one only costs ignored messages
 
     async def receive(self):
         """The next message pushed to this channel, however long the layer takes to answer again."""
+        await self._opened.wait()
         while True:
             try:
                 message = await self.layer.receive(self.channel_name)

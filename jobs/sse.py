@@ -70,7 +70,7 @@ class JobEventStream:
 
     async def frames(self):
         layer = self.layer or get_channel_layer()
-        inbox = PushInbox(layer, await layer.new_channel())
+        inbox = PushInbox(layer)
         follower = EventFollower(self.job_id, after=self.after, inbox=inbox)
         loop = asyncio.get_running_loop()
         receiving = None

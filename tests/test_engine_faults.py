@@ -6,19 +6,16 @@ broken connection after PostgreSQL has committed (as when the connection
 drops before the acknowledgement arrives).
 """
 
-import asyncio
 
 import dramatiq
 import pytest
-from asgiref.sync import async_to_sync
-from channels.layers import get_channel_layer
 from django.db import OperationalError, connection
 
 from jobs.models import Job, JobStatus, StepAttempt, StepState
-from jobs.publisher import group_name
 from jobs.writes import ConditionalWrite, UnreadClaim
 from orchestration.commands import submit_job
 from orchestration.engine import Engine
+from tests.live_subscriber import LiveSubscriber
 from orchestration.per_process import get_limiter
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -70,55 +67,25 @@ def test_an_ambiguous_commit_of_a_result_still_sends_the_next_step_and_pushes_th
 ):
     # Given a job whose first step runs, and a subscriber to its events
     job, _ = submit_job(feature_name="business_plan", input_data={"topic": "tea"})
-    layer = get_channel_layer()
-    channel = async_to_sync(layer.new_channel)()
-    async_to_sync(layer.group_add)(group_name(job.pk), channel)
-    assert queued("medium") == 0
+    with LiveSubscriber(job.pk) as subscriber:
+        assert queued("medium") == 0
 
-    # When the write that records the result raises although it went through
-    # (write 1 claims the step, write 2 records its result)
-    writes = write_that_raises_after_it_went_through(2)
-    Engine(sleep=lambda seconds: None).run_step(job.pk, 0, job.step_token)
+        # When the write that records the result raises although it went through
+        # (write 1 claims the step, write 2 records its result)
+        writes = write_that_raises_after_it_went_through(2)
+        Engine(sleep=lambda seconds: None).run_step(job.pk, 0, job.step_token)
 
-    # Then the result is stored once, and the next step's message went out at once
-    assert writes[0] >= 2
-    job.refresh_from_db()
-    assert (job.status, job.current_step_index, job.step_state, job.step_token) == (
-        JobStatus.RUNNING, 1, StepState.QUEUED, 2,
-    )
-    assert "step_0_prompt_enhancer" in job.context
-    assert queued("medium") == 1
-    # ... and the events of the attempt were pushed to live subscribers
-    seqs = set()
-
-    async def receive_pushes():
-        while len(seqs) < 2:
-            message = await asyncio.wait_for(layer.receive(channel), 10)
-            seqs.update(event["seq"] for event in message["events"])
-
-    async_to_sync(receive_pushes)()
-    assert seqs >= {1, 2}
+        # Then the result is stored once, and the next step's message went out at once
+        assert writes[0] >= 2
+        job.refresh_from_db()
+        assert (job.status, job.current_step_index, job.step_state, job.step_token) == (
+            JobStatus.RUNNING, 1, StepState.QUEUED, 2,
+        )
+        assert "step_0_prompt_enhancer" in job.context
+        assert queued("medium") == 1
+        # ... and the events of the attempt were pushed to live subscribers
+        assert subscriber.seqs(until={1, 2}) >= {1, 2}
     assert Job.objects.get(pk=job.pk).last_event_seq == 2
-
-
-def subscribe(job):
-    layer = get_channel_layer()
-    channel = async_to_sync(layer.new_channel)()
-    async_to_sync(layer.group_add)(group_name(job.pk), channel)
-    return layer, channel
-
-
-def pushed_seqs(layer, channel, *, until):
-    """The event seqs pushed to ``channel``, read until they include ``until`` (10 s deadline)."""
-    seqs = set()
-
-    async def receive():
-        while not until <= seqs:
-            message = await asyncio.wait_for(layer.receive(channel), 10)
-            seqs.update(event["seq"] for event in message["events"])
-
-    async_to_sync(receive)()
-    return seqs
 
 
 # The claim of a message naming its service (one statement, the job not
@@ -132,22 +99,21 @@ def test_an_ambiguous_commit_of_a_claim_goes_on_with_the_call(
 ):
     # Given a job whose first step's message arrives, and a subscriber to its events
     job, _ = submit_job(feature_name="business_plan", input_data={"topic": "tea"})
-    layer, channel = subscribe(job)
+    with LiveSubscriber(job.pk) as subscriber:
+        # When the write that claims the step raises although it went through
+        writes = write_that_raises_after_it_went_through(1)
+        claim = Engine(sleep=lambda seconds: None).run_step(job.pk, 0, job.step_token, service)
 
-    # When the write that claims the step raises although it went through
-    writes = write_that_raises_after_it_went_through(1)
-    claim = Engine(sleep=lambda seconds: None).run_step(job.pk, 0, job.step_token, service)
-
-    # Then the worker finds its claim stored and makes the call, once, instead
-    # of leaving a running step that nobody runs
-    assert claim is not None and writes[0] >= 2
-    assert simulator.stats("prompt_enhancer")["calls"] == 1
-    job.refresh_from_db()
-    assert (job.current_step_index, job.step_state, job.step_token) == (1, StepState.QUEUED, 2)
-    assert "step_0_prompt_enhancer" in job.context
-    assert list(StepAttempt.objects.filter(job=job).values_list("outcome", flat=True)) == ["SUCCEEDED"]
-    # ... the STEP_STARTED its commit would have pushed reaches live subscribers
-    assert pushed_seqs(layer, channel, until={1, 2}) >= {1, 2}
+        # Then the worker finds its claim stored and makes the call, once, instead
+        # of leaving a running step that nobody runs
+        assert claim is not None and writes[0] >= 2
+        assert simulator.stats("prompt_enhancer")["calls"] == 1
+        job.refresh_from_db()
+        assert (job.current_step_index, job.step_state, job.step_token) == (1, StepState.QUEUED, 2)
+        assert "step_0_prompt_enhancer" in job.context
+        assert list(StepAttempt.objects.filter(job=job).values_list("outcome", flat=True)) == ["SUCCEEDED"]
+        # ... the STEP_STARTED its commit would have pushed reaches live subscribers
+        assert subscriber.seqs(until={1, 2}) >= {1, 2}
     # ... and the slot is given back after the call
     assert get_limiter().occupancy("prompt_enhancer").in_use == 0
 

@@ -30,8 +30,7 @@ def seqs(events):
 
 
 async def follower_of(job, *, after=0, **kwargs):
-    layer = get_channel_layer()
-    return EventFollower(job.pk, after=after, inbox=PushInbox(layer, await layer.new_channel()), **kwargs)
+    return EventFollower(job.pk, after=after, inbox=PushInbox(get_channel_layer()), **kwargs)
 
 
 class Clock:
@@ -175,24 +174,32 @@ def test_the_replay_reads_the_log_in_batches_to_its_end(registry):
     assert seqs(async_to_sync(scenario)()) == list(range(2, REPLAY_BATCH + 3))
 
 
-def test_the_replay_joins_the_group_before_it_reads_the_log(registry, redis_db):
-    # Given a log read that notes whether the follower was a member of the job's group by then
+def test_the_replay_joins_the_group_before_it_reads_the_log(registry):
+    # Given a job with one event, and a log read right after which the next
+    # event is committed and pushed (the race the order of the two closes)
     job = new_job(registry)
     fake_events(job, 1, publish=False)
     layer = get_channel_layer()
-    members_at_first_read = []
+    pushed_after_read = []
 
     async def read_events(job_id, **kwargs):
-        if not members_at_first_read:
-            members_at_first_read.append(await in_thread(redis_db.zcard, f"{layer.prefix}:group:{group_name(job_id)}"))
-        return await database_sync_to_async(selectors.job_events)(job_id, **kwargs)
+        events = await database_sync_to_async(selectors.job_events)(job_id, **kwargs)
+        if not pushed_after_read:
+            pushed_after_read.extend(await in_thread(fake_events, job, 1, publish=False))
+            await layer.group_send(group_name(job_id), {"type": "job.events", "events": pushed_after_read})
+        return events
 
     async def scenario():
         follower = await follower_of(job, read_events=read_events)
-        return await collect(follower.replay())
+        replayed = await collect(follower.replay())
+        # When the follower then takes what was pushed to it
+        message = await asyncio.wait_for(follower.inbox.receive(), 10)
+        return replayed, await collect(follower.messages(message))
 
-    assert seqs(async_to_sync(scenario)()) == [1]
-    assert members_at_first_read == [1]
+    replayed, live = async_to_sync(scenario)()
+
+    # Then the push committed after the read reached it: it had joined first
+    assert seqs(replayed) == [1] and seqs(live) == [2]
 
 
 def test_a_resync_delivers_what_was_committed_but_never_pushed(registry):

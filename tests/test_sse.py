@@ -34,6 +34,7 @@ from orchestration.commands import submit_job
 from scripts.polling import wait_until
 from tests.gate import GatedService
 from tests.job_api import create_job
+from tests.live_subscriber import group_subscribers
 from tests.test_websocket import fake_events
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.slow]
@@ -137,7 +138,8 @@ def stored_events(job):
 
 
 def group_members(redis_client, job):
-    return redis_client.zcard(f"{get_channel_layer().prefix}:group:{group_name(job.pk)}")
+    """Processes subscribed to the job's group (the server's streams share its one subscription)."""
+    return group_subscribers(redis_client, job.pk)
 
 
 def job_of(key, **kwargs):
@@ -405,7 +407,7 @@ def test_a_stream_outlasts_a_channel_layer_outage_and_rejoins_its_group(
     # Given a stream whose channel layer is a Redis of this test's own
     settings.CHANNEL_LAYERS = {
         "default": {
-            "BACKEND": "channels_redis.core.RedisChannelLayer",
+            "BACKEND": "channels_redis.pubsub.RedisPubSubChannelLayer",
             "CONFIG": {"hosts": [private_redis.url(0)], "prefix": "cao:ws"},
         }
     }
@@ -629,22 +631,23 @@ def test_waiting_streams_hold_no_thread_and_no_database_connection(registry, asg
     streams = []
     try:
         # And one open stream
-        job = job_of(client_key)
-        streams.append(open_stream(asgi_server, job.pk, key=client_key))
-        wait(lambda: group_members(redis_db, job) == 1, message="the first stream in its group")
+        jobs = [job_of(client_key) for _ in range(12)]
+        streams.append(open_stream(asgi_server, jobs[0].pk, key=client_key))
+        wait(lambda: group_members(redis_db, jobs[0]) == 1, message="the first stream in its group")
         threads, held = threading.active_count(), database_connections()
 
         # When eleven more are opened, more than the server's pool of HTTP threads (8)
-        for _ in range(11):
+        for job in jobs[1:]:
             streams.append(open_stream(asgi_server, job.pk, key=client_key))
-        wait(lambda: group_members(redis_db, job) == 12, message="twelve streams in the group")
+        wait(lambda: all(group_members(redis_db, job) == 1 for job in jobs), message="twelve streams in their groups")
 
         # Then they wait without a thread or a database connection each
         assert threading.active_count() <= threads + 1
         assert database_connections() <= held + 1
         # And the streams still deliver
-        fake_events(job, 1)
-        assert all(stream.events(1)[0].event["seq"] == 1 for stream in streams)
+        for job in jobs:
+            fake_events(job, 1)
+        assert all(stream.events(1)[0].event["job_id"] == str(job.pk) for stream, job in zip(streams, jobs))
     finally:
         for stream in streams:
             stream.close()

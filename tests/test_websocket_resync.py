@@ -9,6 +9,8 @@ from asgiref.sync import async_to_sync
 from channels.layers import get_channel_layer
 
 from jobs.monitor import monitor_token
+from scripts.polling import wait_until
+from tests.live_subscriber import group_subscribers
 from tests.test_websocket import fake_events, in_thread, new_job, open_socket, path, receive_until
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -74,27 +76,31 @@ def test_a_push_that_overtook_a_lost_one_is_held_then_the_log_fills_the_gap(regi
     assert seqs == [1, 2]
 
 
-def test_a_socket_whose_group_membership_was_lost_rejoins_and_gets_live_pushes_again(registry, settings, redis_db):
-    # Given a subscriber, then Redis loses its data (the group membership with it)
-    settings.CAO_WS_RESYNC_S = 0.2
+def test_a_socket_whose_subscription_was_cut_gets_live_pushes_again(registry, settings, redis_db):
+    # Given a subscriber, then Redis drops the process's pub/sub connection (a restart or a failover does)
+    settings.CAO_WS_RESYNC_S = 0  # no resync: only the restored subscription can deliver the push
     job = new_job(registry)
     layer = get_channel_layer()
 
     async def scenario():
         socket = await open_socket(path(job.pk, monitor_token(job.pk)))
         await socket.receive_json_from()
-        await in_thread(redis_db.flushdb)
-        # When the resync tick has run, a push reaches it again without the log
-        group = f"{layer.prefix}:group:job.{job.pk}"
-        for _ in range(100):
-            if await in_thread(redis_db.exists, group):
-                break
-            await socket.receive_nothing(0.05)
+        await wait_for(lambda: group_subscribers(redis_db, job.pk) == 1)
+        cut = await in_thread(pubsub_connections)
+        await in_thread(redis_db.client_kill_filter, _type="pubsub")
+        # When the layer has reconnected (a new connection, subscribed again), a push reaches the socket again
+        await wait_for(lambda: pubsub_connections().isdisjoint(cut) and group_subscribers(redis_db, job.pk) == 1)
         pushed = {"type": "STEP_STARTED", "job_id": str(job.pk), "seq": 1, "pushed": True}
         await layer.group_send(f"job.{job.pk}", {"type": "job.events", "events": [pushed]})
         message = await socket.receive_json_from(timeout=5)
         await socket.disconnect()
         return message
+
+    def pubsub_connections():
+        return {client["id"] for client in redis_db.client_list(_type="pubsub")}
+
+    async def wait_for(condition):
+        await in_thread(wait_until, condition, timeout=15, message="the layer's pub/sub connection")
 
     assert async_to_sync(scenario)()["pushed"] is True
 
