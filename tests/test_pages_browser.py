@@ -5,6 +5,7 @@ forbids the eval that wait_for_function relies on, as it should.
 """
 
 import re
+import uuid
 
 import pytest
 
@@ -65,6 +66,63 @@ def test_a_dropped_socket_recovers_without_missing_a_step(page, asgi_server, wor
     assert steps_states(page) == ["done"] * 4
     seqs = event_seqs(page)
     assert seqs == list(range(1, Job.objects.get(pk=job.pk).last_event_seq + 1))
+
+
+def follow_socket(monitor_url):
+    """Every event a WebSocket receives up to its job's JOB_COMPLETED (20 s of silence fails it)."""
+    import json
+
+    from websockets.sync.client import connect
+
+    events = []
+    with connect(monitor_url, open_timeout=20) as socket:
+        while not events or events[-1]["type"] != "JOB_COMPLETED":
+            message = json.loads(socket.recv(timeout=20))
+            if message["type"] != "WS_CONNECTED":
+                events.append(message)
+    return events
+
+
+def test_a_job_page_reaches_its_final_state_live_during_a_burst_of_watched_jobs(
+    page, asgi_server, worker, simulator, registry, staff_user, client_key, wait
+):
+    from concurrent.futures import ThreadPoolExecutor
+
+    import requests
+
+    from orchestration.commands import submit_job
+
+    simulator.configure(latency={"*": "50ms"})
+    login(page, asgi_server.base_url, "ops", "ops-password")
+    sessions = [requests.Session() for _ in range(10)]
+
+    def create_and_follow(i):
+        response = sessions[i % 10].post(
+            f"{asgi_server.base_url}/api/v1/jobs",
+            json={"feature_name": "business_plan", "input_data": {"n": i}},
+            headers={"X-API-Key": client_key.raw_key},
+            timeout=30,
+        )
+        response.raise_for_status()
+        return response.json()["job_id"], follow_socket(response.json()["monitor_url"])
+
+    with ThreadPoolExecutor(10) as pool:
+        # Given a burst under way: 40 jobs from 10 clients, each followed by a WebSocket of its own
+        burst = [pool.submit(create_and_follow, i) for i in range(40)]
+        wait(lambda: Job.objects.count() >= 10, timeout=30, message="the burst under way")
+        # When a job is started in the middle of it and its page opened
+        watched, _ = submit_job(feature_name="business_plan", input_data={})
+        page.goto(f"{asgi_server.base_url}/jobs/{watched.pk}/")
+
+        # Then the page reaches COMPLETED by itself, every step done and every event once, in order
+        page.wait_for_selector('#job-status:text-is("COMPLETED")', timeout=60_000)
+        followed = [future.result() for future in burst]
+    assert steps_states(page) == ["done"] * 4
+    assert event_seqs(page) == list(range(1, Job.objects.get(pk=watched.pk).last_event_seq + 1))
+    # ... and so did every socket of the burst
+    last_seqs = dict(Job.objects.filter(pk__in=[job_id for job_id, _ in followed]).values_list("pk", "last_event_seq"))
+    for job_id, events in followed:
+        assert [event["seq"] for event in events] == list(range(1, last_seqs[uuid.UUID(job_id)] + 1))
 
 
 def test_resume_a_failed_job_from_its_page(page, asgi_server, worker, simulator, registry, staff_user, fast_retries):
