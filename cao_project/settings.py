@@ -330,6 +330,9 @@ CAO_ALLOW_ANONYMOUS = env_bool("CAO_ALLOW_ANONYMOUS", False)
 # while the job is active (pushes are the fast path; this recovers a lost
 # one). 0 turns it off.
 CAO_WS_RESYNC_S = env_seconds("CAO_WS_RESYNC_S", 5.0, was="CAO_WS_RESYNC_SECONDS")
+# A push to the channel layer taking longer is abandoned and the connection
+# made afresh (subscribers read what it carried from the log).
+CAO_PUSH_TIMEOUT_S = env_seconds("CAO_PUSH_TIMEOUT_S", 2.0)
 # A pushed event that overtook an earlier one (pushed by another worker) waits
 # this long for it before the gap is read from the log; 0 reads it at once.
 CAO_FOLLOW_REORDER_WAIT_S = env_seconds("CAO_FOLLOW_REORDER_WAIT_S", 0.2)

@@ -6,6 +6,12 @@ new Redis connection per event. Instead one daemon thread per process runs a
 single event loop with one pool (a real OS thread, even in a green worker:
 common.green.start_os_thread), and a single task drains a queue so pushes
 leave in the order they were published.
+
+Nothing here may silence a process for long: each push has
+CAO_PUSH_TIMEOUT_S, after which the layer's connections are dropped and
+made afresh (a half-open connection would otherwise hang every later push),
+and the queue holds at most ``max_pending`` pushes, the oldest dropped
+first. Subscribers read whatever a push missed from the log.
 """
 
 import asyncio
@@ -14,10 +20,15 @@ import os
 import threading
 
 from channels.layers import get_channel_layer
+from django.conf import settings
 
 from common import green
 
 logger = logging.getLogger(__name__)
+
+# Pushes waiting for the publisher's loop, at most (a Redis that stopped
+# answering must not let them grow without bound).
+MAX_PENDING_PUSHES = 10_000
 
 
 def group_name(job_id):
@@ -28,8 +39,10 @@ def group_name(job_id):
 class EventPublisher:
     """Fire-and-forget pushes; the stored event log stays the source of truth."""
 
-    def __init__(self, layer_alias="default"):
+    def __init__(self, layer_alias="default", *, max_pending=MAX_PENDING_PUSHES):
         self.layer_alias = layer_alias
+        self.max_pending = max_pending
+        self.dropped = 0  # pushes dropped because the queue was full
         self._lock = threading.Lock()
         self._loop = None
         self._queue = None
@@ -39,7 +52,15 @@ class EventPublisher:
         if not payloads:
             return
         loop, queue = self._running_loop()
-        loop.call_soon_threadsafe(queue.put_nowait, (group_name(job_id), list(payloads)))
+        loop.call_soon_threadsafe(self._offer, queue, (group_name(job_id), list(payloads)))
+
+    def _offer(self, queue, push):
+        if queue.full():
+            queue.get_nowait()
+            self.dropped += 1
+            if self.dropped == 1 or self.dropped % 1000 == 0:
+                logger.warning("The push queue is full; dropped the oldest push (%d so far).", self.dropped)
+        queue.put_nowait(push)
 
     def _running_loop(self):
         with self._lock:
@@ -48,7 +69,7 @@ class EventPublisher:
                 self._pid = os.getpid()
                 # Pushes published before the loop starts wait in its queue of callbacks.
                 self._loop = green.new_event_loop()
-                self._queue = asyncio.Queue()
+                self._queue = asyncio.Queue(maxsize=self.max_pending)
                 green.start_os_thread(self._run, self._loop, self._queue, name="event-publisher")
             return self._loop, self._queue
 
@@ -61,10 +82,27 @@ class EventPublisher:
         while True:
             group, payloads = await queue.get()
             try:
-                await layer.group_send(group, {"type": "job.events", "events": payloads})
+                await asyncio.wait_for(
+                    layer.group_send(group, {"type": "job.events", "events": payloads}), settings.CAO_PUSH_TIMEOUT_S
+                )
+            except asyncio.TimeoutError:
+                logger.warning(
+                    "A push to %s took over %.1f s; reconnecting to the channel layer.", group, settings.CAO_PUSH_TIMEOUT_S
+                )
+                await self._reset(layer)
             except Exception:
                 # Subscribers recover missed events from the log (gap detection).
                 logger.warning("Could not push %d event(s) to %s", len(payloads), group, exc_info=True)
+
+    async def _reset(self, layer):
+        # The list layer can drop its connections and keep its data; the
+        # pub/sub layer's flush only drops connections (and the subscriptions
+        # of this loop, which publishes and has none).
+        close_pools = getattr(layer, "close_pools", None)
+        try:
+            await asyncio.wait_for(close_pools() if close_pools else layer.flush(), settings.CAO_PUSH_TIMEOUT_S)
+        except Exception:
+            logger.warning("Could not reset the channel layer's connections.", exc_info=True)
 
 
 _publisher = EventPublisher()
