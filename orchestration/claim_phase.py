@@ -29,7 +29,7 @@ from jobs.outcomes import StepDispatch
 from jobs.writes import LOCKED, ConditionalWrite
 from orchestration import errors
 from orchestration.database_retry import DatabaseRetry
-from orchestration.slots import acquire_step, release_quietly, release_step, send_handoffs
+from orchestration.slots import acquire_step, disown_step, release_quietly, release_step, send_handoffs
 from orchestration.errors import failure_from
 from orchestration.messages import step_member
 from services_registry.selectors import service_live
@@ -256,6 +256,10 @@ class ClaimPhase:
             stale = message if message.service else None
         elif (job.current_step_index, job.step_token, job.step_state) == (message.step_index, message.token, StepState.RUNNING):
             stale = None  # a duplicate of the running attempt: its lease is that attempt's
+            if message.service and not self.keeper.tracks(message.service, step_member(message)):
+                # Its claim took the slot first, recording this process as
+                # the owner of a call another process runs: give that up.
+                after_commit(disown_step, message, owner=self.keeper.owner, limiter=self.limiter)
         elif message.step_index < job.total_steps:
             stale = dataclasses.replace(message, service=job.steps[message.step_index])
         else:

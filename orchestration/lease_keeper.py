@@ -109,6 +109,11 @@ class LeaseKeeper:
             self._cond.notify_all()
         return lease
 
+    def tracks(self, service: str, member: str) -> bool:
+        """Whether this process keeps ``member``'s lease alive (its call runs here)."""
+        with self._cond:
+            return any(lease.service == service and lease.member == member for lease in self._leases)
+
     def untrack(self, lease: _Lease) -> None:
         with self._cond:
             self._leases.discard(lease)

@@ -128,7 +128,7 @@ class Limiter:
     """
 
     _operations = (
-        "acquire", "census", "renew", "release", "redispatch", "reap", "reclaim", "locate", "occupancy",
+        "acquire", "census", "renew", "disown", "release", "redispatch", "reap", "reclaim", "locate", "occupancy",
     )
 
     def __init__(self, client, *, prefix: str = "cao:lim", grant_ttl_s: float = 30.0):
@@ -193,6 +193,10 @@ class Limiter:
     def renew(self, service: str, member: str, *, ttl_s: float, owner: str = "") -> bool:
         """Extend a lease; False if it was lost (it is re-added all the same, with its owner)."""
         return bool(self._call("renew", service, member, _ms(ttl_s), owner))
+
+    def disown(self, service: str, member: str, *, owner: str) -> bool:
+        """Forget that ``owner`` runs ``member``'s call (a copy of its message took the slot); True if it was recorded."""
+        return bool(self._call("disown", service, member, owner))
 
     def release(self, service: str, member: str, *, limit: int) -> tuple[str, ...]:
         """Give up a lease, reservation or place in the queue; return hand-offs."""

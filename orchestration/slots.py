@@ -45,6 +45,12 @@ def send_handoffs(payloads):
             logger.warning("Could not dispatch a hand-off (%s); maintenance will retry.", payload, exc_info=True)
 
 
+def disown_step(step, *, owner, limiter=None):
+    """A copy of a running step's message took its slot: the slot stays, its owner is not this process."""
+    if owner:
+        (limiter or get_limiter()).disown(step.service, step_member(step), owner=owner)
+
+
 def release_step(step, *, limit=None, limiter=None):
     """Give back the slot (or place in line) of ``step`` and pass it on."""
     if limit is None:

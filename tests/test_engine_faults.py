@@ -202,3 +202,37 @@ def test_a_late_result_under_a_superseded_token_is_discarded(registry, simulator
     assert not StepAttempt.objects.filter(job=job, outcome="SUCCEEDED").exists()
     # ... and the superseded attempt's slot is given back
     assert get_limiter().locate("prompt_enhancer", claim.member) is None
+
+
+def test_a_copy_of_a_running_steps_message_leaves_the_slot_to_the_process_that_runs_the_call(registry, simulator):
+    from orchestration.lease_keeper import LeaseKeeper
+    from orchestration.liveness import ProcessHeartbeat, ProcessIdentity
+    from orchestration.messages import step_member
+    from orchestration.per_process import get_liveness
+
+    # Given a step whose call this process runs
+    job, _ = submit_job(feature_name="business_plan", input_data={"topic": "tea"})
+    running = Engine().claim(job.pk, 0, job.step_token, "prompt_enhancer")
+    member = step_member(running.step)
+    limiter = get_limiter()
+
+    def owner():
+        value = limiter.client.hget(limiter.keys("prompt_enhancer")[6], member)
+        return value.decode() if isinstance(value, bytes) else value
+
+    # When a copy of its message reaches another process (a redelivery), whose claim takes the slot first
+    identity = ProcessIdentity.current()
+    heartbeat = ProcessHeartbeat(get_liveness(), identity, period_s=1.0, dead_after_s=5.0)
+    other = LeaseKeeper(limiter, autostart=False, heartbeat=heartbeat)
+    try:
+        assert Engine(keeper=other).run_step(job.pk, 0, job.step_token, "prompt_enhancer") is None
+
+        # Then that process is not left as the owner of the running call's slot,
+        # so its death could not free a slot whose call is in flight
+        assert owner() != identity.id
+        released, _ = limiter.reclaim("prompt_enhancer", [identity.id], limit=4)
+        assert released == ()
+        assert member in [holder.member for holder in limiter.occupancy("prompt_enhancer").holders]
+        assert simulator.stats("prompt_enhancer")["calls"] == 0
+    finally:
+        get_liveness().retire(identity)
