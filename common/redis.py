@@ -26,3 +26,34 @@ def get_redis():
                 )
                 _clients[url] = client
     return client
+
+
+class ScriptCall:
+    """One call of a registered Lua script, to ride in another command's round trip.
+
+    ``queue(pipeline)`` adds it by its SHA alone: redis-py's own script
+    support in pipelines asks the server which scripts it has first, which
+    would cost the round trip saved. ``result(value)`` takes what the
+    pipeline returned for it (with ``raise_on_error=False``); a server that
+    does not know the script yet (it restarted, or never ran it) did not run
+    it, so it is run again on its own, which loads it.
+    """
+
+    def __init__(self, script, keys, args):
+        self.script = script
+        self.keys = list(keys)
+        self.args = list(args)
+
+    def queue(self, pipeline):
+        pipeline.evalsha(self.script.sha, len(self.keys), *self.keys, *self.args)
+
+    def run(self):
+        """Run it on its own (the script's own client)."""
+        return self.script(keys=self.keys, args=self.args)
+
+    def result(self, value):
+        if isinstance(value, redis.exceptions.NoScriptError):
+            return self.run()
+        if isinstance(value, Exception):
+            raise value
+        return value

@@ -53,10 +53,6 @@ class LockedWriter:
     def after_commit(self, func, /, *args, **kwargs):
         after_commit(func, *args, **kwargs)
 
-    def after_commit_first(self, func, /, *args, **kwargs):
-        # Django runs commit hooks in the order they were registered.
-        after_commit(func, *args, **kwargs)
-
     def execute(self):
         """Everything is written already; the transaction's commit makes it durable."""
         return True
@@ -95,10 +91,6 @@ class ConditionalWrite:
 
     def after_commit(self, func, /, *args, **kwargs):
         self._effects.append((func, args, kwargs))
-
-    def after_commit_first(self, func, /, *args, **kwargs):
-        """Run ``func`` before the effects registered so far (e.g. the next step's message before the events' push)."""
-        self._effects.insert(0, (func, args, kwargs))
 
     def execute(self):
         """Write it all if the row is unchanged; True if it was written (then the effects run)."""

@@ -8,18 +8,28 @@ consumer waits on that list with BLPOP: it wakes within a round trip of an
 enqueue and costs nothing while the queue stays empty. It still fetches at
 least every ``worker_timeout`` (that fetch is also its broker heartbeat), so
 a lost notification delays a message by at most that long.
+
+The message, its wake-up and whatever the sender adds (the dispatch marker;
+the release of the sender's slot, before it) go to Redis in one round trip
+(``enqueue_after``).
 """
 
 import threading
 import time
+from uuid import uuid4
 
 import redis
 from dramatiq.broker import MessageProxy
 from dramatiq.brokers.redis import RedisBroker, _RedisConsumer
+from dramatiq.common import current_millis, dq_name
 from dramatiq.errors import ConnectionClosed
 from dramatiq.message import Message
 
-# The Dramatiq release whose internals this module (``_RedisConsumer``'s
+from common.redis import ScriptCall
+
+# The Dramatiq release whose internals this module (``RedisBroker.enqueue``
+# and ``_dispatch``, whose work ``enqueue_after`` does in one round trip;
+# ``_RedisConsumer``'s
 # fields: message_cache, misses, queued_message_ids, outstanding_message_count,
 # prefetch, timeout; ``do_fetch``; the consumer thread's ``delay_queue``) and
 # ``maintenance.return_messages_of_dead_workers`` (a ``do_*`` command runs the
@@ -49,25 +59,91 @@ class NotifyingRedisBroker(RedisBroker):
         return f"{self.namespace}:{queue_name}.notify"
 
     def enqueue(self, message, *, delay=None, also=None):
-        """Enqueue, then wake the queue's idle consumers.
+        """Enqueue and wake the queue's idle consumers, in one round trip.
 
-        ``also(pipeline)`` may add commands on this broker's Redis to the
-        wake-up's round trip; they run only once the message is enqueued.
+        ``also(pipeline)`` may add commands on this broker's Redis to that
+        round trip; they run only once the message is enqueued.
         """
-        # The returned copy names the queue it went to (the delay queue if delayed).
-        message = super().enqueue(message, delay=delay)
-        key = self.notify_key(message.queue_name)
+        return self.enqueue_after((), message, delay=delay, also=also)[0]
+
+    def enqueue_after(self, calls, message, *, delay=None, also=None):
+        """Run ``calls`` (``common.redis.ScriptCall``), then enqueue ``message``, in one round trip.
+
+        Returns the enqueued message (it names the queue it went to: the
+        delay queue if delayed) and each call's result, or the exception it
+        raised: a call's failure does not undo the enqueue, which is a
+        separate command. Dramatiq's enqueue hooks run as for any enqueue.
+        """
+        message = _stamped(message, delay)
+        queue_name = message.queue_name
+        self.logger.debug("Enqueueing message %r on queue %r.", message.message_id, queue_name)
+        self.emit_before("enqueue", message, delay)
+        push = ScriptCall(
+            self.scripts["dispatch"],
+            [self.namespace],
+            self._dispatch_args("enqueue", queue_name, message.options["redis_message_id"], message.encode()),
+        )
         pipeline = self.client.pipeline(transaction=False)
+        for call in calls:
+            call.queue(pipeline)
+        push.queue(pipeline)
+        self._notify(pipeline, queue_name, also)
+        replies = pipeline.execute(raise_on_error=False)
+        results = [_outcome(call, reply) for call, reply in zip(calls, replies)]
+        pushed, *rest = replies[len(calls):]
+        if isinstance(pushed, redis.exceptions.NoScriptError):
+            # The server lost its scripts (a restart): nothing after the
+            # enqueue may stand without it, so do both again, loading it.
+            push.run()
+            pipeline = self.client.pipeline(transaction=False)
+            self._notify(pipeline, queue_name, also)
+            rest = pipeline.execute(raise_on_error=False)
+        for reply in (pushed, *rest):
+            if isinstance(reply, Exception) and not isinstance(reply, redis.exceptions.NoScriptError):
+                raise reply
+        self.emit_after("enqueue", message, delay)
+        return message, results
+
+    def _notify(self, pipeline, queue_name, also):
+        key = self.notify_key(queue_name)
         pipeline.lpush(key, 1)
         pipeline.ltrim(key, 0, MAX_PENDING_NOTIFICATIONS - 1)
         if also is not None:
             also(pipeline)
-        pipeline.execute()
-        return message
+
+    def _dispatch_args(self, command, queue_name, *args):
+        # The ARGV of Dramatiq's dispatch script, as RedisBroker._dispatch builds it.
+        return [
+            command,
+            current_millis(),
+            queue_name,
+            self.broker_id,
+            self.heartbeat_timeout,
+            self.dead_message_ttl,
+            self._should_do_maintenance(command),
+            self._max_unpack_size(),
+            *args,
+        ]
 
     def wait_for_work(self, queue_name, timeout_s):
         """Block until an enqueue on ``queue_name`` or ``timeout_s``."""
         self.client.blpop([self.notify_key(queue_name)], timeout=timeout_s)
+
+
+def _stamped(message, delay):
+    """``message`` as RedisBroker.enqueue stores it: a Redis id of its own, and its eta on the delay queue."""
+    # Each enqueue gets its own id: a retried message keeps its message_id.
+    message = message.copy(options={"redis_message_id": str(uuid4())})
+    if delay is not None:
+        message = message.copy(queue_name=dq_name(message.queue_name), options={"eta": current_millis() + delay})
+    return message
+
+
+def _outcome(call, reply):
+    try:
+        return call.result(reply)
+    except Exception as exc:
+        return exc
 
 
 class _WakeableConsumer(_RedisConsumer):

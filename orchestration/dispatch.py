@@ -21,8 +21,14 @@ logger = logging.getLogger(__name__)
 DISPATCH_MARKER = "cao:dispatched:{job_id}"
 
 
-def send_step(dispatch):
-    """Enqueue a step message on its service's queue and mark it as sent."""
+def send_step(dispatch, *, first=()):
+    """Enqueue a step message on its service's queue and mark it as sent.
+
+    ``first``: calls of the gateway's Lua scripts (``common.redis.ScriptCall``,
+    e.g. the release of the sender's slot) to run before the enqueue, in its
+    round trip when the broker's Redis is the gateway's own. Returns each
+    one's result, or the exception it raised; the message is sent either way.
+    """
     service = service_live(dispatch.service)
     # A deleted service still gets a message, so the engine fails the job
     # with a clear error instead of leaving it queued forever.
@@ -49,14 +55,41 @@ def send_step(dispatch):
     marker = DISPATCH_MARKER.format(job_id=dispatch.job_id)
     broker = dramatiq.get_broker()
     if isinstance(broker, NotifyingRedisBroker) and settings.BROKER_URL == settings.REDIS_URL:
-        broker.enqueue(message, delay=delay_ms, also=lambda pipeline: pipeline.set(marker, dispatch.token, px=marker_ms))
+        _, results = broker.enqueue_after(
+            first, message, delay=delay_ms, also=lambda pipeline: pipeline.set(marker, dispatch.token, px=marker_ms)
+        )
     else:
+        results = [_run(call) for call in first]
         broker.enqueue(message, delay=delay_ms)
         get_redis().set(marker, dispatch.token, px=marker_ms)
     logger.debug(
         "Sent job_id=%s step_index=%s token=%s to queue %s (delay %s ms).",
         dispatch.job_id, dispatch.step_index, dispatch.token, queue, delay_ms or 0,
     )
+    return results
+
+
+def send_quietly(dispatch):
+    """``send_step``, logging instead of raising (maintenance re-sends a message whose marker is missing)."""
+    try:
+        send_step(dispatch)
+    except Exception:
+        log_unsent(dispatch)
+
+
+def log_unsent(dispatch):
+    """Say (from an ``except`` block) that ``dispatch`` could not be sent."""
+    logger.warning(
+        "Could not send job_id=%s step_index=%s; maintenance will re-send it.",
+        dispatch.job_id, dispatch.step_index, exc_info=True,
+    )
+
+
+def _run(call):
+    try:
+        return call.run()
+    except Exception as exc:
+        return exc
 
 
 def dispatched_token(job_id):

@@ -7,7 +7,8 @@
     call   (no transaction): POST the envelope while the lease is renewed
     record (``record_phase``, one conditional statement): store the output
            and advance, or schedule a retry, or fail the job
-    release: give the slot back (or hold it one more timeout period after
+    release: give the slot back and send the job's next message, in one
+           Redis round trip (or hold the slot one more timeout period after
            a timeout: the service may still be working)
 
 A conditional statement (``jobs.writes.ConditionalWrite``) applies only if
@@ -30,7 +31,8 @@ from orchestration.claim_phase import ClaimPhase
 from orchestration.http_client import ServiceClient
 from orchestration.per_process import get_keeper, get_limiter
 from orchestration.record_phase import RecordPhase
-from orchestration.slots import release_quietly
+from orchestration.dispatch import send_quietly
+from orchestration.slots import release_and_send, release_quietly
 
 logger = logging.getLogger(__name__)
 
@@ -66,13 +68,14 @@ class Engine(ClaimPhase, RecordPhase):
                 return None
             # A green worker's connection serves other steps while this call waits.
             green.release_database_connection()
-            reply = None
+            reply = outcome = None
             try:
                 with self.keeper.keep(claim.service.name, claim.member, claim.service.lease_ttl_s):
                     reply = self.call(claim)
-                    self.record(claim, reply)
+                    outcome = self.record(claim, reply)
             finally:
-                self._release(claim, reply)
+                # After the keeper let go of the lease: a renewal must not re-add it.
+                self._release(claim, reply, outcome.dispatch if outcome else None)
             return claim
 
     def call(self, claim):
@@ -90,9 +93,14 @@ class Engine(ClaimPhase, RecordPhase):
 
     # --- release ---------------------------------------------------------------
 
-    def _release(self, claim, reply=None):
+    def _release(self, claim, reply, dispatch):
+        """Give back the slot and send ``dispatch``, the next message the record committed (None: none)."""
         if isinstance(reply, errors.DownstreamTimeout):
             self._hold_after_timeout(claim)
+            if dispatch:
+                send_quietly(dispatch)
+        elif dispatch:
+            release_and_send(claim.step, claim.service, dispatch, limiter=self.limiter)
         else:
             release_quietly(claim.step, claim.service, limiter=self.limiter)
 

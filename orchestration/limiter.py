@@ -37,6 +37,8 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+from common.redis import ScriptCall
+
 logger = logging.getLogger(__name__)
 
 LUA_DIR = Path(__file__).resolve().parent / "lua"
@@ -200,7 +202,15 @@ class Limiter:
 
     def release(self, service: str, member: str, *, limit: int) -> tuple[str, ...]:
         """Give up a lease, reservation or place in the queue; return hand-offs."""
-        return _texts(self._call("release", service, member, _limit(limit), self.grant_ttl_ms))
+        return self.handoffs_of(self.release_call(service, member, limit=limit).run())
+
+    def release_call(self, service: str, member: str, *, limit: int) -> ScriptCall:
+        """:meth:`release` as a call to send in another round trip; :meth:`handoffs_of` reads its result."""
+        return ScriptCall(self._scripts["release"], self.keys(service), (member, _limit(limit), self.grant_ttl_ms))
+
+    @staticmethod
+    def handoffs_of(released) -> tuple[str, ...]:
+        return _texts(released)
 
     def redispatch_waiters(self, service: str, *, limit: int) -> tuple[str, ...]:
         """Hand free slots (dead holders', lapsed reservations') to waiters."""

@@ -2,8 +2,9 @@
 
 One conditional statement against the job as the claim left it; when the job
 moved meanwhile, or the database failed, decided again under the row lock,
-retrying until the database answers (the result is only in memory). The next
-step's message leaves first after commit.
+retrying until the database answers (the result is only in memory). The
+outcome names the next message (``outcome.dispatch``); the engine sends it
+once the commit is done, with the slot's release.
 """
 
 import copy
@@ -25,7 +26,6 @@ from jobs.outcomes import RecordOutcome
 from jobs.writes import LOCKED, ConditionalWrite
 from orchestration import errors
 from orchestration.database_retry import DatabaseRetry
-from orchestration.dispatch import send_after_commit, send_step
 from orchestration.errors import failure_from
 from orchestration.retry import retry_delay
 from services_registry.selectors import service_live
@@ -37,7 +37,7 @@ class RecordPhase:
     """``Engine.record`` and its paths; uses the engine's ``rng`` and ``sleep``."""
 
     def record(self, claim, reply):
-        """Store the attempt's result; retries the database until it answers.
+        """Store the attempt's result and return the ``RecordOutcome``, once committed; retries the database until it answers.
 
         The first try writes it in one conditional statement against the
         job as the claim left it; when the job moved meanwhile (cancelled,
@@ -123,10 +123,6 @@ class RecordPhase:
             )
             if outcome.accepted:
                 writer.after_commit(_log_completed)
-        if outcome.dispatch:
-            # The next step's message leaves first: its worker starts while
-            # this one pushes the events and logs.
-            writer.after_commit_first(send_step, outcome.dispatch)
         return outcome
 
     def _recorded_before(self, job, claim):
@@ -134,15 +130,15 @@ class RecordPhase:
         return job_selectors.attempt_recorded(job.id, token=claim.step.token)
 
     def _finish_ambiguous_commit(self, job, claim):
-        # The commit went through but its after-commit work never ran: send
-        # the next step's message (still ours if its token is the next one)
-        # and push the events, instead of leaving both to maintenance.
+        # The commit went through but its after-commit work never ran: name
+        # the next step's message for the engine to send (still ours if its
+        # token is the next one) and push the events, instead of leaving both
+        # to maintenance.
         logger.warning("The result was stored by an earlier try whose commit raised; finishing its work.")
         dispatch = None
         if job.status in ACTIVE_STATUSES and job.step_state == StepState.QUEUED and job.step_token == claim.step.token + 1:
             due_in_s = (job.step_due_at - timezone.now()).total_seconds() if job.step_due_at else 0.0
             dispatch = job_state.current_step(job, delay_s=max(0.0, due_in_s))
-            send_after_commit(dispatch)
         after_commit(publish, str(job.id), job_selectors.job_events(job.id, after=claim.claimed_seq))
         return RecordOutcome(accepted=True, dispatch=dispatch)
 

@@ -9,7 +9,7 @@ sends the messages of the waiters it handed slots to (``send_handoffs``).
 import logging
 
 from jobs import selectors as job_selectors
-from orchestration.dispatch import send_step
+from orchestration.dispatch import log_unsent, send_step
 from orchestration.messages import handoff_payload, lease_member, parse_handoff, step_member
 from orchestration.per_process import get_limiter
 from services_registry.selectors import service_live
@@ -58,6 +58,28 @@ def release_step(step, *, limit=None, limiter=None):
         limit = service.concurrency_limit if service else 0
     limiter = limiter or get_limiter()
     send_handoffs(limiter.release(step.service, step_member(step), limit=limit))
+
+
+def release_and_send(step, service, dispatch, *, limiter=None):
+    """Give back ``step``'s slot and send ``dispatch`` (its job's next message), in one round trip.
+
+    The release goes first, so a next step on the same service finds the
+    slot free. Neither is lost to the other's failure: a message that could
+    not be sent is re-sent by maintenance (its dispatch marker is missing),
+    and the release is tried again on its own.
+    """
+    limiter = limiter or get_limiter()
+    limit = (service_live(service.name) or service).concurrency_limit
+    try:
+        (released,) = send_step(dispatch, first=[limiter.release_call(step.service, step_member(step), limit=limit)])
+    except Exception:
+        log_unsent(dispatch)
+        release_quietly(step, service, limiter=limiter)
+        return
+    if isinstance(released, Exception):
+        release_quietly(step, service, limiter=limiter)
+    else:
+        send_handoffs(limiter.handoffs_of(released))
 
 
 def release_quietly(step, service, *, limiter=None):

@@ -71,17 +71,18 @@ def test_a_transition_whose_row_moved_since_the_read_writes_nothing_and_runs_no_
     assert ran == []
 
 
-def test_effects_run_in_order_after_the_write_with_the_urgent_one_first(registry):
+def test_effects_run_after_the_write_in_the_order_they_were_registered(registry):
     job, _ = submit_job(feature_name="business_plan", input_data={"topic": "tea"})
     read = job_state.read_job(job.pk)
     writer = ConditionalWrite(read)
     ran = []
     job_steps.step_claim(job=read, max_attempts=5, writer=writer)  # registers the events' push
-    writer.after_commit(ran.append, "log")
-    writer.after_commit_first(ran.append, "next message")
+    writer.after_commit(lambda: ran.append(("log", StepAttempt.objects.filter(job=job).count())))
+    writer.after_commit(ran.append, "metrics")
+    assert ran == []
 
     assert writer.execute() is True
-    assert ran == ["next message", "log"]
+    assert ran == [("log", 1), "metrics"]  # the attempt was written when the first effect ran
 
 
 @pytest.mark.parametrize("column", ["step_token", "step_state", "status", "last_event_seq"])

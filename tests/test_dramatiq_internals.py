@@ -1,12 +1,14 @@
 """The private parts of Dramatiq the gateway relies on, pinned to one release.
 
-``orchestration.broker`` subclasses Dramatiq's private ``_RedisConsumer`` and
+``orchestration.broker`` does the work of ``RedisBroker.enqueue`` in one
+round trip, subclasses Dramatiq's private ``_RedisConsumer`` and
 reads the consumer thread's ``delay_queue``; maintenance calls a ``do_*``
 command only for the dead-worker sweep it runs. An upgrade must re-check
 them: these tests fail first.
 """
 
 import re
+import time
 from pathlib import Path
 from queue import PriorityQueue
 
@@ -54,3 +56,29 @@ def test_any_command_of_the_redis_broker_runs_through_its_dispatch_script():
 
     assert isinstance(broker, RedisBroker)
     assert broker.do_qsize("default") >= 0
+
+
+def test_the_one_round_trip_enqueue_stores_what_dramatiqs_own_enqueue_stores():
+    broker = dramatiq.get_broker()
+    sent = [
+        dramatiq.Message(queue_name="default", actor_name="noop", args=(n,), kwargs={}, options={}) for n in range(2)
+    ]
+
+    ours = broker.enqueue(sent[0])  # one pipeline: the dispatch script by its SHA, then the wake-up
+    stock = RedisBroker.enqueue(broker, sent[1])  # Dramatiq's own: the dispatch script through _dispatch
+
+    consumer = broker.consume("default", prefetch=2, timeout=100)
+    fetched = [next(consumer) for _ in range(2)]
+    assert [m.options["redis_message_id"] for m in fetched] == [ours.options["redis_message_id"], stock.options["redis_message_id"]]
+    assert [m.args for m in fetched] == [(0,), (1,)]
+    assert broker.client.hlen(f"{broker.namespace}:default.msgs") == 2
+
+
+def test_a_delayed_one_round_trip_enqueue_goes_to_the_delay_queue_with_its_eta():
+    broker = dramatiq.get_broker()
+    message = dramatiq.Message(queue_name="default", actor_name="noop", args=(), kwargs={}, options={})
+
+    delayed = broker.enqueue(message, delay=60_000)
+
+    assert delayed.queue_name == "default.DQ" and delayed.options["eta"] > time.time() * 1000 + 59_000
+    assert broker.client.lrange(f"{broker.namespace}:default.DQ", 0, -1) == [delayed.options["redis_message_id"].encode()]
