@@ -240,6 +240,7 @@ DRAMATIQ_MIDDLEWARE = [
     "django_dramatiq.middleware.DbConnectionsMiddleware",
     "orchestration.middleware.RequireBackends",
     "orchestration.middleware.AnnounceWorker",
+    "orchestration.middleware.QuietIdleThreads",
 ]
 if BROKER_URL.startswith(("amqp://", "amqps://")):
     # RabbitMQ pushes messages to consumers and returns a dead consumer's

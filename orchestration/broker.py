@@ -31,7 +31,8 @@ from common.redis import ScriptCall
 # and ``_dispatch``, whose work ``enqueue_after`` does in one round trip;
 # ``_RedisConsumer``'s
 # fields: message_cache, misses, queued_message_ids, outstanding_message_count,
-# prefetch, timeout; ``do_fetch``; the consumer thread's ``delay_queue``) and
+# prefetch, timeout; ``do_fetch``; the consumer thread's ``delay_queue``),
+# ``middleware.QuietIdleThreads`` (the Worker's ``work_queue`` and ``workers``) and
 # ``maintenance.return_messages_of_dead_workers`` (a ``do_*`` command runs the
 # dispatch script's dead-worker sweep) were checked against. Pinned in
 # requirements.txt; tests/test_dramatiq_internals.py fails when it changes.

@@ -2,7 +2,9 @@
 
 ``orchestration.broker`` does the work of ``RedisBroker.enqueue`` in one
 round trip, subclasses Dramatiq's private ``_RedisConsumer`` and
-reads the consumer thread's ``delay_queue``; maintenance calls a ``do_*``
+reads the consumer thread's ``delay_queue``; ``middleware.QuietIdleThreads``
+swaps the worker's ``work_queue`` before boot and stops its ``workers``
+(tests/test_idle_threads.py runs a real one); maintenance calls a ``do_*``
 command only for the dead-worker sweep it runs. An upgrade must re-check
 them: these tests fail first.
 """
