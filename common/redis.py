@@ -57,3 +57,10 @@ class ScriptCall:
         if isinstance(value, Exception):
             raise value
         return value
+
+    def outcome(self, *reply):
+        """``result(reply)``, or ``run()`` without a reply: the value, or the exception it raised."""
+        try:
+            return self.result(*reply) if reply else self.run()
+        except Exception as exc:
+            return exc

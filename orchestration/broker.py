@@ -90,7 +90,7 @@ class NotifyingRedisBroker(RedisBroker):
         push.queue(pipeline)
         self._notify(pipeline, queue_name, also)
         replies = pipeline.execute(raise_on_error=False)
-        results = [_outcome(call, reply) for call, reply in zip(calls, replies)]
+        results = [call.outcome(reply) for call, reply in zip(calls, replies)]
         pushed, *rest = replies[len(calls):]
         if isinstance(pushed, redis.exceptions.NoScriptError):
             # The server lost its scripts (a restart): nothing after the
@@ -99,8 +99,10 @@ class NotifyingRedisBroker(RedisBroker):
             pipeline = self.client.pipeline(transaction=False)
             self._notify(pipeline, queue_name, also)
             rest = pipeline.execute(raise_on_error=False)
-        for reply in (pushed, *rest):
-            if isinstance(reply, Exception) and not isinstance(reply, redis.exceptions.NoScriptError):
+        elif isinstance(pushed, Exception):
+            raise pushed
+        for reply in rest:
+            if isinstance(reply, Exception):
                 raise reply
         self.emit_after("enqueue", message, delay)
         return message, results
@@ -138,13 +140,6 @@ def _stamped(message, delay):
     if delay is not None:
         message = message.copy(queue_name=dq_name(message.queue_name), options={"eta": current_millis() + delay})
     return message
-
-
-def _outcome(call, reply):
-    try:
-        return call.result(reply)
-    except Exception as exc:
-        return exc
 
 
 class _WakeableConsumer(_RedisConsumer):

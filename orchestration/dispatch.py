@@ -59,7 +59,7 @@ def send_step(dispatch, *, first=()):
             first, message, delay=delay_ms, also=lambda pipeline: pipeline.set(marker, dispatch.token, px=marker_ms)
         )
     else:
-        results = [_run(call) for call in first]
+        results = [call.outcome() for call in first]
         broker.enqueue(message, delay=delay_ms)
         get_redis().set(marker, dispatch.token, px=marker_ms)
     logger.debug(
@@ -83,13 +83,6 @@ def log_unsent(dispatch):
         "Could not send job_id=%s step_index=%s; maintenance will re-send it.",
         dispatch.job_id, dispatch.step_index, exc_info=True,
     )
-
-
-def _run(call):
-    try:
-        return call.run()
-    except Exception as exc:
-        return exc
 
 
 def dispatched_token(job_id):

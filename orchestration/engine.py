@@ -28,10 +28,10 @@ from common import green, metrics
 from common.logs import log_context
 from orchestration import errors
 from orchestration.claim_phase import ClaimPhase
+from orchestration.dispatch import send_quietly
 from orchestration.http_client import ServiceClient
 from orchestration.per_process import get_keeper, get_limiter
 from orchestration.record_phase import RecordPhase
-from orchestration.dispatch import send_quietly
 from orchestration.slots import release_and_send, release_quietly
 
 logger = logging.getLogger(__name__)

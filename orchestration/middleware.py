@@ -70,8 +70,7 @@ class QuietIdleThreads(Middleware):
         # Worker.stop does this next; here first, so the threads woken below exit.
         for thread in worker.workers:
             thread.stop()
-        if isinstance(worker.work_queue, IdleWorkQueue):
-            worker.work_queue.wake_idle(len(worker.workers))
+        worker.work_queue.wake_idle(len(worker.workers))
 
 
 class _Wake:

@@ -11,6 +11,7 @@ from orchestration.dispatch import dispatched_token, send_step
 from orchestration.engine import Engine
 from orchestration.messages import lease_member
 from orchestration.per_process import get_limiter
+from tests.redis_spy import connection_class
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -28,18 +29,16 @@ class RecordingConnection(redis.Connection):
 
 @pytest.fixture
 def recorded_redis():
-    pools = [get_redis().connection_pool, dramatiq.get_broker().client.connection_pool]
-    originals = [pool.connection_class for pool in pools]
-    for pool in pools:
-        pool.disconnect()
-        pool.reset()
-        pool.connection_class = RecordingConnection
     RecordingConnection.requests = []
-    yield RecordingConnection
-    for pool, original in zip(pools, originals):
-        pool.disconnect()
-        pool.reset()
-        pool.connection_class = original
+    with connection_class(RecordingConnection) as recording:
+        yield recording
+
+
+def recorded_first_step(job):
+    """The claim of ``job``'s first step and the outcome of its recorded call; its next message not sent yet."""
+    engine = Engine()
+    claim = engine.claim(job.pk, 0, 1, "prompt_enhancer")
+    return claim, engine.record(claim, engine.call(claim))
 
 
 def queued_messages(queue):
@@ -68,9 +67,7 @@ def test_the_next_message_leaves_in_the_round_trip_that_releases_the_slot_and_af
 
 def test_a_redis_that_lost_its_scripts_still_gets_the_release_the_message_and_its_marker(registry, simulator):
     job, _ = submit_job(feature_name="business_plan", input_data={"topic": "tea"})
-    engine = Engine()
-    claim = engine.claim(job.pk, 0, 1, "prompt_enhancer")
-    outcome = engine.record(claim, engine.call(claim))
+    claim, outcome = recorded_first_step(job)
     queue = registry[outcome.dispatch.service].queue
     before = len(queued_messages(queue))
     get_redis().script_flush()  # what a restarted server knows of them
@@ -87,9 +84,7 @@ def test_a_redis_that_lost_its_scripts_still_gets_the_release_the_message_and_it
 
 def test_a_release_that_fails_does_not_keep_the_message_from_leaving(registry, simulator):
     job, _ = submit_job(feature_name="business_plan", input_data={"topic": "tea"})
-    engine = Engine()
-    claim = engine.claim(job.pk, 0, 1, "prompt_enhancer")
-    outcome = engine.record(claim, engine.call(claim))
+    claim, outcome = recorded_first_step(job)
     broken = get_limiter().release_call("prompt_enhancer", claim.member, limit=5)
     broken.args[1] = "not a number"  # the script refuses it
 

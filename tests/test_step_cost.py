@@ -1,15 +1,14 @@
 """What one step costs the gateway: SQL statements and Redis round trips, counted exactly."""
 
-import dramatiq
 import pytest
 import redis
 from django.db import connection
 from django.test.utils import CaptureQueriesContext
 
-from common.redis import get_redis
 from jobs.models import Job, JobStatus
 from orchestration.commands import submit_job
 from orchestration.engine import Engine
+from tests.redis_spy import connection_class
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -26,17 +25,8 @@ class CountingConnection(redis.Connection):
 
 @pytest.fixture
 def counted_redis():
-    pools = [get_redis().connection_pool, dramatiq.get_broker().client.connection_pool]
-    originals = [pool.connection_class for pool in pools]
-    for pool in pools:
-        pool.disconnect()
-        pool.reset()  # drop idle connections so new ones use the counting class
-        pool.connection_class = CountingConnection
-    yield CountingConnection
-    for pool, original in zip(pools, originals):
-        pool.disconnect()
-        pool.reset()
-        pool.connection_class = original
+    with connection_class(CountingConnection) as counting:
+        yield counting
 
 
 def test_one_step_costs_a_fixed_number_of_statements_and_round_trips(registry, simulator, counted_redis, settings):
