@@ -28,15 +28,38 @@ def get_redis():
     return client
 
 
-class ScriptCall:
-    """One call of a registered Lua script, to ride in another command's round trip.
+class _Call:
+    """A Redis command that can ride in another command's round trip (a pipeline) or run on its own."""
+
+    def queue(self, pipeline):
+        raise NotImplementedError
+
+    def run(self):
+        """Run it on its own."""
+        raise NotImplementedError
+
+    def result(self, value):
+        """What it returned, from the pipeline's reply for it (``raise_on_error=False``)."""
+        if isinstance(value, Exception):
+            raise value
+        return value
+
+    def outcome(self, *reply):
+        """``result(reply)``, or ``run()`` without a reply: the value, or the exception it raised."""
+        try:
+            return self.result(*reply) if reply else self.run()
+        except Exception as exc:
+            return exc
+
+
+class ScriptCall(_Call):
+    """One call of a registered Lua script.
 
     ``queue(pipeline)`` adds it by its SHA alone: redis-py's own script
     support in pipelines asks the server which scripts it has first, which
-    would cost the round trip saved. ``result(value)`` takes what the
-    pipeline returned for it (with ``raise_on_error=False``); a server that
-    does not know the script yet (it restarted, or never ran it) did not run
-    it, so it is run again on its own, which loads it.
+    would cost the round trip saved. A server that does not know the script
+    yet (it restarted, or never ran it) did not run it, so ``result`` runs
+    it again on its own, which loads it.
     """
 
     def __init__(self, script, keys, args):
@@ -54,13 +77,18 @@ class ScriptCall:
     def result(self, value):
         if isinstance(value, redis.exceptions.NoScriptError):
             return self.run()
-        if isinstance(value, Exception):
-            raise value
-        return value
+        return super().result(value)
 
-    def outcome(self, *reply):
-        """``result(reply)``, or ``run()`` without a reply: the value, or the exception it raised."""
-        try:
-            return self.result(*reply) if reply else self.run()
-        except Exception as exc:
-            return exc
+
+class CommandCall(_Call):
+    """One plain command (``CommandCall(client, "PUBLISH", channel, data)``); run alone on ``client``."""
+
+    def __init__(self, client, *args):
+        self.client = client
+        self.args = args
+
+    def queue(self, pipeline):
+        pipeline.execute_command(*self.args)
+
+    def run(self):
+        return self.client.execute_command(*self.args)

@@ -26,6 +26,7 @@ import time
 
 from common import green, metrics
 from common.logs import log_context
+from jobs.publisher import get_publisher
 from orchestration import errors
 from orchestration.claim_phase import ClaimPhase
 from orchestration.dispatch import send_quietly
@@ -69,13 +70,15 @@ class Engine(ClaimPhase, RecordPhase):
             # A green worker's connection serves other steps while this call waits.
             green.release_database_connection()
             reply = outcome = None
-            try:
-                with self.keeper.keep(claim.service.name, claim.member, claim.service.lease_ttl_s):
-                    reply = self.call(claim)
-                    outcome = self.record(claim, reply)
-            finally:
-                # After the keeper let go of the lease: a renewal must not re-add it.
-                self._release(claim, reply, outcome.dispatch if outcome else None)
+            # The record's pushes wait for the release's round trip (or the block's end).
+            with get_publisher().held() as pushes:
+                try:
+                    with self.keeper.keep(claim.service.name, claim.member, claim.service.lease_ttl_s):
+                        reply = self.call(claim)
+                        outcome = self.record(claim, reply)
+                finally:
+                    # After the keeper let go of the lease: a renewal must not re-add it.
+                    self._release(claim, reply, outcome.dispatch if outcome else None, pushes)
             return claim
 
     def call(self, claim):
@@ -93,14 +96,17 @@ class Engine(ClaimPhase, RecordPhase):
 
     # --- release ---------------------------------------------------------------
 
-    def _release(self, claim, reply, dispatch):
-        """Give back the slot and send ``dispatch``, the next message the record committed (None: none)."""
+    def _release(self, claim, reply, dispatch, pushes=None):
+        """Give back the slot and send ``dispatch``, the next message the record committed (None: none).
+
+        ``pushes``: the record's held pushes, to send in the same round trip.
+        """
         if isinstance(reply, errors.DownstreamTimeout):
             self._hold_after_timeout(claim)
             if dispatch:
                 send_quietly(dispatch)
         elif dispatch:
-            release_and_send(claim.step, claim.service, dispatch, limiter=self.limiter)
+            release_and_send(claim.step, claim.service, dispatch, limiter=self.limiter, pushes=pushes)
         else:
             release_quietly(claim.step, claim.service, limiter=self.limiter)
 

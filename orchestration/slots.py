@@ -60,22 +60,30 @@ def release_step(step, *, limit=None, limiter=None):
     send_handoffs(limiter.release(step.service, step_member(step), limit=limit))
 
 
-def release_and_send(step, service, dispatch, *, limiter=None):
+def release_and_send(step, service, dispatch, *, limiter=None, pushes=None):
     """Give back ``step``'s slot and send ``dispatch`` (its job's next message), in one round trip.
 
-    The release goes first, so a next step on the same service finds the
-    slot free. Neither is lost to the other's failure: a message that could
+    ``pushes`` (``jobs.publisher.HeldPushes``, the record's events) go
+    first when the channel layer allows it, so subscribers see a step end
+    before the next one starts. The release goes before the message, so a
+    next step on the same service finds the slot free. Neither is lost to the other's failure: a message that could
     not be sent is re-sent by maintenance (its dispatch marker is missing),
     and the release is tried again on its own.
     """
     limiter = limiter or get_limiter()
     limit = (service_live(service.name) or service).concurrency_limit
+    published = pushes.take_calls() if pushes else []
     try:
-        (released,) = send_step(dispatch, first=[limiter.release_call(step.service, step_member(step), limit=limit)])
+        *pushed, released = send_step(
+            dispatch, first=[*published, limiter.release_call(step.service, step_member(step), limit=limit)]
+        )
     except Exception:
         log_unsent(dispatch)
         release_quietly(step, service, limiter=limiter)
         return
+    if any(isinstance(reply, Exception) for reply in pushed):
+        # Subscribers read what a push missed from the log.
+        logger.warning("Could not push the events of job_id=%s step_index=%s.", step.job_id, step.step_index)
     if isinstance(released, Exception):
         release_quietly(step, service, limiter=limiter)
     else:

@@ -12,14 +12,14 @@ import threading
 from channels.layers import get_channel_layer
 from django.conf import settings
 
+from jobs import publisher
 from jobs.publisher import group_name
 from scripts.polling import wait_until
 
 
 def group_channel(job_id):
     """The Redis pub/sub channel of a job's group (how channels-redis's pub/sub layer names it)."""
-    prefix = settings.CHANNEL_LAYERS["default"]["CONFIG"]["prefix"]
-    return f"{prefix}__group__{group_name(job_id)}"
+    return publisher.group_channel(settings.CHANNEL_LAYERS["default"]["CONFIG"]["prefix"], job_id)
 
 
 def group_subscribers(redis_client, job_id):

@@ -1,16 +1,17 @@
-"""Sending a step message: one round trip with the release of the sender's slot, release first."""
+"""Sending a step message: one round trip with the sender's pushes and the release of its slot, in that order."""
 
 import dramatiq
 import pytest
 import redis
 
 from common.redis import get_redis
-from jobs.models import Job, StepState
+from jobs.models import EventType, Job, JobEvent, StepState
 from orchestration.commands import submit_job
 from orchestration.dispatch import dispatched_token, send_step
 from orchestration.engine import Engine
 from orchestration.messages import lease_member
 from orchestration.per_process import get_limiter
+from tests.live_subscriber import LiveSubscriber
 from tests.redis_spy import connection_class
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -63,6 +64,23 @@ def test_the_next_message_leaves_in_the_round_trip_that_releases_the_slot_and_af
     assert request.index(release_sha) < request.index(enqueue_sha)
     assert limiter.locate("prompt_enhancer", lease_member(job.pk, 0, 1)) is None
     assert dispatched_token(job.pk) == 2
+
+
+def test_a_steps_events_are_published_in_that_round_trip_before_the_release(registry, simulator, recorded_redis, settings):
+    settings.CAO_REGISTRY_CACHE_S = 60
+    job, _ = submit_job(feature_name="business_plan", input_data={"topic": "tea"})
+    release_sha = get_limiter().release_call("prompt_enhancer", "x", limit=1).script.sha.encode()
+    enqueue_sha = dramatiq.get_broker().scripts["dispatch"].sha.encode()
+
+    with LiveSubscriber(job.pk) as subscriber:
+        recorded_redis.requests = []
+        Engine().run_step(job.pk, 0, 1, "prompt_enhancer")
+
+        completed = JobEvent.objects.get(job=job, type=EventType.STEP_COMPLETED).seq
+        [request] = [r for r in recorded_redis.requests if enqueue_sha in r]
+        assert b"PUBLISH" in request
+        assert request.index(b"PUBLISH") < request.index(release_sha) < request.index(enqueue_sha)
+        assert completed in subscriber.seqs(until={completed})
 
 
 def test_a_redis_that_lost_its_scripts_still_gets_the_release_the_message_and_its_marker(registry, simulator):

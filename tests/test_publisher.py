@@ -12,6 +12,7 @@ import threading
 import pytest
 import redis
 
+from common.redis import get_redis
 from jobs.publisher import EventPublisher
 from scripts.polling import wait_until
 from tests.live_subscriber import LiveSubscriber
@@ -100,3 +101,62 @@ def test_a_full_queue_drops_its_oldest_push_first():
 
     assert [queue.get_nowait()[1][0]["seq"] for _ in range(2)] == [2, 3]
     assert publisher.dropped == 1
+
+
+JOB_ID = "3f1c2a9e-8b7d-4c6e-a5f4-0d9e8c7b6a51"
+
+
+def pushed_seqs_in_order(subscriber):
+    return [[event["seq"] for event in message["events"]] for message in subscriber.messages]
+
+
+def test_held_pushes_sent_as_publish_commands_reach_the_layers_subscribers_in_order():
+    publisher = EventPublisher()
+
+    with LiveSubscriber(JOB_ID) as subscriber:
+        with publisher.held() as pushes:
+            publisher.publish(JOB_ID, [{"type": "STEP_COMPLETED", "job_id": JOB_ID, "seq": 1}])
+            publisher.publish(JOB_ID, [{"type": "STEP_STARTED", "job_id": JOB_ID, "seq": 2}])
+            calls = pushes.take_calls()
+            pipeline = get_redis().pipeline(transaction=False)
+            for call in calls:
+                call.queue(pipeline)
+            pipeline.execute()
+
+        subscriber.seqs(until={1, 2})
+        assert pushed_seqs_in_order(subscriber) == [[1], [2]]
+    assert publisher._loop is None  # nothing went through the publisher's thread
+
+
+def test_what_a_hold_did_not_hand_over_is_published_when_it_ends():
+    publisher = EventPublisher()
+
+    with LiveSubscriber(JOB_ID) as subscriber:
+        with publisher.held():
+            publisher.publish(JOB_ID, [{"type": "JOB_COMPLETED", "job_id": JOB_ID, "seq": 5}])
+            assert publisher._loop is None  # held, not queued
+
+        assert subscriber.seqs(until={5}) == {5}
+
+
+@pytest.mark.parametrize("layer", [
+    {"hosts": ["redis://127.0.0.1:6390/0"]},  # another Redis
+    {"BACKEND": "channels.layers.InMemoryChannelLayer"},
+])
+def test_a_layer_publish_commands_cannot_reach_gets_none_and_its_pushes_go_through_the_publisher(settings, layer):
+    default = settings.CHANNEL_LAYERS["default"]
+    settings.CHANNEL_LAYERS = {
+        **settings.CHANNEL_LAYERS,
+        "elsewhere": {
+            "BACKEND": layer.get("BACKEND", default["BACKEND"]),
+            "CONFIG": {} if "BACKEND" in layer else {**default["CONFIG"], **layer},
+        },
+    }
+    publisher = EventPublisher("elsewhere")
+
+    with publisher.held() as pushes:
+        publisher.publish(JOB_ID, [{"seq": 1}])
+        assert pushes.take_calls() == []
+        assert publisher._loop is None
+
+    assert publisher._loop is not None  # released to the publisher's thread
