@@ -66,9 +66,10 @@ def release_and_send(step, service, dispatch, *, limiter=None, pushes=None):
     ``pushes`` (``jobs.publisher.HeldPushes``, the record's events) go
     first when the channel layer allows it, so subscribers see a step end
     before the next one starts. The release goes before the message, so a
-    next step on the same service finds the slot free. Neither is lost to the other's failure: a message that could
-    not be sent is re-sent by maintenance (its dispatch marker is missing),
-    and the release is tried again on its own.
+    next step on the same service finds the slot free. Neither is lost to
+    the other's failure: a message that could not be sent is re-sent by
+    maintenance (its dispatch marker is missing), and the release is tried
+    again on its own.
     """
     limiter = limiter or get_limiter()
     limit = (service_live(service.name) or service).concurrency_limit
