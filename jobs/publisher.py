@@ -13,20 +13,29 @@ made afresh (a half-open connection would otherwise hang every later push),
 and the queue holds at most ``max_pending`` pushes, the oldest dropped
 first. Subscribers read whatever a push missed from the log.
 
-A step's record holds its pushes (``held``) so that they ride in the Redis
-round trip that releases its slot and sends the job's next message, ahead
-of both: one PUBLISH each, in the order published, with no hop to the
-publisher's thread. That works when the channel layer is channels-redis's
-pub/sub layer on the gateway's own Redis; otherwise, and for whatever is
-not taken, the held pushes go through the publisher when the hold ends.
+When the channel layer is channels-redis's pub/sub layer on the gateway's
+own Redis, a push is a plain PUBLISH the gateway can send itself:
+
+- a step's record holds its pushes (``held``) so that they ride in the
+  Redis round trip that releases its slot and sends the job's next message,
+  ahead of both, in the order published;
+- a green worker sends the rest from one greenlet (``GreenSender``), a
+  pipeline per batch, instead of handing them to an OS thread: the hop
+  cost each push a wake-up of that thread and a fight for the GIL with
+  the greenlets, and the claim's STEP_STARTED paid it before its call.
+
+Otherwise, and for whatever is not taken, pushes go through the thread.
 """
 
 import asyncio
+import collections
 import contextvars
 import logging
 import os
 import threading
 from contextlib import contextmanager
+
+import redis
 
 from channels.layers import get_channel_layer
 from django.conf import settings
@@ -89,6 +98,80 @@ class HeldPushes:
             self.publisher.publish(job_id, payloads)
 
 
+class GreenSender:
+    """A green process's pushes, sent in order by one greenlet: each batch pending is one pipeline of PUBLISH.
+
+    It runs whenever the publishing greenlet waits (on its call, say), so a
+    push costs that greenlet no round trip. It holds at most ``max_pending``
+    pushes, the oldest dropped first, and each batch has CAO_PUSH_TIMEOUT_S
+    (its own connections: redis-py drops one that timed out), so a Redis
+    that stopped answering delays pushes, never the greenlets that publish.
+    """
+
+    def __init__(self, publisher, *, max_pending):
+        import gevent.event
+
+        self.publisher = publisher
+        self._pending = collections.deque()
+        self._max_pending = max_pending
+        self._wake = gevent.event.Event()
+        self._client = None
+        self._greenlet = None
+        self._sending = False
+
+    def offer(self, push):
+        if len(self._pending) >= self._max_pending:
+            self._pending.popleft()
+            self.publisher.count_dropped()
+        self._pending.append(push)
+        if self._greenlet is None:
+            import gevent
+
+            self._greenlet = gevent.spawn(self._run)
+        self._wake.set()
+
+    @property
+    def idle(self):
+        """Whether every push offered so far has been sent (or given up on)."""
+        return not (self._pending or self._sending or self._wake.is_set())
+
+    def _run(self):
+        while True:
+            self._wake.wait()
+            self._wake.clear()
+            while self._pending:
+                batch = list(self._pending)
+                self._pending.clear()
+                self._sending = True
+                try:
+                    self._send(batch)
+                except Exception:
+                    # Subscribers read what the batch missed from the log.
+                    logger.warning("Could not push the events of %d push(es).", len(batch), exc_info=True)
+                finally:
+                    self._sending = False
+
+    def _send(self, batch):
+        calls = self.publisher.publish_calls(batch, client=self._redis())
+        if not calls:  # the layer changed under a running process (tests): the usual way
+            for job_id, payloads in batch:
+                self.publisher.publish_via_thread(job_id, payloads)
+            return
+        pipeline = self._redis().pipeline(transaction=False)
+        for call in calls:
+            call.queue(pipeline)
+        pipeline.execute()
+
+    def _redis(self):
+        if self._client is None:
+            self._client = redis.Redis.from_url(
+                settings.REDIS_URL,
+                socket_connect_timeout=settings.CAO_PUSH_TIMEOUT_S,
+                socket_timeout=settings.CAO_PUSH_TIMEOUT_S,
+            )
+        return self._client
+
+
 class EventPublisher:
     """Fire-and-forget pushes; the stored event log stays the source of truth."""
 
@@ -100,6 +183,7 @@ class EventPublisher:
         self._loop = None
         self._queue = None
         self._pid = None
+        self._green = None
 
     def publish(self, job_id, payloads):
         if not payloads:
@@ -108,8 +192,27 @@ class EventPublisher:
         if held is not None and held.publisher is self:
             held.add(job_id, list(payloads))
             return
+        if green.active() and self.sends_publish_commands():
+            self.green_sender().offer((job_id, list(payloads)))
+            return
+        self.publish_via_thread(job_id, payloads)
+
+    def publish_via_thread(self, job_id, payloads):
+        """Hand the push to the publisher's thread and its event loop."""
         loop, queue = self._running_loop()
         loop.call_soon_threadsafe(self._offer, queue, (group_name(job_id), list(payloads)))
+
+    def green_sender(self):
+        """This (green) process's ``GreenSender``."""
+        with self._lock:
+            if self._green is None or self._green[0] != os.getpid():
+                self._green = (os.getpid(), GreenSender(self, max_pending=self.max_pending))
+            return self._green[1]
+
+    def count_dropped(self):
+        self.dropped += 1
+        if self.dropped == 1 or self.dropped % 1000 == 0:
+            logger.warning("The push queue is full; dropped the oldest push (%d so far).", self.dropped)
 
     @contextmanager
     def held(self):
@@ -122,20 +225,23 @@ class EventPublisher:
             _held.reset(token)
             pushes.release()
 
-    def publish_calls(self, pushes):
+    def sends_publish_commands(self):
+        """Whether a push can be a PUBLISH on the gateway's Redis: the layer is the pub/sub one, on that Redis alone."""
+        alias = settings.CHANNEL_LAYERS.get(self.layer_alias, {})
+        return alias.get("BACKEND") == PUBSUB_LAYER and alias.get("CONFIG", {}).get("hosts") == [settings.REDIS_URL]
+
+    def publish_calls(self, pushes, *, client=None):
         """``pushes`` (job id, payloads) as PUBLISH commands on the gateway's Redis, as the layer would send them.
 
-        Empty unless the layer is channels-redis's pub/sub layer with the
-        gateway's Redis as its one host (``tests/test_publisher.py`` checks
-        that its subscribers receive them).
+        Empty unless ``sends_publish_commands()`` (``tests/test_publisher.py``
+        checks that the layer's subscribers receive them). ``client``: the
+        Redis client they run on (default: the process's).
         """
-        alias = settings.CHANNEL_LAYERS.get(self.layer_alias, {})
-        config = alias.get("CONFIG", {})
-        if not pushes or alias.get("BACKEND") != PUBSUB_LAYER or config.get("hosts") != [settings.REDIS_URL]:
+        if not pushes or not self.sends_publish_commands():
             return []
         layer = get_channel_layer(self.layer_alias)
-        prefix = config.get("prefix", "asgi")
-        client = get_redis()
+        prefix = settings.CHANNEL_LAYERS[self.layer_alias].get("CONFIG", {}).get("prefix", "asgi")
+        client = client or get_redis()
         return [
             CommandCall(client, "PUBLISH", group_channel(prefix, job_id), layer.serialize(push_message(payloads)))
             for job_id, payloads in pushes
@@ -144,9 +250,7 @@ class EventPublisher:
     def _offer(self, queue, push):
         if queue.full():
             queue.get_nowait()
-            self.dropped += 1
-            if self.dropped == 1 or self.dropped % 1000 == 0:
-                logger.warning("The push queue is full; dropped the oldest push (%d so far).", self.dropped)
+            self.count_dropped()
         queue.put_nowait(push)
 
     def _running_loop(self):

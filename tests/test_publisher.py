@@ -6,7 +6,11 @@ client, which writes and waits for an answer that never comes.
 """
 
 import asyncio
+import json
+import os
 import socket
+import subprocess
+import sys
 import threading
 
 import pytest
@@ -15,6 +19,7 @@ import redis
 from common.redis import get_redis
 from jobs.publisher import EventPublisher
 from scripts.polling import wait_until
+from scripts.stack import ROOT
 from tests.live_subscriber import LiveSubscriber
 
 
@@ -160,3 +165,69 @@ def test_a_layer_publish_commands_cannot_reach_gets_none_and_its_pushes_go_throu
         assert publisher._loop is None
 
     assert publisher._loop is not None  # released to the publisher's thread
+
+
+# A green worker's publisher, in a process of its own monkey-patched as one
+# is: what it publishes, and whether it ever started the publisher's thread.
+GREEN_PUBLISHER = r"""
+from gevent import monkey; monkey.patch_all()
+import json, sys, time
+import django; django.setup()
+import gevent
+from common import green
+from jobs.publisher import EventPublisher
+
+assert green.active()
+job_id, pauses = sys.argv[1], json.loads(sys.argv[2])
+publisher = EventPublisher()
+
+def wait(condition):
+    deadline = time.monotonic() + 20
+    while not condition():
+        assert time.monotonic() < deadline, "the sender did not get there within 20 s"
+        gevent.sleep(0.01)
+
+for seq in range(1, int(sys.argv[3]) + 1):
+    publisher.publish(job_id, [{"type": "STEP_STARTED", "job_id": job_id, "seq": seq}])
+    if str(seq) in pauses:
+        # Until the sender is sending (it runs while this greenlet waits), or done.
+        wait(lambda: publisher.green_sender()._sending if pauses[str(seq)] == "sending" else publisher.green_sender().idle)
+wait(lambda: publisher.green_sender().idle)
+print(json.dumps({"publisher_thread": publisher._loop is not None, "dropped": publisher.dropped}))
+"""
+
+
+def run_green_publisher(job_id, *, pushes, pauses=None, env=None):
+    done = subprocess.run(
+        [sys.executable, "-c", GREEN_PUBLISHER, job_id, json.dumps(pauses or {}), str(pushes)],
+        cwd=ROOT, capture_output=True, text=True, timeout=60, check=False,
+        env={**os.environ, "DJANGO_SETTINGS_MODULE": "cao_project.settings", **(env or {})},
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_a_green_process_sends_its_pushes_in_order_from_a_greenlet_not_the_publishers_thread():
+    with LiveSubscriber(JOB_ID) as subscriber:
+        # Pauses split the pushes into batches of several sizes.
+        result = run_green_publisher(JOB_ID, pushes=40, pauses={"1": "idle", "7": "idle", "25": "idle"})
+
+        subscriber.seqs(until=set(range(1, 41)))
+        assert [seq for seqs in pushed_seqs_in_order(subscriber) for seq in seqs] == list(range(1, 41))
+    assert result == {"publisher_thread": False, "dropped": 0}
+
+
+def test_a_green_process_whose_push_hangs_gives_it_up_and_sends_the_next_on_a_new_connection(settings, relay):
+    db = redis.Redis.from_url(settings.REDIS_URL).connection_pool.connection_kwargs.get("db", 0)
+
+    with LiveSubscriber(JOB_ID) as subscriber:
+        # The first push goes out on a connection that never answers; the second while it hangs
+        result = run_green_publisher(
+            JOB_ID, pushes=2, pauses={"1": "sending"},
+            env={"REDIS_URL": f"redis://127.0.0.1:{relay.port}/{db}", "CAO_PUSH_TIMEOUT_S": "0.5"},
+        )
+
+        # Then the second one reaches live subscribers once the first has timed out
+        assert subscriber.seqs(until={2}) == {2}
+    assert relay.accepted >= 2
+    assert result["publisher_thread"] is False
