@@ -13,6 +13,7 @@ with underscores are dropped (they would alias hyphenated ones in the WSGI
 environ) and bodies are bounded.
 """
 
+import concurrent.futures
 import os
 import re
 
@@ -41,7 +42,10 @@ from jobs.routing import websocket_urlpatterns  # noqa: E402
 redact_loggers(*SERVER_LOGGERS)
 
 if settings.CAO_CHECK_BACKENDS_ON_START:
-    require_backends()
+    # In a thread: uvicorn's worker processes (--workers, WEB_CONCURRENCY)
+    # import the app inside their event loop, where Django refuses queries.
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as checker:
+        checker.submit(require_backends).result()
 
 # The paths of the async views (cao_project.urls): GET /api/v1/jobs/<id>/stream.
 STREAM_PATHS = re.compile(r"/api/v1/jobs/[^/]+/stream")

@@ -118,3 +118,50 @@ def test_the_containers_api_cuts_open_streams_on_stop_as_the_local_stack_does():
 
     entrypoint = (ROOT / "docker-entrypoint.sh").read_text()
     assert f"--timeout-graceful-shutdown {API_GRACEFUL_SHUTDOWN_S} " in entrypoint
+
+
+def test_the_api_serves_from_several_processes_when_web_concurrency_asks(tmp_path):
+    # uvicorn's worker processes import the app inside their event loop; the
+    # start-up check of the backends must still run (and pass) there.
+    import signal
+    import sys
+
+    import requests
+
+    from scripts.private_servers import free_port
+    from scripts.stack import api_command
+    from scripts.testbed import wait_until, with_database
+
+    port = free_port()
+    env = {
+        **os.environ,
+        "WEB_CONCURRENCY": "2",
+        "CAO_CHECK_BACKENDS_ON_START": "true",
+        "DATABASE_URL": with_database(settings.DATABASE_URL, "postgres"),
+    }
+    log = tmp_path / "api.log"
+    with log.open("w") as output:
+        server = subprocess.Popen(
+            api_command(sys.executable, ROOT, "127.0.0.1", port), cwd=ROOT, env=env,
+            stdout=output, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+
+    def healthy():
+        try:
+            return requests.get(f"http://127.0.0.1:{port}/api/v1/health", timeout=2).status_code == 200
+        except requests.ConnectionError:
+            return False
+
+    def serving_processes():
+        children = Path(f"/proc/{server.pid}/task/{server.pid}/children").read_text().split()
+        # multiprocessing's resource tracker is a child too.
+        return sum(b"resource_tracker" not in Path(f"/proc/{pid}/cmdline").read_bytes() for pid in children)
+
+    try:
+        wait_until(lambda: healthy() or server.poll() is not None, timeout=60, message="the API to answer")
+        assert healthy(), log.read_text()[-3000:]
+        wait_until(lambda: serving_processes() == 2, timeout=30, message="two API processes")
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
+    assert "Application startup failed" not in log.read_text()
