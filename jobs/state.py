@@ -7,6 +7,7 @@ The primitives ``jobs.services`` (client operations) and ``jobs.steps``
 from datetime import timedelta
 
 from jobs import errors
+from jobs.job_rows import fetch_job
 from jobs.models import TRANSITIONS, Job, JobStatus, StepState
 from jobs.outcomes import StepDispatch
 from jobs.writes import LOCKED
@@ -20,12 +21,12 @@ READ_JOB_SQL = f"SELECT * FROM {Job._meta.db_table} WHERE id = %s"
 
 def lock_job(job_id):
     """The job with its row locked until the transaction ends, or None."""
-    return next(iter(Job.objects.raw(LOCK_JOB_SQL, [str(job_id)])), None)
+    return fetch_job(LOCK_JOB_SQL, [str(job_id)])
 
 
 def read_job(job_id):
     """The job as it is now, without a lock (for a conditional write), or None."""
-    return next(iter(Job.objects.raw(READ_JOB_SQL, [str(job_id)])), None)
+    return fetch_job(READ_JOB_SQL, [str(job_id)])
 
 
 def current_step(job, delay_s=0.0):

@@ -32,6 +32,7 @@ import re
 from django.db import connection, models
 
 from common.after_commit import after_commit
+from jobs.job_rows import fetch_job
 from jobs.models import EventType, Job, JobEvent, JobStatus, StepAttempt, StepState
 
 
@@ -151,7 +152,7 @@ class UnreadClaim:
         from), ``waiting_since`` (its updated_at before the claim) and
         ``started_event`` (the payload written).
         """
-        job = next(iter(Job.objects.raw(_unread_claim_sql(), self.params())), None)
+        job = fetch_job(_unread_claim_sql(), self.params())
         if job is not None and isinstance(job.started_event, str):
             job.started_event = json.loads(job.started_event)
         return job
