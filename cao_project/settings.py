@@ -347,6 +347,8 @@ CAO_MONITOR_TOKEN_MAX_AGE_S = env_int("CAO_MONITOR_TOKEN_MAX_AGE_S", 24 * 3600)
 CAO_MAX_BODY_BYTES = env_int("CAO_MAX_BODY_BYTES", 256 * 1024)
 DATA_UPLOAD_MAX_MEMORY_SIZE = CAO_MAX_BODY_BYTES
 CAO_MAX_INPUT_BYTES = env_int("CAO_MAX_INPUT_BYTES", 64 * 1024)
+# The furthest deadline a job may be given (deadline_s, deadline_at): a week.
+CAO_MAX_DEADLINE_S = env_seconds("CAO_MAX_DEADLINE_S", 7 * 24 * 3600)
 # A request's line and headers together; beyond, 431 before the app runs
 # (common.http_protocol, the API server's HTTP protocol).
 CAO_MAX_HEADER_BYTES = env_int("CAO_MAX_HEADER_BYTES", 64 * 1024)

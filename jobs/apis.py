@@ -1,5 +1,10 @@
 """The jobs API: one view per operation; each parses, calls one service or selector, serializes."""
 
+import math
+from datetime import timedelta
+
+from django.conf import settings
+from django.utils import timezone
 from drf_spectacular.utils import OpenApiParameter, extend_schema
 from django.utils.dateparse import parse_datetime
 from rest_framework import serializers, status
@@ -60,6 +65,7 @@ class JobSummarySerializer(serializers.Serializer):
     created_at = serializers.DateTimeField()
     updated_at = serializers.DateTimeField()
     finished_at = serializers.DateTimeField(allow_null=True)
+    deadline_at = serializers.DateTimeField(allow_null=True)
 
     @extend_schema(responses=ErrorSerializer(allow_null=True))
     def get_error(self, job) -> dict | None:
@@ -99,6 +105,47 @@ class JobCreateApi(APIView):
         input_data = serializers.DictField(
             required=False, default=dict, help_text="Parameters passed to every step (a JSON object)."
         )
+        deadline_s = serializers.FloatField(
+            required=False,
+            help_text="Seconds from now the job must be done in (more than 0, at most CAO_MAX_DEADLINE_S, a week "
+            "by default). No call starts after it, a call in flight is cut off at it, and the job fails with "
+            "DEADLINE_EXCEEDED. Or give deadline_at.",
+        )
+        deadline_at = serializers.DateTimeField(
+            required=False,
+            help_text="The same as an ISO 8601 time, e.g. 2026-12-03T12:00:00Z (UTC without an offset).",
+        )
+
+        def validate(self, attrs):
+            if "deadline_s" in attrs and "deadline_at" in attrs:
+                raise serializers.ValidationError({"deadline_at": "Give deadline_s or deadline_at, not both."})
+            return attrs
+
+        def validate_deadline_s(self, value):
+            if isinstance(self.initial_data.get("deadline_s"), bool) or not math.isfinite(value):
+                raise serializers.ValidationError("A number of seconds is required.")
+            if not 0 < value <= settings.CAO_MAX_DEADLINE_S:
+                raise serializers.ValidationError(
+                    f"Must be more than 0 and at most {settings.CAO_MAX_DEADLINE_S:g} seconds."
+                )
+            return value
+
+        def validate_deadline_at(self, value):
+            left_s = (value - timezone.now()).total_seconds()
+            if left_s <= 0:
+                raise serializers.ValidationError("Must be in the future.")
+            if left_s > settings.CAO_MAX_DEADLINE_S:
+                raise serializers.ValidationError(
+                    f"Must be at most {settings.CAO_MAX_DEADLINE_S:g} seconds from now."
+                )
+            return value
+
+        def deadline(self):
+            """The job's deadline from the validated input, or None."""
+            data = self.validated_data
+            if "deadline_s" in data:
+                return timezone.now() + timedelta(seconds=data["deadline_s"])
+            return data.get("deadline_at")
 
     class JobCreatedSerializer(serializers.Serializer):
         success = serializers.BooleanField()
@@ -128,6 +175,7 @@ class JobCreateApi(APIView):
             input_data=serializer.validated_data["input_data"],
             owner=owner,
             idempotency_key=_idempotency_key(request),
+            deadline_at=serializer.deadline(),
         )
         body = {
             "success": True,

@@ -75,6 +75,9 @@ class Job(models.Model):
     updated_at = models.DateTimeField(auto_now=True)
     last_progress_at = models.DateTimeField(auto_now_add=True)
     finished_at = models.DateTimeField(null=True, blank=True)
+    # The client's deadline: no call starts after it, a call in flight is cut
+    # off at it, and a job still waiting then fails (DEADLINE_EXCEEDED).
+    deadline_at = models.DateTimeField(null=True, blank=True)
 
     class Meta:
         ordering = ["-created_at"]
@@ -99,6 +102,10 @@ class Job(models.Model):
             models.Index(fields=["owner", "-created_at"], name="job_owner_recent_idx"),
             # Recent jobs first: the API list, the pages and the admin sort by it.
             models.Index(fields=["-created_at"], name="job_recent_idx"),
+            # Maintenance's sweep of jobs waiting past their deadline.
+            models.Index(
+                fields=["deadline_at"], name="job_deadline_idx", condition=Q(deadline_at__isnull=False)
+            ),
         ]
 
     def __str__(self):

@@ -43,11 +43,12 @@ def check_input_data(input_data):
         )
 
 
-def job_create(*, feature_name, input_data, owner=None, idempotency_key=None):
+def job_create(*, feature_name, input_data, owner=None, idempotency_key=None, deadline_at=None):
     """Create a PENDING job for ``feature_name``; returns ``(job, created)``.
 
     With an ``idempotency_key`` already used by the same owner, returns that
-    job (``created`` False) instead of creating another one.
+    job (``created`` False) instead of creating another one. ``deadline_at``:
+    when the job must be done by (``orchestration`` enforces it).
     """
     check_input_data(input_data)
     if idempotency_key:
@@ -66,6 +67,7 @@ def job_create(*, feature_name, input_data, owner=None, idempotency_key=None):
                 context={"initial_input": input_data},
                 step_due_at=now,
                 last_progress_at=now,
+                deadline_at=deadline_at,
             )
     except IntegrityError:
         # A concurrent request with the same key won the insert.
@@ -133,6 +135,10 @@ def job_resume(*, job, force=False):
     job.error_code, job.error_message, job.retryable = "", "", False
     job.finished_at = None
     job.last_progress_at = now
+    # Resuming asks for the work to be done: a deadline already passed would fail it at once.
+    lifted_deadline = job.deadline_at is not None and job.deadline_at <= now
+    if lifted_deadline:
+        job.deadline_at = None
     append_events(
         job,
         event(
@@ -141,12 +147,13 @@ def job_resume(*, job, force=False):
             message=f"Resumed from step {job.current_step_index + 1} of {job.total_steps}.",
             previous_status=previous_status,
             forced=forced,
+            **({"deadline_lifted": True} if lifted_deadline else {}),
         ),
         now=now,
     )
     save(
         job, "status", "step_state", "step_token", "step_due_at", "step_attempt", "error_code",
-        "error_message", "retryable", "finished_at", "last_progress_at",
+        "error_message", "retryable", "finished_at", "last_progress_at", "deadline_at",
     )
     return ResumeOutcome(job, previous_status, current_step(job))
 

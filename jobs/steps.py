@@ -238,6 +238,11 @@ def step_requeue(*, job, delay_s=0.0):
     return current_step(job, delay_s=delay_s)
 
 
+def past_deadline(job, now):
+    """Whether ``job`` has a deadline and ``now`` is past it."""
+    return job.deadline_at is not None and now >= job.deadline_at
+
+
 def job_fail(*, job, failure):
     """Fail an active job outside of an attempt (stuck, or its service vanished)."""
     now = timezone.now()

@@ -133,7 +133,7 @@ class UnreadClaim:
 
     It applies only if the job's current step is ``step`` (a ``StepDispatch``:
     job, index, token, service), queued or waiting, and the job pending or
-    running. Then it starts the attempt as ``jobs.steps.step_claim`` does: the
+    running, before its deadline if it has one. Then it starts the attempt as ``jobs.steps.step_claim`` does: the
     job RUNNING with its attempt count and event seq advanced (computed from
     the row), the attempt row, and the STEP_STARTED event, whose payload is
     ``started_event`` with the row's figures filled in. Run outside a
@@ -167,7 +167,7 @@ class UnreadClaim:
             JobStatus.RUNNING, StepState.RUNNING, now, now, now,
             # WHERE
             step.step_index, step.token, StepState.QUEUED, StepState.WAITING, JobStatus.PENDING, JobStatus.RUNNING,
-            step.step_index, step.service,
+            step.step_index, step.service, now,
             # the attempt row's values that do not come from the job row
             *(_db_value(field, attempt, add=True) for field in _insert_fields(StepAttempt) if field.name not in _FROM_JOB),
             # the event row
@@ -184,7 +184,7 @@ def _unread_claim_sql():
     table = _quote(Job._meta.db_table)
     column = {name: _quote(_job_field(name).column) for name in (
         "status", "step_state", "step_attempt", "step_started_at", "last_progress_at", "last_event_seq",
-        "updated_at", "current_step_index", "step_token", "steps",
+        "updated_at", "current_step_index", "step_token", "steps", "deadline_at",
     )}
     attempt_fields = _insert_fields(StepAttempt)
     attempt_values = ", ".join(
@@ -201,6 +201,7 @@ def _unread_claim_sql():
         f"FROM before WHERE j.id = before.id AND j.{column['current_step_index']} = %s "
         f"AND j.{column['step_token']} = %s AND j.{column['step_state']} IN (%s, %s) "
         f"AND j.{column['status']} IN (%s, %s) AND j.{column['steps']} ->> %s = %s "
+        f"AND (j.{column['deadline_at']} IS NULL OR j.{column['deadline_at']} > %s) "
         f"RETURNING j.*, before.{column['step_state']} AS claimed_from, before.updated_at AS waiting_since), "
         f"attempt_row AS (INSERT INTO {_quote(StepAttempt._meta.db_table)} "
         f"({', '.join(_quote(field.column) for field in attempt_fields)}) SELECT {attempt_values} FROM job), "

@@ -15,6 +15,7 @@ from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 from django.db import transaction
+from django.utils import timezone
 
 from common import metrics
 from common.after_commit import after_commit
@@ -57,6 +58,12 @@ class Claim:
     # The job as the claim wrote it: what the record's conditional write
     # expects to find (None: record under the row lock).
     job: object = field(default=None, repr=False, compare=False)
+    # The job's deadline (None: none): bounds the call and any retry.
+    deadline_at: object = None
+
+    def time_left_s(self, now):
+        """Seconds until the job's deadline from ``now`` (None: no deadline); negative once it passed."""
+        return None if self.deadline_at is None else (self.deadline_at - now).total_seconds()
 
     @property
     def member(self):
@@ -125,6 +132,11 @@ class ClaimPhase:
                     self._fail_unavailable(job)
                     return None
                 step = job_state.current_step(job)
+                if job_steps.past_deadline(job, timezone.now()):
+                    if not locked:
+                        return _DECIDE_LOCKED
+                    self._fail_past_deadline(job, step)
+                    return None
                 acquisition = self._acquire(service, step)
                 if acquisition.handoffs:
                     after_commit(send_handoffs, acquisition.handoffs)
@@ -197,6 +209,7 @@ class ClaimPhase:
             envelope=build_envelope(job, attempt=job.step_attempt, now=job.step_started_at),
             claimed_seq=job.last_event_seq,
             job=job,
+            deadline_at=job.deadline_at,
         )
 
     def _stored_despite(self, exc, step, service, started_at):
@@ -269,6 +282,16 @@ class ClaimPhase:
             # in line (taken by its own claim, or before the job was
             # cancelled while parked): free it.
             after_commit(release_step, stale, limiter=self.limiter)
+
+    def _fail_past_deadline(self, job, step):
+        """No call starts after the job's deadline: fail it, and free whatever its message took (a slot, a place)."""
+        error = errors.DeadlineExceeded(
+            f"The job's deadline ({job.deadline_at.isoformat()}) passed before step {job.current_step_index + 1} "
+            f"of {job.total_steps} could start."
+        )
+        logger.warning("Failing the job: %s", error.message)
+        job_steps.job_fail(job=job, failure=failure_from(error))
+        after_commit(release_step, step, limiter=self.limiter)
 
     def _fail_unavailable(self, job):
         error = errors.ServiceUnavailable(

@@ -24,6 +24,8 @@ import logging
 import random
 import time
 
+from django.utils import timezone
+
 from common import green, metrics
 from common.logs import log_context
 from jobs.publisher import get_publisher
@@ -82,10 +84,28 @@ class Engine(ClaimPhase, RecordPhase):
             return claim
 
     def call(self, claim):
-        """POST the envelope; the ServiceReply, or the StepError that ended the attempt."""
+        """POST the envelope; the ServiceReply, or the StepError that ended the attempt.
+
+        A job's deadline bounds the call below the service's own timeout; a
+        call cut off by it is DEADLINE_EXCEEDED.
+        """
         started = time.perf_counter()
+        left_s = claim.time_left_s(timezone.now())
+        bounded = left_s is not None and left_s < claim.service.effective_timeout_s
         try:
-            reply = self.client.execute(claim.service, envelope=claim.envelope, idempotency_key=claim.idempotency_key)
+            if bounded and left_s <= 0:
+                raise errors.DeadlineExceeded("The job's deadline passed before the call started.", call_cut_off=False)
+            reply = self.client.execute(
+                claim.service, envelope=claim.envelope, idempotency_key=claim.idempotency_key,
+                timeout_s=left_s if bounded else None,
+            )
+        except errors.DownstreamTimeout as error:
+            reply = error
+            if bounded and not isinstance(error, errors.DeadlineExceeded):
+                reply = errors.DeadlineExceeded(
+                    f"{claim.service.name} had not answered when the job's deadline passed "
+                    f"({claim.deadline_at.isoformat()}); the call was cut off."
+                )
         except errors.StepError as error:
             reply = error
         except Exception as exc:
@@ -101,7 +121,7 @@ class Engine(ClaimPhase, RecordPhase):
 
         ``pushes``: the record's held pushes, to send in the same round trip.
         """
-        if isinstance(reply, errors.DownstreamTimeout):
+        if getattr(reply, "call_may_still_run", False):
             self._hold_after_timeout(claim)
             if dispatch:
                 send_quietly(dispatch)

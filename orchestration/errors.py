@@ -51,6 +51,24 @@ class DownstreamTimeout(TransientStepError):
     """Raised when the service did not answer within the step's timeout."""
 
     code = "DOWNSTREAM_TIMEOUT"
+    # The service may still be working on the request: its slot stays held a while.
+    call_may_still_run = True
+
+
+class DeadlineExceeded(DownstreamTimeout):
+    """Raised when the job's deadline passed: before its step's call, during it (cut off then) or before a retry.
+
+    A timeout in kind (a call cut off may still be running: its slot is
+    held as after any timeout), but not retryable: only a forced resume
+    runs the job again, without the deadline.
+    """
+
+    code = "DEADLINE_EXCEEDED"
+    retryable = False
+
+    def __init__(self, message, *, call_cut_off=True, **kwargs):
+        super().__init__(message, **kwargs)
+        self.call_may_still_run = call_cut_off
 
 
 class DownstreamUnreachable(TransientStepError):

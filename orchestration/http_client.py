@@ -79,9 +79,17 @@ class ServiceClient:
                 session.mount(prefix, requests.adapters.HTTPAdapter(pool_connections=size, pool_maxsize=size))
         return session
 
-    def execute(self, service, *, envelope, idempotency_key):
-        """Call the service once; return its ServiceReply or raise a StepError."""
-        connect_s, read_s = timeout = (settings.HTTP_CONNECT_TIMEOUT_S, service.effective_timeout_s)
+    def execute(self, service, *, envelope, idempotency_key, timeout_s=None):
+        """Call the service once; return its ServiceReply or raise a StepError.
+
+        ``timeout_s``: the most the whole call may take when that is less
+        than the service's timeout (a job's time left before its deadline).
+        """
+        connect_s, read_s = settings.HTTP_CONNECT_TIMEOUT_S, service.effective_timeout_s
+        whole_s = connect_s + read_s
+        if timeout_s is not None:
+            connect_s, read_s, whole_s = min(connect_s, timeout_s), min(read_s, timeout_s), min(whole_s, timeout_s)
+        timeout = (connect_s, read_s)
         headers = {"Idempotency-Key": idempotency_key, **auth_headers(service)}
         started = self._clock()
         try:
@@ -92,7 +100,7 @@ class ServiceClient:
             with response:
                 # The read timeout bounds each wait for bytes; the deadline
                 # bounds the whole reply, so a trickle cannot hold the slot.
-                deadline = started + connect_s + read_s
+                deadline = started + whole_s
                 body = _read_limited(service.name, response, settings.CAO_MAX_REPLY_BYTES, deadline, self._clock)
         except requests.Timeout:
             raise errors.DownstreamTimeout(

@@ -5,6 +5,7 @@
   re-sent job must not block the line;
 - fail jobs that made no progress for JOB_STUCK_SECONDS (retryable), except
   a step waiting in a line that moves;
+- fail jobs whose deadline passed while their step waited to start;
 - re-send work whose message, place in line or lease vanished (a worker
   died, Redis restarted without persistence), oldest jobs first, every job
   of every pass.
@@ -65,6 +66,7 @@ class MaintenanceReport:
     handed_off: int = 0
     orphans_removed: int = 0
     stuck_failed: int = 0
+    deadline_failed: int = 0
     redispatched: int = 0
     lost_attempts: int = 0
 
@@ -87,6 +89,7 @@ def run_maintenance(*, now=None, after_redis_loss=False):
     reap_leases(report)
     sweep_orphans(report)
     fail_stuck_jobs(report, now=now)
+    fail_jobs_past_deadline(report, now=now)
     redispatch_lost_work(report, now=now, after_redis_loss=after_redis_loss)
     return report
 
@@ -208,6 +211,34 @@ def _fail_stuck(job_id, cutoff, report):
             after_commit(release_step, withdrawn)
     report.stuck_failed += 1
     logger.warning("Marked job_id=%s as FAILED STUCK_DETECTED.", job_id)
+
+
+def fail_jobs_past_deadline(report, *, now):
+    """Fail jobs whose deadline passed while their step waited (queued, or in a service's line).
+
+    A running call is cut off at the deadline by its worker, and a step
+    message that arrives late is failed by its claim; this catches the jobs
+    that would otherwise wait for a slot long after their client gave up.
+    """
+    waiting = Q(status__in=ACTIVE_STATUSES, deadline_at__lte=now, step_state__in=[StepState.QUEUED, StepState.WAITING])
+    for job_id in Job.objects.filter(waiting).values_list("id", flat=True).iterator():
+        with transaction.atomic():
+            job = _lock_if(job_id, waiting)
+            if job is None:
+                continue
+            withdrawn = current_step(job)
+            job_steps.job_fail(
+                job=job,
+                failure=failure_from(errors.DeadlineExceeded(
+                    f"The job's deadline ({job.deadline_at.isoformat()}) passed while step "
+                    f"{job.current_step_index + 1} of {job.total_steps} waited to start.",
+                    call_cut_off=False,
+                )),
+            )
+            if withdrawn.service:
+                after_commit(release_step, withdrawn)
+        report.deadline_failed += 1
+        logger.warning("Marked job_id=%s as FAILED DEADLINE_EXCEEDED.", job_id)
 
 
 def redispatch_lost_work(report, *, now, after_redis_loss=False):

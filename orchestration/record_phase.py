@@ -107,6 +107,15 @@ class RecordPhase:
                 cap_s=settings.CAO_RETRY_MAX_DELAY_S,
                 rng=self.rng,
             )
+            left_s = claim.time_left_s(timezone.now())
+            if delay is not None and left_s is not None and delay >= left_s:
+                reply = errors.DeadlineExceeded(
+                    f"{reply.message} The next attempt would start after the job's deadline "
+                    f"({claim.deadline_at.isoformat()}).",
+                    status_code=reply.status_code,
+                    call_cut_off=False,
+                )
+                delay = None
             outcome = job_steps.step_fail(
                 job=job, token=claim.step.token, failure=failure_from(reply), retry_delay_s=delay, writer=writer
             )

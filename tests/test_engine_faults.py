@@ -184,7 +184,7 @@ def test_a_late_result_under_a_superseded_token_is_discarded(registry, simulator
     job, _ = submit_job(feature_name="business_plan", input_data={"topic": "tea"})
 
     class PresumedDeadMidCall(ServiceClient):
-        def execute(self, service, *, envelope, idempotency_key):
+        def execute(self, service, *, envelope, idempotency_key, timeout_s=None):
             with transaction.atomic():
                 locked = Job.objects.select_for_update().get(pk=job.pk)
                 mark_attempt_lost(locked, service_live("prompt_enhancer"))

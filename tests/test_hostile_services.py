@@ -64,7 +64,7 @@ def test_a_reply_the_database_cannot_store_fails_the_attempt_and_frees_the_slot_
 def test_an_error_inside_the_gateway_during_the_call_is_a_typed_failure(registry, simulator, settings):
     # Given a client that breaks in a way the engine does not foresee
     class BrokenClient:
-        def execute(self, service, *, envelope, idempotency_key):
+        def execute(self, service, *, envelope, idempotency_key, timeout_s=None):
             raise RecursionError("maximum recursion depth exceeded")
 
     job = _queued_job(registry)
@@ -86,7 +86,7 @@ def test_a_reply_postgresql_refuses_while_recording_becomes_a_failure_not_a_stra
     # Given a reply the parser would never let through: built by hand, so the
     # database itself refuses it (NaN is not valid jsonb)
     class UnstorableClient:
-        def execute(self, service, *, envelope, idempotency_key):
+        def execute(self, service, *, envelope, idempotency_key, timeout_s=None):
             return ServiceReply(data={"x": float("nan")}, metrics={}, status_code=200)
 
     job = _queued_job(registry)

@@ -142,7 +142,7 @@ class JobAdmin(admin.ModelAdmin):
         ("Error", {"fields": ["error_code", "error_message", "retryable"]}),
         ("Steps", {"fields": ["step_table"]}),
         ("Context", {"fields": ["context_json"]}),
-        ("Times", {"fields": ["created_at", "updated_at", "last_progress_at", "finished_at"]}),
+        ("Times", {"fields": ["created_at", "updated_at", "last_progress_at", "finished_at", "deadline_at"]}),
     ]
 
     # --- Permissions: read-only rows; actions need jobs.change_job ----------

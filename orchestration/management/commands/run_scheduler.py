@@ -113,7 +113,8 @@ class Command(BaseCommand):
         if report.changed:
             logger.info(
                 "Maintenance: reaped %d lease(s), handed off %d slot(s), removed %d orphan(s) from lines, "
-                "failed %d stuck job(s), re-sent %d step(s), recovered %d lost attempt(s).",
+                "failed %d stuck job(s) and %d past their deadline, re-sent %d step(s), "
+                "recovered %d lost attempt(s).",
                 report.reaped_leases, report.handed_off, report.orphans_removed, report.stuck_failed,
-                report.redispatched, report.lost_attempts,
+                report.deadline_failed, report.redispatched, report.lost_attempts,
             )
