@@ -58,14 +58,14 @@ def _query(scope):
     return {name: values[-1] for name, values in parse_qs(scope["query_string"].decode("latin-1")).items()}
 
 
-async def _send_bytes(send, status, body, *, content_type=b"application/json"):
-    headers = [(b"content-type", content_type), (b"content-length", str(len(body)).encode())]
+async def _send_bytes(send, status, body, *, content_type=b"application/json", extra_headers=()):
+    headers = [(b"content-type", content_type), (b"content-length", str(len(body)).encode()), *extra_headers]
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
 
 
-async def _send_json(send, status, payload):
-    await _send_bytes(send, status, json.dumps(payload).encode())
+async def _send_json(send, status, payload, *, extra_headers=()):
+    await _send_bytes(send, status, json.dumps(payload).encode(), extra_headers=extra_headers)
 
 
 async def _read_body(receive, limit=MAX_BODY_BYTES):
@@ -215,7 +215,8 @@ class SimulatorApp:
             elif plan.status != 200:
                 outcome = plan.status
                 body = injected_failure_body(service, plan.status, retryable=plan.retryable)
-                await _send_json(send, plan.status, body)
+                retry_after = () if plan.retry_after_s is None else ((b"retry-after", f"{plan.retry_after_s:g}".encode()),)
+                await _send_json(send, plan.status, body, extra_headers=retry_after)
             elif plan.malformed:
                 outcome = 200
                 secret = _sent_credential(headers, self.api_key_header)

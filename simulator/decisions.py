@@ -17,6 +17,7 @@ class ExecutePlan:
     retryable: bool = False
     malformed: str | None = None
     hang: bool = False
+    retry_after_s: float | None = None  # sent as Retry-After with a 429 or 503
 
 
 @dataclass(frozen=True)
@@ -34,7 +35,10 @@ def decide_execute(knobs, call_numbers, *, rng):
     if hang:
         delay_s += knobs.hang.seconds
     if knobs.fail and knobs.fail.applies(call_numbers.get("fail", 1)):
-        return ExecutePlan(delay_s, status=knobs.fail.status, retryable=knobs.fail.retryable, hang=hang)
+        retry_after_s = knobs.retry_after.seconds if knobs.retry_after and knobs.fail.status in (429, 503) else None
+        return ExecutePlan(
+            delay_s, status=knobs.fail.status, retryable=knobs.fail.retryable, hang=hang, retry_after_s=retry_after_s
+        )
     if knobs.malformed and knobs.malformed.applies(call_numbers.get("malformed", 1)):
         return ExecutePlan(delay_s, malformed=knobs.malformed.kind, hang=hang)
     return ExecutePlan(delay_s, hang=hang)

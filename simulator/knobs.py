@@ -141,6 +141,16 @@ class Malformed(Counted):
 
 
 @dataclass(frozen=True)
+class RetryAfter:
+    """Send ``Retry-After: <seconds>`` with every 429 or 503 the ``fail`` knob answers."""
+
+    seconds: float
+
+    def __str__(self):
+        return format_duration(self.seconds)
+
+
+@dataclass(frozen=True)
 class HealthFail:
     """Answer GET /health with ``status``."""
 
@@ -187,6 +197,10 @@ def parse_malformed(text):
     return Malformed(kind, count=count)
 
 
+def parse_retry_after(text):
+    return RetryAfter(parse_duration(text))
+
+
 def parse_health_fail(text):
     text = text.strip()
     return HealthFail(_parse_status(text, "health_fail") if text else 503)
@@ -201,6 +215,7 @@ def parse_health_hang(text):
 PARSERS = {
     "latency": (parse_latency, False),
     "fail": (parse_fail, False),
+    "retry_after": (parse_retry_after, False),
     "hang": (parse_hang, True),
     "malformed": (parse_malformed, True),
     "health_fail": (parse_health_fail, True),
@@ -215,6 +230,7 @@ class ServiceKnobs:
 
     latency: Latency | None = None
     fail: Fail | None = None
+    retry_after: RetryAfter | None = None
     hang: Hang | None = None
     malformed: Malformed | None = None
     health_fail: HealthFail | None = None

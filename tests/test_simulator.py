@@ -99,6 +99,7 @@ def sim(shared_sim):
         ("hang", "x1", Hang(FOREVER_S, count=1), "1hx1"),
         ("malformed", "", Malformed("invalid_json"), "invalid_json"),
         ("malformed", "nostatusx2", Malformed("nostatus", count=2), "nostatusx2"),
+        ("retry_after", "2s", None, "2s"),
         ("health_fail", "", None, "503"),
         ("health_fail", "500", None, "500"),
     ],
@@ -318,6 +319,24 @@ def test_fail_without_a_count_always_fails_and_retryable_follows_the_status(sim,
     assert [response.status_code for response in responses] == [status] * 3
     assert error_of(responses[0])["code"] == code
     assert error_of(responses[0])["retryable"] is retryable
+
+
+@pytest.mark.parametrize(("status", "sent"), [(429, "2.5"), (503, "2.5"), (500, None), (400, None)])
+def test_retry_after_rides_on_the_429s_and_503s_of_fail(sim, status, sent):
+    sim.configure(fail={"fast_chat_llm": str(status)}, retry_after={"fast_chat_llm": "2500ms"})
+
+    response = call(sim, "fast_chat_llm")
+
+    assert response.status_code == status
+    assert response.headers.get("Retry-After") == sent
+
+
+def test_retry_after_alone_changes_no_answer(sim):
+    sim.configure(retry_after={"fast_chat_llm": "2s"})
+
+    response = call(sim, "fast_chat_llm")
+
+    assert response.status_code == 200 and "Retry-After" not in response.headers
 
 
 def test_hang_outlasts_the_client_timeout_and_the_abandoned_call_leaves_in_flight(sim):

@@ -25,6 +25,7 @@ _SERVICE_NAME = re.compile(r"[a-z0-9][a-z0-9_-]*")
 _KNOB_HELP = {
     "latency": "delay every reply, e.g. fast_chat_llm=200ms or '*=50ms~10ms'",
     "fail": "answer a status instead of succeeding, e.g. summarizer_pro=503x2 (first 2 calls per key) or =400",
+    "retry_after": "send Retry-After with the 429/503 of fail, e.g. fast_chat_llm=2s",
     "hang": "sleep before answering, e.g. video_gen_v2=30s or =30sx1; SERVICE alone hangs for an hour",
     "malformed": "answer 200 with a broken body: SERVICE (not JSON), SERVICE=nostatus or =empty, optional xN",
     "health_fail": "make GET /health answer a status, e.g. email_notifier=503",
