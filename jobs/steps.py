@@ -27,19 +27,27 @@ def step_is_current(job, *, step_index, token):
     )
 
 
-def step_park(*, job, position=None, writer=LOCKED):
-    """No free slot: the step waits in its service's line, holding no thread."""
+def step_park(*, job, position=None, cooling_until=None, writer=LOCKED):
+    """No free slot: the step waits in its service's line, holding no thread.
+
+    ``cooling_until`` (a datetime): the service cools down until then (it
+    answered 429/503 with Retry-After), which is what holds the step back.
+    """
     first_time = job.step_state == StepState.QUEUED
     job.step_state = StepState.WAITING
     if first_time:
+        if cooling_until is None:
+            held_by = {"message": f"Waiting for a free slot of {job.current_service}.", "limit": "concurrency"}
+        else:
+            held_by = {
+                "message": f"Waiting for {job.current_service} to cool down (it asked to retry after "
+                f"{cooling_until.isoformat()}).",
+                "limit": "cool_down",
+                "cooling_until": cooling_until.isoformat(),
+            }
         append_events(
             job,
-            event(
-                EventType.WAITING_FOR_SLOT,
-                step_index=job.current_step_index,
-                message=f"Waiting for a free slot of {job.current_service}.",
-                position=position,
-            ),
+            event(EventType.WAITING_FOR_SLOT, step_index=job.current_step_index, position=position, **held_by),
             writer=writer,
         )
     save(job, "step_state", writer=writer)

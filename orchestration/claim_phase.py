@@ -10,6 +10,7 @@ raised may still have committed: it is checked before the slot is given up.
 """
 
 import dataclasses
+import datetime
 import logging
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -73,6 +74,10 @@ class Claim:
     def idempotency_key(self):
         return f"{self.step.job_id}:{self.step.step_index}:{self.step.service}"
 
+
+
+def _datetime_or_none(unix_s):
+    return None if unix_s is None else datetime.datetime.fromtimestamp(unix_s, tz=datetime.timezone.utc)
 
 
 def build_envelope(job, *, attempt, now):
@@ -143,7 +148,10 @@ class ClaimPhase:
                 read_seq = job.last_event_seq
                 writer = LOCKED if locked else ConditionalWrite(job)
                 if not acquisition.granted:
-                    job_steps.step_park(job=job, position=acquisition.position, writer=writer)
+                    job_steps.step_park(
+                        job=job, position=acquisition.position, writer=writer,
+                        cooling_until=_datetime_or_none(acquisition.cooling_until),
+                    )
                     if not writer.execute():
                         return _DECIDE_LOCKED
                     logger.info("Parked: no free slot of %s (position %s).", service.name, acquisition.position)

@@ -12,6 +12,9 @@ CAO_MAX_REPLY_DEPTH), and every string kept from it is masked of
 INTERNAL_API_KEY, which a hostile or buggy service might echo back.
 """
 
+import datetime
+import email.utils
+import re
 import threading
 import time
 from dataclasses import dataclass
@@ -238,9 +241,50 @@ def mask_secrets(value):
     return value
 
 
+# "1s", "6m0s", "250ms", "1h2m3.5s": how AI providers write x-ratelimit-reset-* (a bare number is seconds).
+_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|h|m|s)")
+_UNIT_S = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
 def _retry_after(response):
-    value = response.headers.get("Retry-After")
+    """Seconds the service asked callers to wait, or None.
+
+    ``Retry-After`` (seconds, or an HTTP date), else the longest of the
+    ``x-ratelimit-reset-*`` headers providers send with a 429 (e.g.
+    ``x-ratelimit-reset-requests: 1s``, ``x-ratelimit-reset-tokens: 6m0s``).
+    """
+    value = response.headers.get("Retry-After", "").strip()
+    if value:
+        return _seconds_or_date(value)
+    resets = [
+        _duration_s(header_value.strip())
+        for name, header_value in response.headers.items()
+        if name.lower().startswith("x-ratelimit-reset")
+    ]
+    resets = [seconds for seconds in resets if seconds is not None]
+    return max(resets) if resets else None
+
+
+def _seconds_or_date(value):
     try:
-        return max(0.0, float(value)) if value else None
+        return max(0.0, float(value))
     except ValueError:
-        return None  # HTTP-date form: fall back to the engine's backoff
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        return None
+    return max(0.0, (when - datetime.datetime.now(datetime.timezone.utc)).total_seconds())
+
+
+def _duration_s(value):
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    parts = _DURATION_PART.findall(value)
+    if not parts or "".join(number + unit for number, unit in parts) != value:
+        return None
+    return sum(float(number) * _UNIT_S[unit] for number, unit in parts)

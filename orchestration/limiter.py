@@ -3,8 +3,10 @@
 Per service, under one hash tag (``cao:lim:{<service>}:``): ``holders`` (ZSET
 member -> lease expiry), ``waiters`` (ZSET member -> arrival ticket),
 ``granted`` (ZSET member -> reservation expiry, the waiters a freed slot was
-handed to), ``payloads`` (HASH member -> message to dispatch on hand-off)
-and ``owners`` (HASH holder -> the process running its call).
+handed to), ``payloads`` (HASH member -> message to dispatch on hand-off),
+``owners`` (HASH holder -> the process running its call) and ``cooldown``
+(until when nothing is granted: the service answered 429/503 with
+Retry-After; ``cool_down``).
 
 Invariants, kept by Lua scripts in ``lua/`` (one atomic call per operation):
 
@@ -56,6 +58,9 @@ class Acquisition:
     granted: bool
     position: int | None
     handoffs: tuple[str, ...] = ()
+    # While the service cools down (it answered 429/503 with Retry-After):
+    # until when, UNIX seconds by the server's clock. None: it does not.
+    cooling_until: float | None = None
 
 
 @dataclass(frozen=True)
@@ -78,6 +83,7 @@ class Occupancy:
     holders: tuple[Holder, ...]
     granted: tuple[Holder, ...]  # reservations: member + reservation expiry
     waiters: tuple[Waiter, ...]  # in queue order, granted ones included
+    cooling_until: float | None = None  # UNIX seconds; None: not cooling down
 
     @property
     def in_use(self) -> int:
@@ -109,6 +115,11 @@ def _pairs(flat):
     return [(_text(flat[i]), float(flat[i + 1])) for i in range(0, len(flat), 2)]
 
 
+def _seconds_or_none(ms) -> float | None:
+    ms = int(ms)
+    return ms / 1000 if ms else None
+
+
 def _ms(seconds: float) -> int:
     if seconds <= 0:
         raise ValueError(f"ttl must be positive, got {seconds!r}")
@@ -131,6 +142,7 @@ class Limiter:
 
     _operations = (
         "acquire", "census", "renew", "disown", "release", "redispatch", "reap", "reclaim", "locate", "occupancy",
+        "cool_down",
     )
 
     def __init__(self, client, *, prefix: str = "cao:lim", grant_ttl_s: float = 30.0):
@@ -148,7 +160,9 @@ class Limiter:
         base = f"{self.prefix}:{{{service}}}:"
         return [
             base + name
-            for name in ("holders", "granted", "waiters", "payloads", "ticket", "census", "owners", "moved")
+            for name in (
+                "holders", "granted", "waiters", "payloads", "ticket", "census", "owners", "moved", "cooldown",
+            )
         ]
 
     def _call(self, name, service, *args):
@@ -171,7 +185,7 @@ class Limiter:
         :meth:`reclaim` can free it if that process dies.
         """
         args = (member, _limit(limit), _ms(ttl_s), self.grant_ttl_ms, payload, owner)
-        granted, position, handoffs = self._call("acquire", service, *args)
+        granted, position, handoffs, cooling_ms = self._call("acquire", service, *args)
         if int(granted) == -1:
             seeded = self.take_census(service, census() if census else (), ttl_s=ttl_s)
             if seeded:
@@ -179,14 +193,29 @@ class Limiter:
                     "The limiter of %s had no state (Redis restarted or lost its data); "
                     "counted %s calls in flight before granting.", service, seeded,
                 )
-            granted, position, handoffs = self._call("acquire", service, *args)
+            granted, position, handoffs, cooling_ms = self._call("acquire", service, *args)
             if int(granted) == -1:  # lost again within a round trip: say so, retry the message
                 raise RuntimeError(f"The limiter state of {service} keeps disappearing.")
         return Acquisition(
             granted=bool(granted),
             position=None if granted else int(position),
             handoffs=_texts(handoffs),
+            cooling_until=_seconds_or_none(cooling_ms),
         )
+
+    def cool_down(self, service: str, *, seconds: float) -> float:
+        """Grant no slot of ``service`` for ``seconds`` (extending a cool-down, never shortening one).
+
+        Calls in flight go on; callers park and waiters keep their places
+        (reservations not yet taken go back to their waiters). Returns the
+        end, UNIX seconds by the server's clock. Nothing is granted at the
+        end by itself: the next acquire, release or redispatch does it.
+        """
+        return int(self._call("cool_down", service, _ms(seconds))) / 1000
+
+    def cooling_left_s(self, service: str) -> float:
+        """Seconds until ``service``'s cool-down ends (0.0: it is not cooling down)."""
+        return max(0, int(self.client.pttl(self.keys(service)[8]))) / 1000
 
     def take_census(self, service: str, members, *, ttl_s: float) -> int:
         """Seed ``holders`` with ``members`` unless a census exists; return how many were added."""
@@ -253,10 +282,11 @@ class Limiter:
         return [_text(place) for place in pipeline.execute()]
 
     def occupancy(self, service: str) -> Occupancy:
-        now_ms, holders, granted, waiters = self._call("occupancy", service)
+        now_ms, holders, granted, waiters, cooling_ms = self._call("occupancy", service)
         return Occupancy(
             now=int(now_ms) / 1000,
             holders=tuple(Holder(m, ms / 1000) for m, ms in _pairs(holders)),
             granted=tuple(Holder(m, ms / 1000) for m, ms in _pairs(granted)),
             waiters=tuple(Waiter(m, us / 1_000_000) for m, us in _pairs(waiters)),
+            cooling_until=_seconds_or_none(cooling_ms),
         )

@@ -20,7 +20,7 @@ logger = logging.getLogger(__name__)
 
 
 class SharedStateCollector:
-    """Slots in use, limits, waiters per service and queue depth per queue."""
+    """Slots in use, limits, waiters and cool-downs per service, and queue depth per queue."""
 
     def collect(self):
         in_use = GaugeMetricFamily("cao_slots_in_use", "Slots held or reserved, per service.", labels=["service"])
@@ -29,6 +29,11 @@ class SharedStateCollector:
         depth = GaugeMetricFamily(
             "cao_queue_depth", "Step messages not yet picked up, per queue.", labels=["queue", "kind"]
         )
+        cooling = GaugeMetricFamily(
+            "cao_service_cool_down_seconds",
+            "Seconds left of a service's cool-down (it answered 429/503 with Retry-After); 0 when none.",
+            labels=["service"],
+        )
         try:
             limiter = get_limiter()
             for service in service_list():
@@ -36,6 +41,8 @@ class SharedStateCollector:
                 in_use.add_metric([service.name], occupancy.in_use)
                 waiters.add_metric([service.name], occupancy.waiting)
                 limit.add_metric([service.name], service.concurrency_limit)
+                left_s = max(0.0, occupancy.cooling_until - occupancy.now) if occupancy.cooling_until else 0.0
+                cooling.add_metric([service.name], left_s)
             for queue, ready, delayed in queue_depths():
                 depth.add_metric([queue, "ready"], ready)
                 depth.add_metric([queue, "delayed"], delayed)
@@ -43,7 +50,7 @@ class SharedStateCollector:
             # A scrape must not fail because Redis or the broker is down;
             # the missing series are the signal.
             logger.warning("Could not read shared state for /metrics.", exc_info=True)
-        yield from (in_use, limit, waiters, depth)
+        yield from (in_use, limit, waiters, depth, cooling)
 
 
 def queue_depths():

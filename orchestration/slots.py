@@ -7,6 +7,9 @@ sends the messages of the waiters it handed slots to (``send_handoffs``).
 """
 
 import logging
+import threading
+
+from django.conf import settings
 
 from jobs import selectors as job_selectors
 from orchestration.dispatch import log_unsent, send_step
@@ -101,3 +104,47 @@ def release_quietly(step, service, *, limiter=None):
             "Could not release the slot of job_id=%s step_index=%s on %s; it expires by itself.",
             step.job_id, step.step_index, step.service, exc_info=True,
         )
+
+
+def cool_down(service, seconds, *, limiter=None):
+    """``service`` asked callers to come back in ``seconds`` (429/503 with Retry-After): no call to it starts before then.
+
+    For every job: calls in flight go on, the others wait in its line and
+    spend no attempt (at most CAO_RETRY_MAX_DELAY_S, the longest a retry
+    waits). When it ends, a timer of this process hands the free slots to
+    the line; should the process die first, maintenance's redispatch does.
+    """
+    limiter = limiter or get_limiter()
+    seconds = min(seconds, settings.CAO_RETRY_MAX_DELAY_S)
+    try:
+        limiter.cool_down(service.name, seconds=seconds)
+    except Exception:
+        logger.warning("Could not cool %s down; its next callers may be refused too.", service.name, exc_info=True)
+        return
+    logger.warning("%s asked to retry in %.1f s: no call to it starts before then.", service.name, seconds)
+    _end_cool_down_in(seconds, service.name, limiter)
+
+
+def _end_cool_down_in(seconds, service_name, limiter):
+    timer = threading.Timer(seconds + COOL_DOWN_END_MARGIN_S, _end_cool_down, args=(service_name, limiter))
+    timer.daemon = True
+    timer.start()
+
+
+# Past the cool-down's end by the server's clock before the line is pumped.
+COOL_DOWN_END_MARGIN_S = 0.01
+
+
+def _end_cool_down(service_name, limiter):
+    """Hand the free slots to the line once the cool-down is over; if another extended it, wait for that end."""
+    try:
+        left_s = limiter.cooling_left_s(service_name)
+        if left_s > 0:
+            _end_cool_down_in(left_s, service_name, limiter)
+            return
+        service = service_live(service_name)
+        send_handoffs(limiter.redispatch_waiters(service_name, limit=service.concurrency_limit if service else 0))
+    except Exception:
+        # Maintenance's redispatch hands the slots over instead.
+        logger.warning("Could not end the cool-down of %s; maintenance will.", service_name, exc_info=True)
+

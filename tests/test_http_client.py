@@ -4,6 +4,8 @@ Replies are real ``requests.Response`` objects, built by requests' own
 adapter from a urllib3 response, as ``ServiceClient.execute`` gets them.
 """
 
+import datetime
+import email.utils
 import json
 from io import BytesIO
 
@@ -68,7 +70,7 @@ ERROR_BODY = {"status": "FAILED", "error": {"code": "OVERLOADED", "message": "qu
          "RESOURCE_EXHAUSTED", True, None),
         (reply(429), errors.ResourceExhausted, "RESOURCE_EXHAUSTED", True, None),
         (reply(503, headers={"Retry-After": "Wed, 21 Oct 2015 07:28:00 GMT"}), errors.ResourceExhausted,
-         "RESOURCE_EXHAUSTED", True, None),  # the HTTP-date form: the engine's backoff applies
+         "RESOURCE_EXHAUSTED", True, 0.0),  # an HTTP date already past: no wait
         (reply(429, headers={"Retry-After": "-3"}), errors.ResourceExhausted, "RESOURCE_EXHAUSTED", True, 0.0),
         # Other 5xx: the service failed. Retryable; Retry-After is not read.
         (reply(500, ERROR_BODY), errors.DownstreamServerError, "DOWNSTREAM_ERROR", True, None),
@@ -181,3 +183,34 @@ def test_a_reported_error_code_is_cut_to_fit_the_jobs_error_code_column():
         parse_reply(SERVICE, reply(200, body), 1)
 
     assert raised.value.code == "E" * column
+
+
+@pytest.mark.parametrize(
+    "headers, seconds",
+    [
+        ({"Retry-After": "20"}, 20.0),
+        ({"Retry-After": "20", "x-ratelimit-reset-requests": "5m"}, 20.0),  # Retry-After wins
+        ({"x-ratelimit-reset-requests": "1s", "x-ratelimit-reset-tokens": "6m0s"}, 360.0),  # the longest
+        ({"x-ratelimit-reset-tokens": "250ms"}, 0.25),
+        ({"x-ratelimit-reset": "1h2m3.5s"}, 3723.5),
+        ({"x-ratelimit-reset-requests": "12"}, 12.0),  # a bare number is seconds
+        ({"x-ratelimit-reset-requests": "soon"}, None),
+        ({"x-ratelimit-reset-requests": "5 minutes"}, None),
+        ({"Retry-After": "not a date"}, None),
+        ({}, None),
+    ],
+)
+def test_the_wait_a_busy_service_asks_for_is_read_from_its_headers(headers, seconds):
+    with pytest.raises(errors.ResourceExhausted) as raised:
+        parse_reply(SERVICE, reply(429, ERROR_BODY, headers=headers), 12)
+
+    assert raised.value.retry_after_s == seconds
+
+
+def test_a_retry_after_date_counts_from_now():
+    when = email.utils.format_datetime(datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(seconds=90))
+
+    with pytest.raises(errors.ResourceExhausted) as raised:
+        parse_reply(SERVICE, reply(503, headers={"Retry-After": when}), 12)
+
+    assert 80 < raised.value.retry_after_s <= 90

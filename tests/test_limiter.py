@@ -67,7 +67,7 @@ def check_invariants(occupancy, limit):
 def test_keys_share_one_hash_tag(limiter):
     keys = limiter.keys("billing")
     assert all(key.startswith("cao:lim:{billing}:") for key in keys)
-    assert len(set(keys)) == 8
+    assert len(set(keys)) == 9
 
 
 def test_acquire_is_idempotent_for_a_holder(limiter):
@@ -701,3 +701,53 @@ def test_a_restart_from_a_snapshot_takes_a_new_census(private_redis):
     third = limiter.acquire(SERVICE, "c", limit=2, ttl_s=600, payload="pc", census=census)
     assert not third.granted
     assert {holder.member for holder in limiter.occupancy(SERVICE).holders} == {"a", "b"}
+
+
+# Cool-down: the service answered 429/503 with Retry-After -------------------------------------
+
+
+def test_a_cooling_service_grants_no_free_slot_until_the_cool_down_ends(limiter):
+    until = limiter.cool_down(SERVICE, seconds=0.3)
+
+    parked = park(limiter, "a", limit=2)
+
+    assert parked.cooling_until == pytest.approx(until, abs=0.01)
+    assert limiter.occupancy(SERVICE).cooling_until == pytest.approx(until, abs=0.01)
+    assert limiter.redispatch_waiters(SERVICE, limit=2) == ()  # still cooling: nobody is handed a slot
+    wait_until(lambda: limiter.cooling_left_s(SERVICE) == 0, timeout=10, message="the cool-down to end")
+    assert limiter.occupancy(SERVICE).cooling_until is None
+    assert limiter.redispatch_waiters(SERVICE, limit=2) == ("msg:a",)
+    assert hold(limiter, "a", limit=2).cooling_until is None
+
+
+def test_a_cool_down_lets_calls_in_flight_finish_and_keeps_the_line_in_order(limiter):
+    hold(limiter, "a")
+    park(limiter, "b")
+    park(limiter, "c")
+    assert limiter.release(SERVICE, "a", limit=1) == ("msg:b",)  # b holds a reservation
+
+    limiter.cool_down(SERVICE, seconds=0.3)
+
+    # The reservation went back to b, who keeps its place: its message, arriving now, parks
+    occupancy = limiter.occupancy(SERVICE)
+    assert occupancy.granted == () and [w.member for w in occupancy.waiters] == ["b", "c"]
+    assert park(limiter, "b").position == 0
+    assert limiter.release(SERVICE, "nobody", limit=1) == ()  # a release hands nothing over meanwhile
+    wait_until(lambda: limiter.cooling_left_s(SERVICE) == 0, timeout=10, message="the cool-down to end")
+    assert limiter.redispatch_waiters(SERVICE, limit=1) == ("msg:b",)
+    check_invariants(limiter.occupancy(SERVICE), 1)
+
+
+def test_a_holder_renewing_during_a_cool_down_keeps_its_slot(limiter):
+    hold(limiter, "a")
+    limiter.cool_down(SERVICE, seconds=5)
+
+    assert hold(limiter, "a").granted  # a redelivered message of a call in flight
+    assert limiter.renew(SERVICE, "a", ttl_s=10)
+
+
+def test_a_cool_down_is_extended_never_shortened(limiter):
+    longer = limiter.cool_down(SERVICE, seconds=30)
+
+    assert limiter.cool_down(SERVICE, seconds=0.1) == longer
+    assert limiter.cooling_left_s(SERVICE) > 20

@@ -27,12 +27,15 @@ class ServiceChangeList(ChangeList):
 
 
 def describe_occupancy(occupancy, limit):
-    """ "in use 2 / 3 · 1 waiting (oldest 4.2 s)", or "unavailable" when Redis cannot be read."""
+    """ "in use 2 / 3 · 1 waiting (oldest 4.2 s) · cooling down 3.0 s", or "unavailable" when Redis cannot be read."""
     if occupancy is None:
         return mark_safe('<span class="cao-unavailable" title="Redis cannot be reached">unavailable</span>')
     waiting = f"{occupancy.waiting} waiting"
     if occupancy.waiters:
         waiting += f" (oldest {occupancy.oldest_wait_s:.1f} s)"
+    if occupancy.cooling_until:
+        # It answered 429/503 with Retry-After: no call starts before then.
+        waiting += f" · cooling down {max(0.0, occupancy.cooling_until - occupancy.now):.1f} s"
     return format_html(
         '<span class="cao-occupancy{}">in use {} / {}</span> <span class="cao-waiting">· {}</span>',
         " cao-full" if occupancy.in_use >= limit else "",

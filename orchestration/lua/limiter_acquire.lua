@@ -9,7 +9,8 @@
 -- ARGV[6] owner         id of the caller's process ("" if unknown)
 --
 -- Returns {granted (1|0), position (0-based rank among waiters, -1 when
--- granted), {payloads to dispatch...}}, or {-1, -1, {}} without touching
+-- granted), {payloads to dispatch...}, cooling_until_ms (0: not cooling)},
+-- or {-1, -1, {}, 0} without touching
 -- anything when the census is missing or was taken on another run of the
 -- Redis server: the caller takes a census (limiter_census.lua) and acquires
 -- again.
@@ -26,7 +27,7 @@ local owner = ARGV[6]
 -- flight are missing from holders until their next renewal, so granting now
 -- could exceed the limit.
 if redis.call("get", census) ~= run_id() then
-    return {-1, -1, {}}
+    return {-1, -1, {}, 0}
 end
 
 local now_ms, now_us = server_now()
@@ -38,16 +39,20 @@ drop_expired(now_ms)
 if redis.call("zscore", holders, member) or redis.call("zscore", granted, member) then
     hold(member, now_ms, ttl_ms, owner)
     local handoffs = pump(now_ms, limit, grant_ttl_ms, nil)
-    return {1, -1, handoffs}
+    return {1, -1, handoffs, 0}
 end
+
+-- Cooling down: no new call starts (a cool-down drops the reservations, so
+-- nobody is granted meanwhile); the member parks.
+local cooling = cooling_until(now_ms)
 
 -- Fast path: a free slot and nobody queued without a reservation. Waiters
 -- that hold reservations already own their slots, so they are not "ahead".
 local unreserved = redis.call("zcard", waiters) - redis.call("zcard", granted)
-if unreserved == 0 and occupied() < limit then
+if not cooling and unreserved == 0 and occupied() < limit then
     hold(member, now_ms, ttl_ms, owner)
     redis.call("set", moved, int(now_ms))
-    return {1, -1, {}}
+    return {1, -1, {}, 0}
 end
 
 -- Park. NX keeps the original ticket of a member that is already waiting, so
@@ -65,6 +70,6 @@ redis.call("hset", payloads, member, payload)
 local handoffs, me_granted = pump(now_ms, limit, grant_ttl_ms, member)
 if me_granted then
     hold(member, now_ms, ttl_ms, owner)
-    return {1, -1, handoffs}
+    return {1, -1, handoffs, 0}
 end
-return {0, redis.call("zrank", waiters, member), handoffs}
+return {0, redis.call("zrank", waiters, member), handoffs, int(cooling or 0)}

@@ -22,6 +22,9 @@
 --                           (limiter_reclaim.lua) instead of at lease expiry
 --   KEYS[8] moved     STRING when a slot was last granted, ms: whether the
 --                           line moves, for stuck-job detection
+--   KEYS[9] cooldown  STRING until when, ms, the service cools down (it
+--                           answered 429/503 with Retry-After): nothing is
+--                           granted before then; expires by itself
 --
 -- Occupied slots = |holders| + |granted|. Every time comes from the server's
 -- TIME, never from a client, so hosts with skewed clocks agree on expiries.
@@ -34,6 +37,7 @@ local ticket = KEYS[5]
 local census = KEYS[6]
 local owners = KEYS[7]
 local moved = KEYS[8]
+local cooldown = KEYS[9]
 
 -- Scores and tickets exceed the 14 significant digits of Lua's tostring(),
 -- so integers always cross into Redis through an explicit format.
@@ -67,6 +71,15 @@ local function drop_expired(now_ms)
         + redis.call("zremrangebyscore", granted, "-inf", int(now_ms))
 end
 
+-- Until when (ms) the service cools down, or nil when it does not.
+local function cooling_until(now_ms)
+    local until_ms = tonumber(redis.call("get", cooldown) or "0")
+    if until_ms > now_ms then
+        return until_ms
+    end
+    return nil
+end
+
 local function occupied()
     return redis.call("zcard", holders) + redis.call("zcard", granted)
 end
@@ -77,7 +90,8 @@ end
 local function pump(now_ms, limit, grant_ttl_ms, me)
     local handoffs, me_granted = {}, false
     local free = limit - occupied()
-    if free <= 0 then
+    -- A cooling service grants nothing: its waiters keep their places.
+    if free <= 0 or cooling_until(now_ms) then
         return handoffs, me_granted
     end
     -- Granted waiters are spread anywhere in the queue, but there are at most

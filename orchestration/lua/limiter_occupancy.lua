@@ -5,7 +5,7 @@
 -- ARGV: none
 --
 -- Returns {now_ms, {holder, expiry_ms, ...}, {granted, expiry_ms, ...},
--- {waiter, ticket_us, ...}} with numbers as strings (Lua numbers would be
+-- {waiter, ticket_us, ...}, cooling_until_ms (0: not cooling)} with numbers as strings (Lua numbers would be
 -- truncated to integers on the way out, and these exceed 2^31 anyway).
 
 local now_ms = server_now()
@@ -15,4 +15,5 @@ return {
     redis.call("zrangebyscore", holders, after_now, "+inf", "withscores"),
     redis.call("zrangebyscore", granted, after_now, "+inf", "withscores"),
     redis.call("zrange", waiters, 0, -1, "withscores"),
+    int(cooling_until(now_ms) or 0),
 }
