@@ -10,6 +10,7 @@ import logging
 import threading
 
 from django.conf import settings
+from django.db import connections
 
 from jobs import selectors as job_selectors
 from orchestration.dispatch import log_unsent, send_step
@@ -147,4 +148,8 @@ def _end_cool_down(service_name, limiter):
     except Exception:
         # Maintenance's redispatch hands the slots over instead.
         logger.warning("Could not end the cool-down of %s; maintenance will.", service_name, exc_info=True)
+    finally:
+        # The timer's own thread (a greenlet in a green worker) may have read
+        # the registry: give its connection back rather than leave it open.
+        connections.close_all()
 
