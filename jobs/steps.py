@@ -27,16 +27,24 @@ def step_is_current(job, *, step_index, token):
     )
 
 
-def step_park(*, job, position=None, cooling_until=None, writer=LOCKED):
+def step_park(*, job, position=None, cooling_until=None, circuit_open=False, writer=LOCKED):
     """No free slot: the step waits in its service's line, holding no thread.
 
-    ``cooling_until`` (a datetime): the service cools down until then (it
-    answered 429/503 with Retry-After), which is what holds the step back.
+    What holds it back: ``cooling_until`` (a datetime), the service cools
+    down until then (it answered 429/503 with Retry-After); ``circuit_open``,
+    its circuit breaker opened after repeated failures; else every slot is
+    taken.
     """
     first_time = job.step_state == StepState.QUEUED
     job.step_state = StepState.WAITING
     if first_time:
-        if cooling_until is None:
+        if circuit_open and cooling_until is None:
+            held_by = {
+                "message": f"Waiting: the circuit of {job.current_service} is open after repeated failures; "
+                "a probe call goes first.",
+                "limit": "circuit_open",
+            }
+        elif cooling_until is None:
             held_by = {"message": f"Waiting for a free slot of {job.current_service}.", "limit": "concurrency"}
         else:
             held_by = {

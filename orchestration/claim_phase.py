@@ -151,6 +151,7 @@ class ClaimPhase:
                     job_steps.step_park(
                         job=job, position=acquisition.position, writer=writer,
                         cooling_until=_datetime_or_none(acquisition.cooling_until),
+                        circuit_open=acquisition.circuit_open,
                     )
                     if not writer.execute():
                         return _DECIDE_LOCKED

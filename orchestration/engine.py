@@ -35,7 +35,7 @@ from orchestration.dispatch import send_quietly
 from orchestration.http_client import ServiceClient
 from orchestration.per_process import get_keeper, get_limiter
 from orchestration.record_phase import RecordPhase
-from orchestration.slots import cool_down, release_and_send, release_quietly
+from orchestration.slots import cool_down, release_and_send, release_quietly, report_outcome
 
 logger = logging.getLogger(__name__)
 
@@ -121,6 +121,7 @@ class Engine(ClaimPhase, RecordPhase):
 
         ``pushes``: the record's held pushes, to send in the same round trip.
         """
+        report_outcome(claim.step, claim.service, reply, limiter=self.limiter)
         if isinstance(reply, errors.ResourceExhausted) and reply.retry_after_s:
             # The service's verdict on every caller, not this job's alone:
             # cooled down before the slot goes back, so nobody takes it now.

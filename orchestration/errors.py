@@ -13,6 +13,9 @@ class StepError(Exception):
 
     code = "STEP_FAILED"
     retryable = False
+    # Whether the failure says the service is unwell (it counts toward its
+    # circuit breaker), rather than the request, the deadline or the gateway.
+    counts_against_service = False
 
     def __init__(self, message, *, status_code=None, retry_after_s=None, code=None):
         super().__init__(message)
@@ -39,18 +42,21 @@ class ResourceExhausted(TransientStepError):
     """Raised when the service answered 429 or 503: it is busy, try later."""
 
     code = "RESOURCE_EXHAUSTED"
+    counts_against_service = True
 
 
 class DownstreamServerError(TransientStepError):
     """Raised when the service answered a 5xx other than 503."""
 
     code = "DOWNSTREAM_ERROR"
+    counts_against_service = True
 
 
 class DownstreamTimeout(TransientStepError):
     """Raised when the service did not answer within the step's timeout."""
 
     code = "DOWNSTREAM_TIMEOUT"
+    counts_against_service = True
     # The service may still be working on the request: its slot stays held a while.
     call_may_still_run = True
 
@@ -65,6 +71,7 @@ class DeadlineExceeded(DownstreamTimeout):
 
     code = "DEADLINE_EXCEEDED"
     retryable = False
+    counts_against_service = False  # the job's clock ran out, not the service
 
     def __init__(self, message, *, call_cut_off=True, **kwargs):
         super().__init__(message, **kwargs)
@@ -75,12 +82,14 @@ class DownstreamUnreachable(TransientStepError):
     """Raised when no connection to the service could be made."""
 
     code = "DOWNSTREAM_UNREACHABLE"
+    counts_against_service = True
 
 
 class MalformedResponse(TransientStepError):
     """Raised when the service's reply breaks the envelope contract."""
 
     code = "MALFORMED_RESPONSE"
+    counts_against_service = True
 
 
 class GatewayFault(TransientStepError):

@@ -4,9 +4,11 @@ Per service, under one hash tag (``cao:lim:{<service>}:``): ``holders`` (ZSET
 member -> lease expiry), ``waiters`` (ZSET member -> arrival ticket),
 ``granted`` (ZSET member -> reservation expiry, the waiters a freed slot was
 handed to), ``payloads`` (HASH member -> message to dispatch on hand-off),
-``owners`` (HASH holder -> the process running its call) and ``cooldown``
+``owners`` (HASH holder -> the process running its call), ``cooldown``
 (until when nothing is granted: the service answered 429/503 with
-Retry-After; ``cool_down``).
+Retry-After; ``cool_down``) and ``breaker`` (the circuit breaker:
+consecutive failures, and while open until when, or which probe call runs;
+``report_outcome``).
 
 Invariants, kept by Lua scripts in ``lua/`` (one atomic call per operation):
 
@@ -61,6 +63,8 @@ class Acquisition:
     # While the service cools down (it answered 429/503 with Retry-After):
     # until when, UNIX seconds by the server's clock. None: it does not.
     cooling_until: float | None = None
+    # The circuit breaker (open, or waiting for its probe) holds the member back.
+    circuit_open: bool = False
 
 
 @dataclass(frozen=True)
@@ -84,6 +88,8 @@ class Occupancy:
     granted: tuple[Holder, ...]  # reservations: member + reservation expiry
     waiters: tuple[Waiter, ...]  # in queue order, granted ones included
     cooling_until: float | None = None  # UNIX seconds; None: not cooling down
+    circuit: str = "closed"  # "open" (no call until probe_at), "probing" (one call let through)
+    probe_at: float | None = None  # UNIX seconds, when an open circuit lets its probe through
 
     @property
     def in_use(self) -> int:
@@ -142,7 +148,7 @@ class Limiter:
 
     _operations = (
         "acquire", "census", "renew", "disown", "release", "redispatch", "reap", "reclaim", "locate", "occupancy",
-        "cool_down",
+        "cool_down", "outcome",
     )
 
     def __init__(self, client, *, prefix: str = "cao:lim", grant_ttl_s: float = 30.0):
@@ -162,6 +168,7 @@ class Limiter:
             base + name
             for name in (
                 "holders", "granted", "waiters", "payloads", "ticket", "census", "owners", "moved", "cooldown",
+                "breaker",
             )
         ]
 
@@ -185,7 +192,7 @@ class Limiter:
         :meth:`reclaim` can free it if that process dies.
         """
         args = (member, _limit(limit), _ms(ttl_s), self.grant_ttl_ms, payload, owner)
-        granted, position, handoffs, cooling_ms = self._call("acquire", service, *args)
+        granted, position, handoffs, cooling_ms, circuit = self._call("acquire", service, *args)
         if int(granted) == -1:
             seeded = self.take_census(service, census() if census else (), ttl_s=ttl_s)
             if seeded:
@@ -193,7 +200,7 @@ class Limiter:
                     "The limiter of %s had no state (Redis restarted or lost its data); "
                     "counted %s calls in flight before granting.", service, seeded,
                 )
-            granted, position, handoffs, cooling_ms = self._call("acquire", service, *args)
+            granted, position, handoffs, cooling_ms, circuit = self._call("acquire", service, *args)
             if int(granted) == -1:  # lost again within a round trip: say so, retry the message
                 raise RuntimeError(f"The limiter state of {service} keeps disappearing.")
         return Acquisition(
@@ -201,7 +208,23 @@ class Limiter:
             position=None if granted else int(position),
             handoffs=_texts(handoffs),
             cooling_until=_seconds_or_none(cooling_ms),
+            circuit_open=bool(int(circuit)),
         )
+
+    def report_outcome(
+        self, service: str, member: str, *, ok: bool, threshold: int, open_s: float, limit: int
+    ) -> tuple[str, bool, tuple[str, ...]]:
+        """Tell the circuit breaker how ``member``'s call ended; (its state, whether this opened it, hand-offs).
+
+        A success closes the circuit; a failure that counts (the caller
+        decides which do) adds one to the consecutive failures, and the
+        ``threshold``-th one, or a failed probe, opens it for ``open_s``.
+        ``threshold`` 0: no breaker (any state left is cleared).
+        """
+        state, opened, handoffs = self._call(
+            "outcome", service, member, int(bool(ok)), int(threshold), _ms(open_s), _limit(limit), self.grant_ttl_ms
+        )
+        return _text(state), bool(int(opened)), _texts(handoffs)
 
     def cool_down(self, service: str, *, seconds: float) -> float:
         """Grant no slot of ``service`` for ``seconds`` (extending a cool-down, never shortening one).
@@ -216,6 +239,12 @@ class Limiter:
     def cooling_left_s(self, service: str) -> float:
         """Seconds until ``service``'s cool-down ends (0.0: it is not cooling down)."""
         return max(0, int(self.client.pttl(self.keys(service)[8]))) / 1000
+
+    def blocked_for_s(self, service: str) -> float:
+        """Seconds before ``service`` may grant again: its cool-down, or its open circuit's wait for a probe."""
+        occupancy = self.occupancy(service)
+        ends = [until for until in (occupancy.cooling_until, occupancy.probe_at) if until]
+        return max([0.0, *(until - occupancy.now for until in ends)])
 
     def take_census(self, service: str, members, *, ttl_s: float) -> int:
         """Seed ``holders`` with ``members`` unless a census exists; return how many were added."""
@@ -282,11 +311,13 @@ class Limiter:
         return [_text(place) for place in pipeline.execute()]
 
     def occupancy(self, service: str) -> Occupancy:
-        now_ms, holders, granted, waiters, cooling_ms = self._call("occupancy", service)
+        now_ms, holders, granted, waiters, cooling_ms, circuit, probe_ms = self._call("occupancy", service)
         return Occupancy(
             now=int(now_ms) / 1000,
             holders=tuple(Holder(m, ms / 1000) for m, ms in _pairs(holders)),
             granted=tuple(Holder(m, ms / 1000) for m, ms in _pairs(granted)),
             waiters=tuple(Waiter(m, us / 1_000_000) for m, us in _pairs(waiters)),
             cooling_until=_seconds_or_none(cooling_ms),
+            circuit=_text(circuit),
+            probe_at=_seconds_or_none(probe_ms),
         )

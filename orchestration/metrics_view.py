@@ -20,7 +20,7 @@ logger = logging.getLogger(__name__)
 
 
 class SharedStateCollector:
-    """Slots in use, limits, waiters and cool-downs per service, and queue depth per queue."""
+    """Slots in use, limits, waiters, cool-downs and circuits per service, and queue depth per queue."""
 
     def collect(self):
         in_use = GaugeMetricFamily("cao_slots_in_use", "Slots held or reserved, per service.", labels=["service"])
@@ -28,6 +28,11 @@ class SharedStateCollector:
         waiters = GaugeMetricFamily("cao_slot_waiters", "Steps waiting for a slot, per service.", labels=["service"])
         depth = GaugeMetricFamily(
             "cao_queue_depth", "Step messages not yet picked up, per queue.", labels=["queue", "kind"]
+        )
+        circuit = GaugeMetricFamily(
+            "cao_service_circuit_open",
+            "1 while a service's circuit breaker is open or waits for its probe call, else 0.",
+            labels=["service"],
         )
         cooling = GaugeMetricFamily(
             "cao_service_cool_down_seconds",
@@ -43,6 +48,7 @@ class SharedStateCollector:
                 limit.add_metric([service.name], service.concurrency_limit)
                 left_s = max(0.0, occupancy.cooling_until - occupancy.now) if occupancy.cooling_until else 0.0
                 cooling.add_metric([service.name], left_s)
+                circuit.add_metric([service.name], int(occupancy.circuit != "closed"))
             for queue, ready, delayed in queue_depths():
                 depth.add_metric([queue, "ready"], ready)
                 depth.add_metric([queue, "delayed"], delayed)
@@ -50,7 +56,7 @@ class SharedStateCollector:
             # A scrape must not fail because Redis or the broker is down;
             # the missing series are the signal.
             logger.warning("Could not read shared state for /metrics.", exc_info=True)
-        yield from (in_use, limit, waiters, depth, cooling)
+        yield from (in_use, limit, waiters, depth, cooling, circuit)
 
 
 def queue_depths():

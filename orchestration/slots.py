@@ -13,6 +13,7 @@ from django.conf import settings
 from django.db import connections
 
 from jobs import selectors as job_selectors
+from orchestration import errors
 from orchestration.dispatch import log_unsent, send_step
 from orchestration.messages import handoff_payload, lease_member, parse_handoff, step_member
 from orchestration.per_process import get_limiter
@@ -123,33 +124,82 @@ def cool_down(service, seconds, *, limiter=None):
         logger.warning("Could not cool %s down; its next callers may be refused too.", service.name, exc_info=True)
         return
     logger.warning("%s asked to retry in %.1f s: no call to it starts before then.", service.name, seconds)
-    _end_cool_down_in(seconds, service.name, limiter)
+    _pump_line_in(seconds, service.name, limiter)
 
 
-def _end_cool_down_in(seconds, service_name, limiter):
-    timer = threading.Timer(seconds + COOL_DOWN_END_MARGIN_S, _end_cool_down, args=(service_name, limiter))
+def report_outcome(step, service, reply, *, limiter=None):
+    """Tell ``service``'s circuit breaker how ``step``'s call ended (``reply``), when it has a breaker.
+
+    A success closes an open circuit (and the line moves); a failure that
+    says the service is unwell counts, and the one that opens the circuit
+    sets a timer for its probe (maintenance's redispatch, should this
+    process die first). Nothing is sent while the breaker is off.
+    """
+    live = service_live(service.name) or service
+    if not live.breaker_threshold or reply is None:
+        return
+    ok = not isinstance(reply, errors.StepError)
+    if not ok and not reply.counts_against_service:
+        return  # the request's fault, or the gateway's: nothing said of the service
+    limiter = limiter or get_limiter()
+    try:
+        _, opened, handoffs = limiter.report_outcome(
+            service.name, step_member(step), ok=ok, threshold=live.breaker_threshold,
+            open_s=live.breaker_open_s, limit=live.concurrency_limit,
+        )
+    except Exception:
+        logger.warning("Could not tell the circuit breaker of %s how a call ended.", service.name, exc_info=True)
+        return
+    send_handoffs(handoffs)
+    if opened:
+        logger.warning(
+            "Opened the circuit of %s (%s consecutive failures, or its probe failed); "
+            "one probe call goes through in %.1f s.", service.name, live.breaker_threshold, live.breaker_open_s,
+        )
+        _pump_line_in(live.breaker_open_s, service.name, limiter)
+
+
+def close_circuit(service, *, limiter=None):
+    """Forget ``service``'s circuit breaker state (its breaker was switched off) and let its line move."""
+    limiter = limiter or get_limiter()
+    try:
+        _, _, handoffs = limiter.report_outcome(
+            service.name, "", ok=True, threshold=0, open_s=service.breaker_open_s, limit=service.concurrency_limit
+        )
+    except Exception:
+        # An open circuit still lets its probe through, whose success closes it.
+        logger.warning("Could not close the circuit of %s.", service.name, exc_info=True)
+        return
+    send_handoffs(handoffs)
+
+
+def _pump_line_in(seconds, service_name, limiter):
+    timer = threading.Timer(seconds + PUMP_MARGIN_S, _pump_line, args=(service_name, limiter))
     timer.daemon = True
     timer.start()
 
 
-# Past the cool-down's end by the server's clock before the line is pumped.
-COOL_DOWN_END_MARGIN_S = 0.01
+# Past a cool-down's end (or an open circuit's wait) by the server's clock before the line is pumped.
+PUMP_MARGIN_S = 0.01
 
 
-def _end_cool_down(service_name, limiter):
-    """Hand the free slots to the line once the cool-down is over; if another extended it, wait for that end."""
+def _pump_line(service_name, limiter):
+    """Hand the free slots to the line (or the one probe to an open circuit's) once it may grant again.
+
+    When a cool-down or an open circuit was extended meanwhile, waits for
+    that end instead.
+    """
     try:
-        left_s = limiter.cooling_left_s(service_name)
+        left_s = limiter.blocked_for_s(service_name)
         if left_s > 0:
-            _end_cool_down_in(left_s, service_name, limiter)
+            _pump_line_in(left_s, service_name, limiter)
             return
         service = service_live(service_name)
         send_handoffs(limiter.redispatch_waiters(service_name, limit=service.concurrency_limit if service else 0))
     except Exception:
         # Maintenance's redispatch hands the slots over instead.
-        logger.warning("Could not end the cool-down of %s; maintenance will.", service_name, exc_info=True)
+        logger.warning("Could not move the line of %s; maintenance will.", service_name, exc_info=True)
     finally:
         # The timer's own thread (a greenlet in a green worker) may have read
         # the registry: give its connection back rather than leave it open.
         connections.close_all()
-

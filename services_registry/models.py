@@ -79,6 +79,16 @@ class Service(models.Model):
         validators=[MinValueValidator(1)],
         help_text="Attempts per step before the job fails (retryable) and waits for a resume.",
     )
+    breaker_threshold = models.PositiveIntegerField(
+        default=0,
+        help_text="Consecutive failed calls (5xx, 429, timeouts, unreachable, malformed replies) that open the "
+        "circuit: no call starts until one probe call succeeds. 0: no circuit breaker.",
+    )
+    breaker_open_s = models.FloatField(
+        default=30.0,
+        validators=[MinValueValidator(0.1)],
+        help_text="Seconds an open circuit refuses calls before it lets one probe call through.",
+    )
     base_url = models.CharField(
         max_length=500,
         validators=[validate_base_url],
@@ -111,6 +121,9 @@ class Service(models.Model):
             ),
             models.CheckConstraint(
                 condition=models.Q(max_attempts__gte=1), name="service_attempts_at_least_one"
+            ),
+            models.CheckConstraint(
+                condition=models.Q(breaker_open_s__gte=0.1), name="service_breaker_open_at_least_a_tenth"
             ),
         ]
 

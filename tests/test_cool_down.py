@@ -9,17 +9,12 @@ import pytest
 from jobs.models import AttemptOutcome, Job, JobEvent, JobStatus, StepAttempt, StepState
 from orchestration.per_process import get_limiter
 from services_registry.models import Service
+from tests.job_api import post_job as submit
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.slow]
 
 SERVICE = "prompt_enhancer"  # business_plan's first step
 COOL_DOWN_S = 3
-
-
-def submit(api):
-    response = api.post("/api/v1/jobs", {"feature_name": "business_plan", "input_data": {"n": 1}}, format="json")
-    assert response.status_code == 201, response.content
-    return response.json()["job_id"]
 
 
 def attempts(job_id):

@@ -11,6 +11,7 @@ from orchestration.per_process import get_limiter
 from orchestration.messages import step_message
 from services_registry.models import RecipeStep, Service
 from tests.gate import GatedService
+from tests.job_api import post_job as submit
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.slow]
 
@@ -19,16 +20,6 @@ pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.slow]
 def broker_kind(request):
     """The engine's integration tests run on both brokers (leases stay on Redis)."""
     return request.param
-
-
-def submit(api, feature="business_plan", input_data=None):
-    response = api.post(
-        "/api/v1/jobs",
-        {"feature_name": feature, "input_data": input_data or {"business_name": "Acme Labs"}},
-        format="json",
-    )
-    assert response.status_code == 201, response.content
-    return response.json()["job_id"]
 
 
 def wait_status(wait, job_id, *statuses, timeout=30):

@@ -67,7 +67,7 @@ def check_invariants(occupancy, limit):
 def test_keys_share_one_hash_tag(limiter):
     keys = limiter.keys("billing")
     assert all(key.startswith("cao:lim:{billing}:") for key in keys)
-    assert len(set(keys)) == 9
+    assert len(set(keys)) == 10
 
 
 def test_acquire_is_idempotent_for_a_holder(limiter):
@@ -751,3 +751,89 @@ def test_a_cool_down_is_extended_never_shortened(limiter):
 
     assert limiter.cool_down(SERVICE, seconds=0.1) == longer
     assert limiter.cooling_left_s(SERVICE) > 20
+
+
+# Circuit breaker: consecutive failures open it, one probe call closes it ---------------------
+
+
+def fail(limiter, member, *, threshold=3, open_s=0.3, limit=3):
+    return limiter.report_outcome(SERVICE, member, ok=False, threshold=threshold, open_s=open_s, limit=limit)
+
+
+def succeed(limiter, member, *, threshold=3, limit=3):
+    return limiter.report_outcome(SERVICE, member, ok=True, threshold=threshold, open_s=0.3, limit=limit)
+
+
+def test_the_threshold_th_consecutive_failure_opens_the_circuit_and_a_success_resets_the_count(limiter):
+    assert fail(limiter, "a")[:2] == ("closed", False)
+    assert succeed(limiter, "b")[0] == "closed"  # consecutive: the count starts again
+    assert fail(limiter, "c")[:2] == ("closed", False)
+    assert fail(limiter, "d")[:2] == ("closed", False)
+    assert hold(limiter, "x", limit=3).granted  # still closed: grants as usual
+
+    assert fail(limiter, "e")[:2] == ("open", True)
+
+    occupancy = limiter.occupancy(SERVICE)
+    assert occupancy.circuit == "open" and occupancy.probe_at > occupancy.now
+    parked = park(limiter, "y", limit=3)  # free slots, but the circuit is open
+    assert parked.circuit_open is True
+
+
+def test_an_open_circuit_lets_one_probe_through_whose_success_hands_the_rest_their_slots(limiter):
+    for member in "abc":
+        fail(limiter, member)
+    for member in ("w1", "w2", "w3"):
+        park(limiter, member, limit=3)
+    assert limiter.redispatch_waiters(SERVICE, limit=3) == ()  # not yet: the circuit waits open_s
+
+    wait_until(lambda: limiter.blocked_for_s(SERVICE) == 0, timeout=10, message="the probe to be due")
+    assert limiter.redispatch_waiters(SERVICE, limit=3) == ("msg:w1",)  # one probe, though 3 slots are free
+    assert limiter.redispatch_waiters(SERVICE, limit=3) == ()
+    assert hold(limiter, "w1", limit=3).granted
+    assert limiter.occupancy(SERVICE).circuit == "probing"
+
+    state, opened, handoffs = succeed(limiter, "w1")
+
+    assert (state, opened, handoffs) == ("closed", False, ("msg:w2", "msg:w3"))
+    assert limiter.occupancy(SERVICE).circuit == "closed"
+    check_invariants(limiter.occupancy(SERVICE), 3)
+
+
+def test_a_failed_probe_opens_the_circuit_again(limiter):
+    for member in "abc":
+        fail(limiter, member)
+    park(limiter, "w1", limit=3)
+    park(limiter, "w2", limit=3)
+    wait_until(lambda: limiter.blocked_for_s(SERVICE) == 0, timeout=10, message="the probe to be due")
+    assert limiter.redispatch_waiters(SERVICE, limit=3) == ("msg:w1",)
+    hold(limiter, "w1", limit=3)
+
+    assert fail(limiter, "w1")[:2] == ("open", True)
+    limiter.release(SERVICE, "w1", limit=3)
+
+    assert limiter.redispatch_waiters(SERVICE, limit=3) == ()  # open again: w2 waits for the next probe
+    assert limiter.occupancy(SERVICE).circuit == "open"
+
+
+def test_a_probe_whose_reservation_lapsed_is_replaced_by_the_next_waiter(client):
+    limiter = Limiter(client, grant_ttl_s=0.2)
+    for member in "abc":
+        fail(limiter, member, open_s=0.1)
+    park(limiter, "w1", limit=3)
+    park(limiter, "w2", limit=3)
+    wait_until(lambda: limiter.blocked_for_s(SERVICE) == 0, timeout=10, message="the probe to be due")
+    assert limiter.redispatch_waiters(SERVICE, limit=3) == ("msg:w1",)  # its message is lost
+
+    # The lapsed reservation is granted again, to the head of the line: still one probe at a time
+    wait_until(lambda: limiter.locate(SERVICE, "w1") == "waiter", timeout=10, message="the reservation to lapse")
+    assert limiter.redispatch_waiters(SERVICE, limit=3) == ("msg:w1",)
+
+
+def test_switching_the_breaker_off_closes_an_open_circuit_and_the_line_moves(limiter):
+    for member in "abc":
+        fail(limiter, member, open_s=60)
+    park(limiter, "w1", limit=3)
+
+    state, _, handoffs = limiter.report_outcome(SERVICE, "", ok=True, threshold=0, open_s=60, limit=3)
+
+    assert (state, handoffs) == ("closed", ("msg:w1",))

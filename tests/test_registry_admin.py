@@ -21,6 +21,7 @@ def service_form(service, **changes):
         "lease_ttl_s": service.lease_ttl_s, "max_attempts": service.max_attempts, "base_url": service.base_url,
         "execute_path": service.execute_path, "health_path": service.health_path,
         "auth_type": service.auth_type, "auth_header_name": service.auth_header_name,
+        "breaker_threshold": service.breaker_threshold, "breaker_open_s": service.breaker_open_s,
     }
     data.update(changes)
     return {key: value for key, value in data.items() if value != ""}
@@ -74,6 +75,9 @@ def stored(service):
         ("concurrency_limit", 0, 15, "greater than or equal to 1"),
         ("queue", "gpu", "medium", "Select a valid choice"),
         ("base_url", "fast-chat", "http://fast-chat:9000", "Enter an http(s) URL"),
+        ("breaker_threshold", -1, 0, "greater than or equal to 0"),
+        ("breaker_open_s", 0, 30.0, "greater than or equal to 0.1"),
+        ("breaker_open_s", "soon", 30.0, "Enter a number"),
     ],
 )
 def test_invalid_service_edits_are_refused_with_what_to_fix(staff, registry, field, value, stored_value, message):
@@ -134,3 +138,24 @@ def test_recipe_list_shows_the_step_chain(staff, registry):
     page = staff.get("/admin/services_registry/recipe/").content.decode()
 
     assert "prompt_enhancer → fast_chat_llm → summarizer_pro → email_notifier" in page
+
+
+def test_switching_a_circuit_breaker_off_in_the_admin_closes_its_open_circuit(
+    staff, registry, redis_db, django_capture_on_commit_callbacks
+):
+    from orchestration.per_process import get_limiter
+
+    llm = registry["fast_chat_llm"]
+    Service.objects.filter(pk=llm.pk).update(breaker_threshold=1)
+    limiter = get_limiter()
+    limiter.report_outcome("fast_chat_llm", "job:0:1", ok=False, threshold=1, open_s=600, limit=15)
+    assert limiter.occupancy("fast_chat_llm").circuit == "open"
+    llm.refresh_from_db()
+
+    with django_capture_on_commit_callbacks(execute=True):
+        response = staff.post(
+            f"/admin/services_registry/service/{llm.pk}/change/", service_form(llm, breaker_threshold=0)
+        )
+
+    assert response.status_code == 302
+    assert limiter.occupancy("fast_chat_llm").circuit == "closed"

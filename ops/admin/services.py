@@ -10,8 +10,10 @@ from django.urls import path
 from django.utils.html import format_html
 from django.utils.safestring import mark_safe
 
+from common.after_commit import after_commit
 from ops.admin.redirects import back_to_change_page
 from ops.occupancy import read_occupancies
+from orchestration.slots import close_circuit
 from services_registry.forms import ServiceForm
 from services_registry.health import check_services
 from services_registry.models import Service
@@ -36,6 +38,10 @@ def describe_occupancy(occupancy, limit):
     if occupancy.cooling_until:
         # It answered 429/503 with Retry-After: no call starts before then.
         waiting += f" · cooling down {max(0.0, occupancy.cooling_until - occupancy.now):.1f} s"
+    if occupancy.circuit == "open":
+        waiting += f" · circuit open, probe in {max(0.0, (occupancy.probe_at or 0) - occupancy.now):.1f} s"
+    elif occupancy.circuit == "probing":
+        waiting += " · circuit open, probing"
     return format_html(
         '<span class="cao-occupancy{}">in use {} / {}</span> <span class="cao-waiting">· {}</span>',
         " cao-full" if occupancy.in_use >= limit else "",
@@ -77,6 +83,7 @@ class ServiceAdmin(admin.ModelAdmin):
     fieldsets = [
         (None, {"fields": ["name", "queue", "enabled"]}),
         ("Limits", {"fields": ["concurrency_limit", "occupancy", "timeout_s", "lease_ttl_s", "max_attempts"]}),
+        ("Circuit breaker", {"fields": ["breaker_threshold", "breaker_open_s"]}),
         (
             "Endpoint",
             {
@@ -95,6 +102,12 @@ class ServiceAdmin(admin.ModelAdmin):
 
     def get_changelist(self, request, **kwargs):
         return ServiceChangeList
+
+    def save_model(self, request, obj, form, change):
+        super().save_model(request, obj, form, change)
+        if change and "breaker_threshold" in form.changed_data and not obj.breaker_threshold:
+            # Switched off: an open circuit must not keep its line waiting for a probe.
+            after_commit(close_circuit, obj)
 
     @admin.display(description="occupancy")
     def occupancy(self, service):

@@ -9,8 +9,9 @@
 -- ARGV[6] owner         id of the caller's process ("" if unknown)
 --
 -- Returns {granted (1|0), position (0-based rank among waiters, -1 when
--- granted), {payloads to dispatch...}, cooling_until_ms (0: not cooling)},
--- or {-1, -1, {}, 0} without touching
+-- granted), {payloads to dispatch...}, cooling_until_ms (0: not cooling),
+-- circuit (1: the circuit breaker holds the member back, else 0)}, or
+-- {-1, -1, {}, 0, 0} without touching
 -- anything when the census is missing or was taken on another run of the
 -- Redis server: the caller takes a census (limiter_census.lua) and acquires
 -- again.
@@ -27,7 +28,7 @@ local owner = ARGV[6]
 -- flight are missing from holders until their next renewal, so granting now
 -- could exceed the limit.
 if redis.call("get", census) ~= run_id() then
-    return {-1, -1, {}, 0}
+    return {-1, -1, {}, 0, 0}
 end
 
 local now_ms, now_us = server_now()
@@ -39,20 +40,22 @@ drop_expired(now_ms)
 if redis.call("zscore", holders, member) or redis.call("zscore", granted, member) then
     hold(member, now_ms, ttl_ms, owner)
     local handoffs = pump(now_ms, limit, grant_ttl_ms, nil)
-    return {1, -1, handoffs, 0}
+    return {1, -1, handoffs, 0, 0}
 end
 
 -- Cooling down: no new call starts (a cool-down drops the reservations, so
 -- nobody is granted meanwhile); the member parks.
 local cooling = cooling_until(now_ms)
+-- While the circuit is not closed, every grant goes through the line (pump).
+local closed = not redis.call("hget", breaker, "state")
 
 -- Fast path: a free slot and nobody queued without a reservation. Waiters
 -- that hold reservations already own their slots, so they are not "ahead".
 local unreserved = redis.call("zcard", waiters) - redis.call("zcard", granted)
-if not cooling and unreserved == 0 and occupied() < limit then
+if not cooling and closed and unreserved == 0 and occupied() < limit then
     hold(member, now_ms, ttl_ms, owner)
     redis.call("set", moved, int(now_ms))
-    return {1, -1, {}, 0}
+    return {1, -1, {}, 0, 0}
 end
 
 -- Park. NX keeps the original ticket of a member that is already waiting, so
@@ -70,6 +73,7 @@ redis.call("hset", payloads, member, payload)
 local handoffs, me_granted = pump(now_ms, limit, grant_ttl_ms, member)
 if me_granted then
     hold(member, now_ms, ttl_ms, owner)
-    return {1, -1, handoffs, 0}
+    return {1, -1, handoffs, 0, 0}
 end
-return {0, redis.call("zrank", waiters, member), handoffs, int(cooling or 0)}
+local held_by_circuit = (not cooling and circuit(now_ms) ~= "closed") and 1 or 0
+return {0, redis.call("zrank", waiters, member), handoffs, int(cooling or 0), held_by_circuit}

@@ -25,6 +25,10 @@
 --   KEYS[9] cooldown  STRING until when, ms, the service cools down (it
 --                           answered 429/503 with Retry-After): nothing is
 --                           granted before then; expires by itself
+--   KEYS[10] breaker  HASH  the circuit breaker, absent while closed:
+--                           state "open" (nothing granted before retry_at,
+--                           ms) or "probing" (one call, probe, let through
+--                           after retry_at; nothing else until it reports)
 --
 -- Occupied slots = |holders| + |granted|. Every time comes from the server's
 -- TIME, never from a client, so hosts with skewed clocks agree on expiries.
@@ -38,6 +42,7 @@ local census = KEYS[6]
 local owners = KEYS[7]
 local moved = KEYS[8]
 local cooldown = KEYS[9]
+local breaker = KEYS[10]
 
 -- Scores and tickets exceed the 14 significant digits of Lua's tostring(),
 -- so integers always cross into Redis through an explicit format.
@@ -80,6 +85,27 @@ local function cooling_until(now_ms)
     return nil
 end
 
+-- The circuit breaker's say on grants: "closed" (none), "blocked" (grant
+-- nothing), or "probe" (grant one waiter, the probe: the circuit was open
+-- long enough, or its probe's lease or reservation lapsed).
+local function circuit(now_ms)
+    local state = redis.call("hget", breaker, "state")
+    if not state then
+        return "closed"
+    end
+    if state == "open" then
+        if now_ms < tonumber(redis.call("hget", breaker, "retry_at") or "0") then
+            return "blocked"
+        end
+        return "probe"
+    end
+    local probe = redis.call("hget", breaker, "probe")
+    if probe and (redis.call("zscore", holders, probe) or redis.call("zscore", granted, probe)) then
+        return "blocked"
+    end
+    return "probe"
+end
+
 local function occupied()
     return redis.call("zcard", holders) + redis.call("zcard", granted)
 end
@@ -90,9 +116,14 @@ end
 local function pump(now_ms, limit, grant_ttl_ms, me)
     local handoffs, me_granted = {}, false
     local free = limit - occupied()
-    -- A cooling service grants nothing: its waiters keep their places.
-    if free <= 0 or cooling_until(now_ms) then
+    -- A cooling service, or an open circuit, grants nothing: its waiters
+    -- keep their places. A circuit due for a probe grants one waiter.
+    local say = circuit(now_ms)
+    if free <= 0 or cooling_until(now_ms) or say == "blocked" then
         return handoffs, me_granted
+    end
+    if say == "probe" then
+        free = 1
     end
     -- Granted waiters are spread anywhere in the queue, but there are at most
     -- |granted| of them, so the first |granted| + free waiters contain every
@@ -107,6 +138,9 @@ local function pump(now_ms, limit, grant_ttl_ms, me)
             redis.call("zadd", granted, expiry, member)
             redis.call("set", moved, int(now_ms))
             free = free - 1
+            if say == "probe" then
+                redis.call("hset", breaker, "state", "probing", "probe", member)
+            end
             if member == me then
                 me_granted = true
             else
