@@ -76,31 +76,79 @@ def kept_holder(url, service, member, ttl_s, ready):
 
 
 class Model:
-    """The limiter's semantics in plain Python, without expiry."""
+    """The limiter's semantics in plain Python, without expiry.
+
+    Time is explicit: a cool-down lasts until ``cool_down_over()``, an open
+    circuit waits for its probe until ``probe_due()``.
+    """
 
     def __init__(self):
         self.holders = set()
         self.granted = set()
         self.waiters = []  # queue order
         self.payloads = {}
+        self.cooling = False
+        self.circuit_state = None  # None (closed), "open" or "probing"
+        self.circuit_due = False  # an open circuit's probe may go
+        self.probe = None
+        self.failures = 0
 
     def occupied(self):
         return len(self.holders) + len(self.granted)
 
+    def circuit(self):
+        """What the breaker says of grants: "closed", "blocked" or "probe"."""
+        if self.circuit_state is None:
+            return "closed"
+        if self.circuit_state == "open":
+            return "probe" if self.circuit_due else "blocked"
+        return "blocked" if self.probe in self.holders or self.probe in self.granted else "probe"
+
     def pump(self, limit, me=None):
         handoffs, me_granted = [], False
         free = limit - self.occupied()
+        say = self.circuit()
+        if free <= 0 or self.cooling or say == "blocked":
+            return handoffs, me_granted
+        if say == "probe":
+            free = 1
         for member in self.waiters:
             if free <= 0:
                 break
             if member not in self.granted:
                 self.granted.add(member)
                 free -= 1
+                if say == "probe":
+                    self.circuit_state, self.probe = "probing", member
                 if member == me:
                     me_granted = True
                 else:
                     handoffs.append(self.payloads[member])
         return handoffs, me_granted
+
+    def cool_down(self):
+        self.cooling = True
+        self.granted.clear()  # the reservations go back to their waiters
+
+    def cool_down_over(self):
+        self.cooling = False
+
+    def probe_due(self):
+        if self.circuit_state == "open":
+            self.circuit_due = True
+
+    def outcome(self, member, ok, threshold, limit):
+        """As limiter_outcome.lua: (state, opened, hand-offs)."""
+        if ok or threshold <= 0:
+            had_state = self.circuit_state is not None
+            self.circuit_state, self.circuit_due, self.probe, self.failures = None, False, None, 0
+            return "closed", False, tuple(self.pump(limit)[0]) if had_state else ()
+        self.failures += 1
+        probe_failed = self.circuit_state == "probing" and self.probe == member
+        if probe_failed or (self.circuit_state is None and self.failures >= threshold):
+            self.circuit_state, self.circuit_due, self.probe = "open", False, None
+            return "open", True, ()
+        return self.circuit_state or "closed", False, ()
 
     def forget_waiter(self, member):
         self.granted.discard(member)
@@ -116,7 +164,10 @@ class Model:
         if member in self.holders or member in self.granted:
             self.hold(member)
             return True, None, tuple(self.pump(limit)[0])
-        if len(self.waiters) == len(self.granted) and self.occupied() < limit:
+        if (
+            not self.cooling and self.circuit_state is None
+            and len(self.waiters) == len(self.granted) and self.occupied() < limit
+        ):
             self.hold(member)
             return True, None, ()
         if member not in self.waiters:

@@ -422,6 +422,7 @@ def test_lease_keeper_logs_renewal_failures_and_never_raises(caplog):
 
 
 MEMBERS = ["m0", "m1", "m2", "m3", "m4", "m5"]
+BREAKER_THRESHOLD = 2
 
 
 class LimiterMatchesModel(RuleBasedStateMachine):
@@ -441,23 +442,66 @@ class LimiterMatchesModel(RuleBasedStateMachine):
             self.client.delete(*self.limiter.keys(self.service))
             self.client.close()
 
+    def new_grants_allowed(self):
+        """How many slots may be newly granted now: none while cooling or blocked, one probe, else any."""
+        if self.model.cooling or self.model.circuit() == "blocked":
+            return 0
+        return 1 if self.model.circuit() == "probe" else len(MEMBERS)
+
     @rule(member=st.sampled_from(MEMBERS), limit=st.integers(0, 4))
     def acquire(self, member, limit):
         self.sent += 1
         self.limit = limit
         payload = f"{member}#{self.sent}"
+        allowed = self.new_grants_allowed()
+        already = member in self.model.holders or member in self.model.granted
         acq = self.limiter.acquire(self.service, member, limit=limit, ttl_s=60, payload=payload)
         assert (acq.granted, acq.position, acq.handoffs) == self.model.acquire(member, limit, payload)
+        # Checked on the limiter's answer itself, not only against the model:
+        assert len(acq.handoffs) + (acq.granted and not already) <= allowed
 
     @rule(member=st.sampled_from(MEMBERS), limit=st.integers(0, 4))
     def release(self, member, limit):
         self.limit = limit
-        assert self.limiter.release(self.service, member, limit=limit) == self.model.release(member, limit)
+        allowed = self.new_grants_allowed()
+        handoffs = self.limiter.release(self.service, member, limit=limit)
+        assert handoffs == self.model.release(member, limit)
+        assert len(handoffs) <= allowed
 
     @rule(limit=st.integers(0, 4))
     def redispatch(self, limit):
         self.limit = limit
-        assert self.limiter.redispatch_waiters(self.service, limit=limit) == tuple(self.model.pump(limit)[0])
+        allowed = self.new_grants_allowed()
+        handoffs = self.limiter.redispatch_waiters(self.service, limit=limit)
+        assert handoffs == tuple(self.model.pump(limit)[0])
+        assert len(handoffs) <= allowed
+
+    @rule()
+    def cool_down(self):
+        self.limiter.cool_down(self.service, seconds=600)
+        self.model.cool_down()
+
+    @rule()
+    def cool_down_over(self):
+        # Time passing, without waiting for it: the key expires by itself.
+        self.client.delete(self.limiter.keys(self.service)[8])
+        self.model.cool_down_over()
+
+    @rule(member=st.sampled_from(MEMBERS), ok=st.sampled_from([False, False, True]), limit=st.integers(0, 4))
+    def outcome(self, member, ok, limit):
+        self.limit = limit
+        reported = self.limiter.report_outcome(
+            self.service, member, ok=ok, threshold=BREAKER_THRESHOLD, open_s=600, limit=limit
+        )
+        assert reported == self.model.outcome(member, ok, BREAKER_THRESHOLD, limit)
+
+    @rule()
+    def probe_due(self):
+        # An open circuit's wait over, without waiting for it.
+        breaker = self.limiter.keys(self.service)[9]
+        if self.client.hget(breaker, "state") == "open":
+            self.client.hset(breaker, "retry_at", 0)
+        self.model.probe_due()
 
     @invariant()
     def same_state(self):
@@ -471,11 +515,15 @@ class LimiterMatchesModel(RuleBasedStateMachine):
             assert self.limiter.locate(self.service, member) == self.model.locate(member)
         assert not self.model.holders & set(self.model.waiters)
         assert self.model.granted <= set(self.model.waiters)
+        assert (occupancy.cooling_until is not None) == self.model.cooling
+        assert occupancy.circuit == (self.model.circuit_state or "closed")
+        if self.model.cooling:
+            assert occupancy.granted == ()  # nothing is handed out while it cools down
 
 
 TestLimiterMatchesModel = LimiterMatchesModel.TestCase
 TestLimiterMatchesModel.settings = hypothesis_settings(
-    max_examples=60, stateful_step_count=30, deadline=None, database=None
+    max_examples=200, stateful_step_count=50, deadline=None, database=None
 )
 
 
