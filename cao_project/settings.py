@@ -298,6 +298,8 @@ CAO_API_KEY_CACHE_S = env_seconds("CAO_API_KEY_CACHE_S", 5.0, was="CAO_API_KEY_C
 # Retries of a failed step: exponential backoff with jitter, from base to cap.
 CAO_RETRY_BASE_DELAY_S = env_float("CAO_RETRY_BASE_DELAY_S", 1.0)
 CAO_RETRY_MAX_DELAY_S = env_float("CAO_RETRY_MAX_DELAY_S", 60.0)
+# The window a service's requests_per_minute is counted over: a minute (tests shorten it).
+CAO_RATE_WINDOW_S = env_seconds("CAO_RATE_WINDOW_S", 60.0)
 # A process holding slots says it is alive this often; one silent for
 # CAO_WORKER_DEAD_AFTER_S is presumed dead: its slots are reclaimed and its
 # steps re-run at once (a stall that long costs a duplicate call).

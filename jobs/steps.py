@@ -27,13 +27,14 @@ def step_is_current(job, *, step_index, token):
     )
 
 
-def step_park(*, job, position=None, cooling_until=None, circuit_open=False, writer=LOCKED):
+def step_park(*, job, position=None, cooling_until=None, circuit_open=False, rate_limited_until=None, writer=LOCKED):
     """No free slot: the step waits in its service's line, holding no thread.
 
     What holds it back: ``cooling_until`` (a datetime), the service cools
     down until then (it answered 429/503 with Retry-After); ``circuit_open``,
-    its circuit breaker opened after repeated failures; else every slot is
-    taken.
+    its circuit breaker opened after repeated failures; ``rate_limited_until``
+    (a datetime), its requests-per-minute budget is spent until then; else
+    every slot is taken.
     """
     first_time = job.step_state == StepState.QUEUED
     job.step_state = StepState.WAITING
@@ -43,6 +44,12 @@ def step_park(*, job, position=None, cooling_until=None, circuit_open=False, wri
                 "message": f"Waiting: the circuit of {job.current_service} is open after repeated failures; "
                 "a probe call goes first.",
                 "limit": "circuit_open",
+            }
+        elif cooling_until is None and rate_limited_until is not None:
+            held_by = {
+                "message": f"Waiting: {job.current_service} has made as many calls this minute as it may.",
+                "limit": "requests_per_minute",
+                "until": rate_limited_until.isoformat(),
             }
         elif cooling_until is None:
             held_by = {"message": f"Waiting for a free slot of {job.current_service}.", "limit": "concurrency"}

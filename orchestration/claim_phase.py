@@ -152,6 +152,7 @@ class ClaimPhase:
                         job=job, position=acquisition.position, writer=writer,
                         cooling_until=_datetime_or_none(acquisition.cooling_until),
                         circuit_open=acquisition.circuit_open,
+                        rate_limited_until=_datetime_or_none(acquisition.rate_limited_until),
                     )
                     if not writer.execute():
                         return _DECIDE_LOCKED

@@ -8,7 +8,8 @@ handed to), ``payloads`` (HASH member -> message to dispatch on hand-off),
 (until when nothing is granted: the service answered 429/503 with
 Retry-After; ``cool_down``) and ``breaker`` (the circuit breaker:
 consecutive failures, and while open until when, or which probe call runs;
-``report_outcome``).
+``report_outcome``), ``starts`` and ``config`` (the grants of the last
+window and the requests-per-minute budget they are counted against).
 
 Invariants, kept by Lua scripts in ``lua/`` (one atomic call per operation):
 
@@ -65,6 +66,8 @@ class Acquisition:
     cooling_until: float | None = None
     # The circuit breaker (open, or waiting for its probe) holds the member back.
     circuit_open: bool = False
+    # The requests-per-minute budget holds the member back until then (UNIX seconds), or None.
+    rate_limited_until: float | None = None
 
 
 @dataclass(frozen=True)
@@ -90,6 +93,9 @@ class Occupancy:
     cooling_until: float | None = None  # UNIX seconds; None: not cooling down
     circuit: str = "closed"  # "open" (no call until probe_at), "probing" (one call let through)
     probe_at: float | None = None  # UNIX seconds, when an open circuit lets its probe through
+    requests_per_minute: int = 0  # the budget the last acquire passed (0: none)
+    requests_in_window: int = 0  # grants it counts in the current window
+    rate_frees_at: float | None = None  # UNIX seconds, when the spent budget next has room
 
     @property
     def in_use(self) -> int:
@@ -168,7 +174,7 @@ class Limiter:
             base + name
             for name in (
                 "holders", "granted", "waiters", "payloads", "ticket", "census", "owners", "moved", "cooldown",
-                "breaker",
+                "breaker", "starts", "config",
             )
         ]
 
@@ -176,7 +182,8 @@ class Limiter:
         return self._scripts[name](keys=self.keys(service), args=args)
 
     def acquire(
-        self, service: str, member: str, *, limit: int, ttl_s: float, payload: str, census=None, owner: str = ""
+        self, service: str, member: str, *, limit: int, ttl_s: float, payload: str, census=None, owner: str = "",
+        requests_per_minute: int = 0, rate_window_s: float = 60.0,
     ) -> Acquisition:
         """Take a slot for ``member`` or park it with ``payload``; never blocks.
 
@@ -190,9 +197,16 @@ class Limiter:
 
         ``owner``: the id of the calling process, recorded with the lease so
         :meth:`reclaim` can free it if that process dies.
+
+        ``requests_per_minute``: slots granted per ``rate_window_s`` (a
+        minute), counted over a sliding window; 0: no such budget. Kept for
+        the releases and redispatches that grant without being told.
         """
-        args = (member, _limit(limit), _ms(ttl_s), self.grant_ttl_ms, payload, owner)
-        granted, position, handoffs, cooling_ms, circuit = self._call("acquire", service, *args)
+        args = (
+            member, _limit(limit), _ms(ttl_s), self.grant_ttl_ms, payload, owner,
+            _limit(requests_per_minute), _ms(rate_window_s),
+        )
+        granted, position, handoffs, cooling_ms, circuit, rate_ms = self._call("acquire", service, *args)
         if int(granted) == -1:
             seeded = self.take_census(service, census() if census else (), ttl_s=ttl_s)
             if seeded:
@@ -200,7 +214,7 @@ class Limiter:
                     "The limiter of %s had no state (Redis restarted or lost its data); "
                     "counted %s calls in flight before granting.", service, seeded,
                 )
-            granted, position, handoffs, cooling_ms, circuit = self._call("acquire", service, *args)
+            granted, position, handoffs, cooling_ms, circuit, rate_ms = self._call("acquire", service, *args)
             if int(granted) == -1:  # lost again within a round trip: say so, retry the message
                 raise RuntimeError(f"The limiter state of {service} keeps disappearing.")
         return Acquisition(
@@ -209,6 +223,7 @@ class Limiter:
             handoffs=_texts(handoffs),
             cooling_until=_seconds_or_none(cooling_ms),
             circuit_open=bool(int(circuit)),
+            rate_limited_until=_seconds_or_none(rate_ms),
         )
 
     def report_outcome(
@@ -241,9 +256,9 @@ class Limiter:
         return max(0, int(self.client.pttl(self.keys(service)[8]))) / 1000
 
     def blocked_for_s(self, service: str) -> float:
-        """Seconds before ``service`` may grant again: its cool-down, or its open circuit's wait for a probe."""
+        """Seconds before ``service`` may grant again: its cool-down, its open circuit's wait, or its spent budget."""
         occupancy = self.occupancy(service)
-        ends = [until for until in (occupancy.cooling_until, occupancy.probe_at) if until]
+        ends = [until for until in (occupancy.cooling_until, occupancy.probe_at, occupancy.rate_frees_at) if until]
         return max([0.0, *(until - occupancy.now for until in ends)])
 
     def take_census(self, service: str, members, *, ttl_s: float) -> int:
@@ -311,7 +326,9 @@ class Limiter:
         return [_text(place) for place in pipeline.execute()]
 
     def occupancy(self, service: str) -> Occupancy:
-        now_ms, holders, granted, waiters, cooling_ms, circuit, probe_ms = self._call("occupancy", service)
+        (
+            now_ms, holders, granted, waiters, cooling_ms, circuit, probe_ms, rpm, in_window, rate_ms,
+        ) = self._call("occupancy", service)
         return Occupancy(
             now=int(now_ms) / 1000,
             holders=tuple(Holder(m, ms / 1000) for m, ms in _pairs(holders)),
@@ -320,4 +337,7 @@ class Limiter:
             cooling_until=_seconds_or_none(cooling_ms),
             circuit=_text(circuit),
             probe_at=_seconds_or_none(probe_ms),
+            requests_per_minute=int(rpm),
+            requests_in_window=int(in_window),
+            rate_frees_at=_seconds_or_none(rate_ms),
         )

@@ -20,7 +20,7 @@ logger = logging.getLogger(__name__)
 
 
 class SharedStateCollector:
-    """Slots in use, limits, waiters, cool-downs and circuits per service, and queue depth per queue."""
+    """Slots in use, limits, waiters, cool-downs, circuits and rate budgets per service; queue depth per queue."""
 
     def collect(self):
         in_use = GaugeMetricFamily("cao_slots_in_use", "Slots held or reserved, per service.", labels=["service"])
@@ -28,6 +28,14 @@ class SharedStateCollector:
         waiters = GaugeMetricFamily("cao_slot_waiters", "Steps waiting for a slot, per service.", labels=["service"])
         depth = GaugeMetricFamily(
             "cao_queue_depth", "Step messages not yet picked up, per queue.", labels=["queue", "kind"]
+        )
+        rate = GaugeMetricFamily(
+            "cao_service_calls_in_rate_window",
+            "Calls started in the current window of a service's requests_per_minute budget.",
+            labels=["service"],
+        )
+        rate_limit = GaugeMetricFamily(
+            "cao_service_requests_per_minute", "A service's requests_per_minute budget (0: none).", labels=["service"],
         )
         circuit = GaugeMetricFamily(
             "cao_service_circuit_open",
@@ -49,6 +57,8 @@ class SharedStateCollector:
                 left_s = max(0.0, occupancy.cooling_until - occupancy.now) if occupancy.cooling_until else 0.0
                 cooling.add_metric([service.name], left_s)
                 circuit.add_metric([service.name], int(occupancy.circuit != "closed"))
+                rate.add_metric([service.name], occupancy.requests_in_window)
+                rate_limit.add_metric([service.name], service.requests_per_minute)
             for queue, ready, delayed in queue_depths():
                 depth.add_metric([queue, "ready"], ready)
                 depth.add_metric([queue, "delayed"], delayed)
@@ -56,7 +66,7 @@ class SharedStateCollector:
             # A scrape must not fail because Redis or the broker is down;
             # the missing series are the signal.
             logger.warning("Could not read shared state for /metrics.", exc_info=True)
-        yield from (in_use, limit, waiters, depth, cooling, circuit)
+        yield from (in_use, limit, waiters, depth, cooling, circuit, rate, rate_limit)
 
 
 def queue_depths():

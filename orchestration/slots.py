@@ -8,6 +8,7 @@ sends the messages of the waiters it handed slots to (``send_handoffs``).
 
 import logging
 import threading
+import time
 
 from django.conf import settings
 from django.db import connections
@@ -27,8 +28,17 @@ def acquire_step(step, service, *, limiter=None, owner=None):
 
     Should Redis have lost the service's keys, the calls in flight that the
     database knows of re-seed them first (the census), so the limit holds.
+    Parked by the requests-per-minute budget, the line is pumped again when
+    it has room (one timer per service and process).
     """
     limiter = limiter or get_limiter()
+    acquisition = _acquire(step, service, limiter, owner)
+    if acquisition.rate_limited_until is not None:
+        _pump_line_at(acquisition.rate_limited_until, service.name, limiter)
+    return acquisition
+
+
+def _acquire(step, service, limiter, owner):
     return limiter.acquire(
         service.name,
         step_member(step),
@@ -37,6 +47,8 @@ def acquire_step(step, service, *, limiter=None, owner=None):
         payload=handoff_payload(step),
         census=lambda: [lease_member(*call) for call in job_selectors.calls_in_flight(service.name)],
         owner=owner,
+        requests_per_minute=service.requests_per_minute,
+        rate_window_s=settings.CAO_RATE_WINDOW_S,
     )
 
 
@@ -179,6 +191,21 @@ def _pump_line_in(seconds, service_name, limiter):
     timer.start()
 
 
+# Per service: when this process's timer for a spent budget fires (UNIX seconds).
+_budget_pumps = {}
+_budget_pumps_lock = threading.Lock()
+
+
+def _pump_line_at(unix_s, service_name, limiter):
+    """One timer per service for a spent budget: thousands of parked steps must not start thousands."""
+    with _budget_pumps_lock:
+        due = _budget_pumps.get(service_name)
+        if due is not None and due <= unix_s and due > time.time():
+            return
+        _budget_pumps[service_name] = unix_s
+    _pump_line_in(max(0.0, unix_s - time.time()), service_name, limiter)
+
+
 # Past a cool-down's end (or an open circuit's wait) by the server's clock before the line is pumped.
 PUMP_MARGIN_S = 0.01
 
@@ -191,11 +218,13 @@ def _pump_line(service_name, limiter):
     """
     try:
         left_s = limiter.blocked_for_s(service_name)
-        if left_s > 0:
+        if left_s <= 0:
+            service = service_live(service_name)
+            send_handoffs(limiter.redispatch_waiters(service_name, limit=service.concurrency_limit if service else 0))
+            # A budget spent again by these grants: the rest of the line waits for its next room.
+            left_s = limiter.blocked_for_s(service_name)
+        if left_s > 0 and limiter.occupancy(service_name).waiting:
             _pump_line_in(left_s, service_name, limiter)
-            return
-        service = service_live(service_name)
-        send_handoffs(limiter.redispatch_waiters(service_name, limit=service.concurrency_limit if service else 0))
     except Exception:
         # Maintenance's redispatch hands the slots over instead.
         logger.warning("Could not move the line of %s; maintenance will.", service_name, exc_info=True)

@@ -79,6 +79,11 @@ class Service(models.Model):
         validators=[MinValueValidator(1)],
         help_text="Attempts per step before the job fails (retryable) and waits for a resume.",
     )
+    requests_per_minute = models.PositiveIntegerField(
+        default=0,
+        help_text="At most this many calls start per minute, across every worker (a sliding window). "
+        "0: no such limit.",
+    )
     breaker_threshold = models.PositiveIntegerField(
         default=0,
         help_text="Consecutive failed calls (5xx, 429, timeouts, unreachable, malformed replies) that open the "

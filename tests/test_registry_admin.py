@@ -22,6 +22,7 @@ def service_form(service, **changes):
         "execute_path": service.execute_path, "health_path": service.health_path,
         "auth_type": service.auth_type, "auth_header_name": service.auth_header_name,
         "breaker_threshold": service.breaker_threshold, "breaker_open_s": service.breaker_open_s,
+        "requests_per_minute": service.requests_per_minute,
     }
     data.update(changes)
     return {key: value for key, value in data.items() if value != ""}
@@ -76,6 +77,8 @@ def stored(service):
         ("queue", "gpu", "medium", "Select a valid choice"),
         ("base_url", "fast-chat", "http://fast-chat:9000", "Enter an http(s) URL"),
         ("breaker_threshold", -1, 0, "greater than or equal to 0"),
+        ("requests_per_minute", -5, 0, "greater than or equal to 0"),
+        ("requests_per_minute", "lots", 0, "Enter a whole number"),
         ("breaker_open_s", 0, 30.0, "greater than or equal to 0.1"),
         ("breaker_open_s", "soon", 30.0, "Enter a number"),
     ],

@@ -38,6 +38,8 @@ def describe_occupancy(occupancy, limit):
     if occupancy.cooling_until:
         # It answered 429/503 with Retry-After: no call starts before then.
         waiting += f" · cooling down {max(0.0, occupancy.cooling_until - occupancy.now):.1f} s"
+    if occupancy.requests_per_minute:
+        waiting += f" · {occupancy.requests_in_window} / {occupancy.requests_per_minute} calls this minute"
     if occupancy.circuit == "open":
         waiting += f" · circuit open, probe in {max(0.0, (occupancy.probe_at or 0) - occupancy.now):.1f} s"
     elif occupancy.circuit == "probing":
@@ -82,7 +84,9 @@ class ServiceAdmin(admin.ModelAdmin):
     actions = ["check_health"]
     fieldsets = [
         (None, {"fields": ["name", "queue", "enabled"]}),
-        ("Limits", {"fields": ["concurrency_limit", "occupancy", "timeout_s", "lease_ttl_s", "max_attempts"]}),
+        ("Limits", {"fields": [
+            "concurrency_limit", "requests_per_minute", "occupancy", "timeout_s", "lease_ttl_s", "max_attempts",
+        ]}),
         ("Circuit breaker", {"fields": ["breaker_threshold", "breaker_open_s"]}),
         (
             "Endpoint",

@@ -7,11 +7,14 @@
 -- ARGV[4] grant_ttl_ms  how long a hand-off reserves a slot for its waiter
 -- ARGV[5] payload       message to dispatch when this member is handed a slot
 -- ARGV[6] owner         id of the caller's process ("" if unknown)
+-- ARGV[7] rpm           grants per window the service allows (0: no budget)
+-- ARGV[8] window_ms     the window rpm counts over (a minute)
 --
 -- Returns {granted (1|0), position (0-based rank among waiters, -1 when
 -- granted), {payloads to dispatch...}, cooling_until_ms (0: not cooling),
--- circuit (1: the circuit breaker holds the member back, else 0)}, or
--- {-1, -1, {}, 0, 0} without touching
+-- circuit (1: the circuit breaker holds the member back, else 0),
+-- rate_frees_at_ms (the requests-per-minute budget holds the member back
+-- until then; 0: it does not)}, or {-1, -1, {}, 0, 0, 0} without touching
 -- anything when the census is missing or was taken on another run of the
 -- Redis server: the caller takes a census (limiter_census.lua) and acquires
 -- again.
@@ -22,13 +25,22 @@ local ttl_ms = tonumber(ARGV[3])
 local grant_ttl_ms = tonumber(ARGV[4])
 local payload = ARGV[5]
 local owner = ARGV[6]
+local rpm = tonumber(ARGV[7])
+local window_ms = tonumber(ARGV[8])
 
 -- No census of this run: Redis is new or lost its data (restart without
 -- persistence, restart from a snapshot, failover, flush). Calls still in
 -- flight are missing from holders until their next renewal, so granting now
 -- could exceed the limit.
 if redis.call("get", census) ~= run_id() then
-    return {-1, -1, {}, 0, 0}
+    return {-1, -1, {}, 0, 0, 0}
+end
+
+-- The budget the scripts that grant without being told (release, redispatch) go by.
+if rpm > 0 then
+    redis.call("hset", config, "rpm", rpm, "window_ms", window_ms)
+else
+    redis.call("del", config)
 end
 
 local now_ms, now_us = server_now()
@@ -40,7 +52,7 @@ drop_expired(now_ms)
 if redis.call("zscore", holders, member) or redis.call("zscore", granted, member) then
     hold(member, now_ms, ttl_ms, owner)
     local handoffs = pump(now_ms, limit, grant_ttl_ms, nil)
-    return {1, -1, handoffs, 0, 0}
+    return {1, -1, handoffs, 0, 0, 0}
 end
 
 -- Cooling down: no new call starts (a cool-down drops the reservations, so
@@ -52,10 +64,12 @@ local closed = not redis.call("hget", breaker, "state")
 -- Fast path: a free slot and nobody queued without a reservation. Waiters
 -- that hold reservations already own their slots, so they are not "ahead".
 local unreserved = redis.call("zcard", waiters) - redis.call("zcard", granted)
-if not cooling and closed and unreserved == 0 and occupied() < limit then
+local room, rate_frees_at = rate_room(now_ms)
+if not cooling and closed and unreserved == 0 and occupied() < limit and room > 0 then
     hold(member, now_ms, ttl_ms, owner)
     redis.call("set", moved, int(now_ms))
-    return {1, -1, {}, 0, 0}
+    count_start(member, now_ms)
+    return {1, -1, {}, 0, 0, 0}
 end
 
 -- Park. NX keeps the original ticket of a member that is already waiting, so
@@ -73,7 +87,9 @@ redis.call("hset", payloads, member, payload)
 local handoffs, me_granted = pump(now_ms, limit, grant_ttl_ms, member)
 if me_granted then
     hold(member, now_ms, ttl_ms, owner)
-    return {1, -1, handoffs, 0, 0}
+    return {1, -1, handoffs, 0, 0, 0}
 end
 local held_by_circuit = (not cooling and circuit(now_ms) ~= "closed") and 1 or 0
-return {0, redis.call("zrank", waiters, member), handoffs, int(cooling or 0), held_by_circuit}
+room, rate_frees_at = rate_room(now_ms)
+local held_by_rate = (not cooling and held_by_circuit == 0 and room <= 0) and int(rate_frees_at) or 0
+return {0, redis.call("zrank", waiters, member), handoffs, int(cooling or 0), held_by_circuit, held_by_rate}

@@ -29,6 +29,12 @@
 --                           state "open" (nothing granted before retry_at,
 --                           ms) or "probing" (one call, probe, let through
 --                           after retry_at; nothing else until it reports)
+--   KEYS[11] starts   ZSET  "<member>@<ms>" -> when a slot was granted, ms,
+--                           over the last window: the requests-per-minute
+--                           budget counts them (entries older are trimmed)
+--   KEYS[12] config   HASH  rpm (grants per window, 0: no budget) and
+--                           window_ms, as the last acquire passed them, for
+--                           the scripts that grant without being told
 --
 -- Occupied slots = |holders| + |granted|. Every time comes from the server's
 -- TIME, never from a client, so hosts with skewed clocks agree on expiries.
@@ -43,6 +49,8 @@ local owners = KEYS[7]
 local moved = KEYS[8]
 local cooldown = KEYS[9]
 local breaker = KEYS[10]
+local starts = KEYS[11]
+local config = KEYS[12]
 
 -- Scores and tickets exceed the 14 significant digits of Lua's tostring(),
 -- so integers always cross into Redis through an explicit format.
@@ -106,6 +114,33 @@ local function circuit(now_ms)
     return "probe"
 end
 
+-- How many more slots the requests-per-minute budget lets be granted now
+-- (a large number without a budget), and when (ms) the next one frees up.
+local function rate_room(now_ms)
+    local rpm = tonumber(redis.call("hget", config, "rpm") or "0")
+    if rpm <= 0 then
+        return 1000000000, nil
+    end
+    local window_ms = tonumber(redis.call("hget", config, "window_ms") or "60000")
+    redis.call("zremrangebyscore", starts, "-inf", int(now_ms - window_ms))
+    local room = rpm - redis.call("zcard", starts)
+    local frees_at = nil
+    if room <= 0 then
+        local oldest = redis.call("zrange", starts, 0, 0, "withscores")
+        frees_at = oldest[2] and (tonumber(oldest[2]) + window_ms) or now_ms
+    end
+    return room, frees_at
+end
+
+-- Counts a grant against the requests-per-minute budget (if there is one).
+local function count_start(member, now_ms)
+    if tonumber(redis.call("hget", config, "rpm") or "0") > 0 then
+        local window_ms = tonumber(redis.call("hget", config, "window_ms") or "60000")
+        redis.call("zadd", starts, int(now_ms), member .. "@" .. int(now_ms))
+        redis.call("pexpire", starts, int(window_ms))
+    end
+end
+
 local function occupied()
     return redis.call("zcard", holders) + redis.call("zcard", granted)
 end
@@ -125,6 +160,10 @@ local function pump(now_ms, limit, grant_ttl_ms, me)
     if say == "probe" then
         free = 1
     end
+    free = math.min(free, (rate_room(now_ms)))
+    if free <= 0 then
+        return handoffs, me_granted
+    end
     -- Granted waiters are spread anywhere in the queue, but there are at most
     -- |granted| of them, so the first |granted| + free waiters contain every
     -- candidate: the scan is bounded by the limit, not the queue length.
@@ -137,6 +176,7 @@ local function pump(now_ms, limit, grant_ttl_ms, me)
         if not redis.call("zscore", granted, member) then
             redis.call("zadd", granted, expiry, member)
             redis.call("set", moved, int(now_ms))
+            count_start(member, now_ms)
             free = free - 1
             if say == "probe" then
                 redis.call("hset", breaker, "state", "probing", "probe", member)

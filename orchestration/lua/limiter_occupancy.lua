@@ -7,10 +7,21 @@
 -- Returns {now_ms, {holder, expiry_ms, ...}, {granted, expiry_ms, ...},
 -- {waiter, ticket_us, ...}, cooling_until_ms (0: not cooling), circuit state
 -- ("closed", "open", "probing"), when an open circuit lets a probe through
--- (ms, 0 if not open)} with numbers as strings (Lua numbers would be
+-- (ms, 0 if not open), the requests-per-minute budget (0: none), the grants
+-- it counts in the current window, and when the next one frees up (ms, 0
+-- while there is room)} with numbers as strings (Lua numbers would be
 -- truncated to integers on the way out, and these exceed 2^31 anyway).
 
 local now_ms = server_now()
+local rpm = tonumber(redis.call("hget", config, "rpm") or "0")
+local window_ms = tonumber(redis.call("hget", config, "window_ms") or "60000")
+local in_window = "(" .. int(now_ms - window_ms)
+local counted = redis.call("zcount", starts, in_window, "+inf")
+local rate_frees_at = 0
+if rpm > 0 and counted >= rpm then
+    local oldest = redis.call("zrangebyscore", starts, in_window, "+inf", "withscores", "limit", 0, 1)
+    rate_frees_at = tonumber(oldest[2]) + window_ms
+end
 local after_now = "(" .. int(now_ms)
 return {
     int(now_ms),
@@ -20,4 +31,7 @@ return {
     int(cooling_until(now_ms) or 0),
     redis.call("hget", breaker, "state") or "closed",
     redis.call("hget", breaker, "retry_at") or "0",
+    int(rpm),
+    counted,
+    int(rate_frees_at),
 }
