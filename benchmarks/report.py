@@ -164,6 +164,16 @@ def _inflight_figures(case):
     )
 
 
+def _rate_figures(case):
+    rpm = (case or {}).get("rpm", "N")
+    label = f"Requests per minute ({rpm}) of fast_chat_llm"
+    return (
+        Figure("rate_busiest", f"{label}: calls in the busiest minute", ("rate", "busiest_window_calls"), "calls"),
+        Figure("rate_over", f"{label}: calls over the limit in the busiest minute", ("rate", "over_limit"), "calls",
+               target=1),
+    )
+
+
 RECOVERY_FIGURES = (
     *(
         Figure(f"recovery_kill_{queue}", f"Recovery: worker_{queue} SIGKILLed, calls in flight, to all done",
@@ -203,6 +213,7 @@ def figures_of(cases):
         *_ws_burst_figures(cases.get("ws_burst")),
         *_post_figures(_numeric_keys(cases.get("post"))),
         *_inflight_figures(cases.get("inflight")),
+        *_rate_figures(cases.get("rate")),
         *RECOVERY_FIGURES,
         *COST_FIGURES,
     )

@@ -30,7 +30,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from benchmarks import floors, handoff, idle, inflight, overhead, post_latency, recovery, report, throughput, ws_latency
+from benchmarks import (
+    floors, handoff, idle, inflight, overhead, post_latency, rate_limit, recovery, report, throughput, ws_latency,
+)
 from benchmarks.harness import bench_testbed, bench_urls, reset
 from scripts.stack import ROOT
 from scripts.testbed import PrivateRedis
@@ -39,7 +41,8 @@ from scripts.testbed import PrivateRedis
 # before the load; the heaviest loads last.
 # Recovery runs on a stack of its own (it kills workers and Redis).
 CASES = (
-    "idle", "floors", "overhead", "handoff", "ws", "post", "throughput", "ws_burst", "execution", "inflight", "recovery",
+    "idle", "floors", "overhead", "handoff", "ws", "post", "throughput", "ws_burst", "execution", "inflight", "rate",
+    "recovery",
 )
 
 FULL = {
@@ -53,6 +56,7 @@ FULL = {
     "throughput": {"jobs": (200, 500)},
     "execution": {"jobs": 500},
     "inflight": {"jobs": 330, "limit": 300, "call_s": 2.0},
+    "rate": {"rpm": 120, "seconds": 75.0},
     "recovery": {"jobs": 10, "call_s": 2.0, "redis_jobs": 30, "timeout_s": 240},
 }
 QUICK = {
@@ -66,6 +70,7 @@ QUICK = {
     "throughput": {"jobs": (20,)},
     "execution": {"jobs": 20},
     "inflight": {"jobs": 40, "limit": 30, "call_s": 1.0},
+    "rate": {"rpm": 4, "seconds": 3.0},
     "recovery": {"jobs": 3, "call_s": 1.0, "redis_jobs": 6, "timeout_s": 120},
 }
 
@@ -81,6 +86,7 @@ MEASURES = {
     "throughput": throughput.measure_sizes,
     "execution": throughput.measure_execution,
     "inflight": inflight.measure,
+    "rate": rate_limit.measure,
     "recovery": recovery.measure,
 }
 

@@ -32,7 +32,7 @@ def test_every_case_runs_and_returns_numbers(bed):
     assert missing == []
     assert {row["key"] for row in rows} >= {
         "overhead_p50", "gap_p50", "handoff_p95", "ws_p95", "ws_cpu_per_event", "ws_burst_p95", "ws_burst_terminal_p95",
-        "ws_burst_gapless", "idle_cpu", "floor_commit", "inflight_calls", "inflight_pg",
+        "ws_burst_gapless", "idle_cpu", "floor_commit", "inflight_calls", "inflight_pg", "rate_busiest", "rate_over",
     }
     assert any(row["key"].startswith("burst_") and row["key"].endswith("_post_p50") for row in rows)
     assert any(row["key"].startswith("throughput_") for row in rows)
@@ -69,3 +69,11 @@ def test_the_in_process_cpu_benchmarks_run(settings, module, args, count_key, co
     figures = json.loads(done.stdout.strip().splitlines()[-1])
     assert figures[count_key] == count
     assert figures[f"cpu_ms_per_{per_key}"] > 0 and figures[f"wall_ms_per_{per_key}"] > 0
+
+
+def test_the_busiest_window_counts_the_most_starts_of_any_span():
+    from benchmarks.rate_limit import busiest_window
+
+    assert busiest_window([], 60) == 0
+    assert busiest_window([0, 10, 59.9, 60, 61, 130], 60) == 4  # 10, 59.9, 60, 61
+    assert busiest_window([0, 1, 2], 1) == 1

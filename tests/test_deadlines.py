@@ -3,6 +3,9 @@
 Real PostgreSQL, Redis, Dramatiq worker threads and the simulator over HTTP.
 """
 
+import json
+import os
+import subprocess
 from datetime import timedelta
 
 import pytest
@@ -224,3 +227,18 @@ def test_green_workers_cut_a_call_off_at_the_deadline(testbed):
         [(code, index)] = bed.sql("SELECT error_code, current_step_index FROM jobs_job WHERE id = %s", [job_id])
         assert (code, index) == ("DEADLINE_EXCEEDED", 1)  # fast_chat_llm's call was cut off, not run to its end
         assert len(bed.simulator.requests("fast_chat_llm")) == 1
+
+
+def test_the_readme_deadline_example_works_as_written(registry, asgi_server, client_key):
+    from tests.test_sse import readme_blocks
+
+    [command] = readme_blocks("Give it a deadline", "bash")
+    done = subprocess.run(
+        ["bash", "-c", command.replace("http://127.0.0.1:8000", asgi_server.base_url)],
+        env={**os.environ, "CAO_KEY": client_key.raw_key}, capture_output=True, text=True, timeout=60,
+    )
+
+    assert done.returncode == 0, done.stderr
+    job = Job.objects.get(pk=json.loads(done.stdout)["job_id"])
+    assert job.deadline_at is not None
+    assert timedelta(seconds=100) < job.deadline_at - job.created_at <= timedelta(seconds=120)

@@ -936,8 +936,11 @@ def test_no_window_ever_holds_more_grants_than_the_budget(limiter, client):
         assert sum(start <= other < start + 0.3 for other in granted_at) <= 3
 
 
-def test_without_a_budget_nothing_is_counted(limiter):
-    for member in "abcde":
-        assert rated(limiter, member, rpm=0).granted
+def test_calls_made_before_a_budget_was_set_count_in_its_first_window(limiter):
+    for member in "abc":
+        assert rated(limiter, member, rpm=0, window_s=60).granted  # no budget: granted, and counted
+    assert limiter.occupancy(SERVICE).requests_in_window == 3
 
-    assert limiter.occupancy(SERVICE).requests_in_window == 0
+    # A budget of 4 set now leaves room for one more call in this window
+    assert rated(limiter, "d", rpm=4, window_s=60).granted
+    assert not rated(limiter, "e", rpm=4, window_s=60).granted

@@ -37,11 +37,7 @@ if redis.call("get", census) ~= run_id() then
 end
 
 -- The budget the scripts that grant without being told (release, redispatch) go by.
-if rpm > 0 then
-    redis.call("hset", config, "rpm", rpm, "window_ms", window_ms)
-else
-    redis.call("del", config)
-end
+redis.call("hset", config, "rpm", rpm, "window_ms", window_ms)
 
 local now_ms, now_us = server_now()
 drop_expired(now_ms)
@@ -50,6 +46,9 @@ drop_expired(now_ms)
 -- Reserved by an earlier hand-off: the reservation becomes the lease, so
 -- occupancy does not change even if the limit was lowered meanwhile.
 if redis.call("zscore", holders, member) or redis.call("zscore", granted, member) then
+    if redis.call("zscore", granted, member) then
+        count_start(member, now_ms)  -- its call starts now, not when the slot was handed over
+    end
     hold(member, now_ms, ttl_ms, owner)
     local handoffs = pump(now_ms, limit, grant_ttl_ms, nil)
     return {1, -1, handoffs, 0, 0, 0}

@@ -29,9 +29,10 @@
 --                           state "open" (nothing granted before retry_at,
 --                           ms) or "probing" (one call, probe, let through
 --                           after retry_at; nothing else until it reports)
---   KEYS[11] starts   ZSET  "<member>@<ms>" -> when a slot was granted, ms,
---                           over the last window: the requests-per-minute
---                           budget counts them (entries older are trimmed)
+--   KEYS[11] starts   ZSET  member -> when its slot was granted, ms,
+--                           over the last window, budget or not: the
+--                           requests-per-minute budget counts them (entries
+--                           older are trimmed)
 --   KEYS[12] config   HASH  rpm (grants per window, 0: no budget) and
 --                           window_ms, as the last acquire passed them, for
 --                           the scripts that grant without being told
@@ -114,6 +115,14 @@ local function circuit(now_ms)
     return "probe"
 end
 
+-- The window a call is counted in: a hundredth longer than the budget's,
+-- so a call that reaches the service a little after its slot was granted
+-- still falls in the window the service counts it in.
+local function counted_window_ms()
+    local window_ms = tonumber(redis.call("hget", config, "window_ms") or "60000")
+    return window_ms + math.floor(window_ms / 100)
+end
+
 -- How many more slots the requests-per-minute budget lets be granted now
 -- (a large number without a budget), and when (ms) the next one frees up.
 local function rate_room(now_ms)
@@ -121,7 +130,7 @@ local function rate_room(now_ms)
     if rpm <= 0 then
         return 1000000000, nil
     end
-    local window_ms = tonumber(redis.call("hget", config, "window_ms") or "60000")
+    local window_ms = counted_window_ms()
     redis.call("zremrangebyscore", starts, "-inf", int(now_ms - window_ms))
     local room = rpm - redis.call("zcard", starts)
     local frees_at = nil
@@ -132,13 +141,15 @@ local function rate_room(now_ms)
     return room, frees_at
 end
 
--- Counts a grant against the requests-per-minute budget (if there is one).
+-- Counts a grant in the window, with or without a budget (a budget set later
+-- then counts the calls already made in its first window). A member counted
+-- already (its reservation becoming its lease, right before its call, or a
+-- lapsed reservation granted again) is counted from now instead.
 local function count_start(member, now_ms)
-    if tonumber(redis.call("hget", config, "rpm") or "0") > 0 then
-        local window_ms = tonumber(redis.call("hget", config, "window_ms") or "60000")
-        redis.call("zadd", starts, int(now_ms), member .. "@" .. int(now_ms))
-        redis.call("pexpire", starts, int(window_ms))
-    end
+    local window_ms = counted_window_ms()
+    redis.call("zremrangebyscore", starts, "-inf", int(now_ms - window_ms))
+    redis.call("zadd", starts, int(now_ms), member)
+    redis.call("pexpire", starts, int(window_ms))
 end
 
 local function occupied()

@@ -14,7 +14,7 @@
 
 local now_ms = server_now()
 local rpm = tonumber(redis.call("hget", config, "rpm") or "0")
-local window_ms = tonumber(redis.call("hget", config, "window_ms") or "60000")
+local window_ms = counted_window_ms()
 local in_window = "(" .. int(now_ms - window_ms)
 local counted = redis.call("zcount", starts, in_window, "+inf")
 local rate_frees_at = 0
