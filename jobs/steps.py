@@ -39,27 +39,27 @@ def step_park(*, job, position=None, cooling_until=None, circuit_open=False, rat
     first_time = job.step_state == StepState.QUEUED
     job.step_state = StepState.WAITING
     if first_time:
-        if circuit_open and cooling_until is None:
-            held_by = {
-                "message": f"Waiting: the circuit of {job.current_service} is open after repeated failures; "
-                "a probe call goes first.",
-                "limit": "circuit_open",
-            }
-        elif cooling_until is None and rate_limited_until is not None:
-            held_by = {
-                "message": f"Waiting: {job.current_service} has made as many calls this minute as it may.",
-                "limit": "requests_per_minute",
-                "until": rate_limited_until.isoformat(),
-            }
-        elif cooling_until is None:
-            held_by = {"message": f"Waiting for a free slot of {job.current_service}.", "limit": "concurrency"}
-        else:
+        if cooling_until is not None:
             held_by = {
                 "message": f"Waiting for {job.current_service} to cool down (it asked to retry after "
                 f"{cooling_until.isoformat()}).",
                 "limit": "cool_down",
                 "cooling_until": cooling_until.isoformat(),
             }
+        elif circuit_open:
+            held_by = {
+                "message": f"Waiting: the circuit of {job.current_service} is open after repeated failures; "
+                "a probe call goes first.",
+                "limit": "circuit_open",
+            }
+        elif rate_limited_until is not None:
+            held_by = {
+                "message": f"Waiting: {job.current_service} has made as many calls this minute as it may.",
+                "limit": "requests_per_minute",
+                "until": rate_limited_until.isoformat(),
+            }
+        else:
+            held_by = {"message": f"Waiting for a free slot of {job.current_service}.", "limit": "concurrency"}
         append_events(
             job,
             event(EventType.WAITING_FOR_SLOT, step_index=job.current_step_index, position=position, **held_by),

@@ -108,6 +108,12 @@ class Occupancy:
         return len(self.waiters) - len(self.granted)
 
     @property
+    def blocked_for_s(self) -> float:
+        """Seconds before it may grant again: its cool-down, its open circuit's wait, or its spent budget."""
+        ends = [until for until in (self.cooling_until, self.probe_at, self.rate_frees_at) if until]
+        return max([0.0, *(until - self.now for until in ends)])
+
+    @property
     def oldest_wait_s(self) -> float:
         """Age of the head of the queue, 0.0 when nobody waits."""
         if not self.waiters:
@@ -256,10 +262,8 @@ class Limiter:
         return max(0, int(self.client.pttl(self.keys(service)[8]))) / 1000
 
     def blocked_for_s(self, service: str) -> float:
-        """Seconds before ``service`` may grant again: its cool-down, its open circuit's wait, or its spent budget."""
-        occupancy = self.occupancy(service)
-        ends = [until for until in (occupancy.cooling_until, occupancy.probe_at, occupancy.rate_frees_at) if until]
-        return max([0.0, *(until - occupancy.now for until in ends)])
+        """Seconds before ``service`` may grant again (``Occupancy.blocked_for_s``)."""
+        return self.occupancy(service).blocked_for_s
 
     def take_census(self, service: str, members, *, ttl_s: float) -> int:
         """Seed ``holders`` with ``members`` unless a census exists; return how many were added."""

@@ -32,14 +32,7 @@ def acquire_step(step, service, *, limiter=None, owner=None):
     it has room (one timer per service and process).
     """
     limiter = limiter or get_limiter()
-    acquisition = _acquire(step, service, limiter, owner)
-    if acquisition.rate_limited_until is not None:
-        _pump_line_at(acquisition.rate_limited_until, service.name, limiter)
-    return acquisition
-
-
-def _acquire(step, service, limiter, owner):
-    return limiter.acquire(
+    acquisition = limiter.acquire(
         service.name,
         step_member(step),
         limit=service.concurrency_limit,
@@ -50,6 +43,9 @@ def _acquire(step, service, limiter, owner):
         requests_per_minute=service.requests_per_minute,
         rate_window_s=settings.CAO_RATE_WINDOW_S,
     )
+    if acquisition.rate_limited_until is not None:
+        _pump_line_at(acquisition.rate_limited_until, service.name, limiter)
+    return acquisition
 
 
 def send_handoffs(payloads):
@@ -217,14 +213,14 @@ def _pump_line(service_name, limiter):
     that end instead.
     """
     try:
-        left_s = limiter.blocked_for_s(service_name)
-        if left_s <= 0:
+        occupancy = limiter.occupancy(service_name)
+        if occupancy.blocked_for_s <= 0:
             service = service_live(service_name)
             send_handoffs(limiter.redispatch_waiters(service_name, limit=service.concurrency_limit if service else 0))
             # A budget spent again by these grants: the rest of the line waits for its next room.
-            left_s = limiter.blocked_for_s(service_name)
-        if left_s > 0 and limiter.occupancy(service_name).waiting:
-            _pump_line_in(left_s, service_name, limiter)
+            occupancy = limiter.occupancy(service_name)
+        if occupancy.blocked_for_s > 0 and occupancy.waiting:
+            _pump_line_in(occupancy.blocked_for_s, service_name, limiter)
     except Exception:
         # Maintenance's redispatch hands the slots over instead.
         logger.warning("Could not move the line of %s; maintenance will.", service_name, exc_info=True)
