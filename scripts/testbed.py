@@ -85,6 +85,10 @@ class Testbed:
         self.stack = None
         self.api_key = None
         self.session = requests.Session()
+        # Every process reads service rows through a cache (CAO_REGISTRY_CACHE_S):
+        # a change made here applies everywhere once the oldest copy expired.
+        self.registry_cache_s = float(self.env.get("CAO_REGISTRY_CACHE_S") or 1.0)
+        self._registry_applies_at = 0.0
 
     # --- set-up ---------------------------------------------------------------
 
@@ -209,10 +213,24 @@ class Testbed:
         )[0][0]
 
     def set_service(self, name, **fields):
+        """Change a service's row; the next submission waits until every process applies it.
+
+        Lowering a limit is otherwise not a limit for up to CAO_REGISTRY_CACHE_S:
+        a process that cached the row just before would grant by the old one.
+        """
         assignments = ", ".join(f"{field} = %s" for field in fields)
         self.sql(f"UPDATE services_registry_service SET {assignments} WHERE name = %s", [*fields.values(), name])
+        # 50 ms for the clocks of the processes: they cache by time.monotonic().
+        self._registry_applies_at = time.monotonic() + self.registry_cache_s + 0.05
+
+    def wait_registry_applied(self):
+        """Wait out the registry cache after set_service: a known bound, not a guess."""
+        remaining = self._registry_applies_at - time.monotonic()
+        if remaining > 0:
+            time.sleep(remaining)
 
     def submit(self, feature="business_plan", input_data=None, session=None):
+        self.wait_registry_applied()
         response = (session or self.session).post(
             f"{self.base_url}/api/v1/jobs",
             json={"feature_name": feature, "input_data": input_data if input_data is not None else {"n": 1}},
@@ -224,6 +242,7 @@ class Testbed:
 
     def submit_many(self, count, feature="business_plan", threads=8, latencies=None):
         """Create ``count`` jobs from ``threads`` clients; each POST's seconds go to ``latencies`` if given."""
+        self.wait_registry_applied()
         sessions = [requests.Session() for _ in range(threads)]
 
         def submit(i):
