@@ -37,7 +37,7 @@ from orchestration.maintenance import (
     return_messages_of_dead_workers,
     run_maintenance,
 )
-from services_registry.cache import cached
+from common.row_cache import cached
 from services_registry.selectors import service_list
 
 logger = logging.getLogger(__name__)

@@ -2,7 +2,7 @@
 
 from dataclasses import dataclass
 
-from services_registry.cache import cached
+from common.row_cache import cached
 from services_registry.models import Recipe, Service
 
 

@@ -4,7 +4,7 @@ import pytest
 from django.db import DatabaseError, transaction
 
 from common.after_commit import after_commit
-from services_registry.cache import cached
+from common.row_cache import cached
 
 
 @pytest.mark.django_db(transaction=True)

@@ -285,7 +285,7 @@ def test_readiness_is_503_when_postgresql_is_down(client, settings):
 
 @pytest.mark.django_db
 def test_hot_paths_read_every_service_in_one_query_per_cache_period(registry, settings, django_assert_num_queries):
-    from services_registry.cache import forget
+    from common.row_cache import forget
     from services_registry.selectors import service_live
 
     settings.CAO_REGISTRY_CACHE_S = 60

@@ -1,8 +1,9 @@
-"""Registry rows as hot paths read them: live, but at most CAO_REGISTRY_CACHE_S old.
+"""Rows that hot paths read, as they read them: live, but at most CAO_REGISTRY_CACHE_S old.
 
-Every job creation reads its recipe and every step its service several
-times; reading the rows each time cost a handful of queries per step.
-Edits made in the admin apply within the cache's age.
+Every job creation reads its recipe, and every step its service and its
+owner's share weight, several times; reading the rows each time cost a
+handful of queries per step. Edits made in the admin apply within the
+cache's age.
 """
 
 import logging
