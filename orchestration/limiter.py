@@ -9,7 +9,9 @@ handed to), ``payloads`` (HASH member -> message to dispatch on hand-off),
 Retry-After; ``cool_down``) and ``breaker`` (the circuit breaker:
 consecutive failures, and while open until when, or which probe call runs;
 ``report_outcome``), ``starts`` and ``config`` (the grants of the last
-window and the requests-per-minute budget they are counted against).
+window and the requests-per-minute budget they are counted against), and
+``lanes``, ``tenants``, ``fair`` and ``lane_of`` (the line served fairly
+across tenants; limiter_common.lua says how).
 
 Invariants, kept by Lua scripts in ``lua/`` (one atomic call per operation):
 
@@ -17,8 +19,14 @@ Invariants, kept by Lua scripts in ``lua/`` (one atomic call per operation):
   limit or :meth:`Limiter.renew` of a lost lease (a call that really is in
   flight) can leave more, and then nothing is granted until it drops below.
 - ``granted`` is a subset of ``waiters``; no member both holds and waits.
-- Waiters are granted strictly in arrival order; a granted waiter keeps its
-  place until it acquires, so a lapsed reservation is simply granted again.
+- Waiters are served round-robin across tenants (an API key each), in
+  proportion to their weights, by start-time fair queueing: a tenant that
+  joins the line is served next to those already in it, never behind their
+  backlog. Within a tenant, a waiter's order is its arrival moved earlier by
+  ``priority * aging``: a higher priority goes first, but one that waited
+  longer than the difference goes before it, so nobody starves.
+- A granted waiter keeps its lane entry until it acquires, so a lapsed
+  reservation goes back to its place and is simply granted again.
 - Leases and reservations expire by the Redis server's clock; every script
   that can grant first drops expired entries, so a dead holder's slot returns
   at the next acquire/release even without a reaper.
@@ -39,6 +47,7 @@ known to be dead (its heartbeat lapsed) at once, instead of at lease expiry.
 """
 
 import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,14 +56,17 @@ from common.redis import ScriptCall
 logger = logging.getLogger(__name__)
 
 LUA_DIR = Path(__file__).resolve().parent / "lua"
+# Lane entries are "<tenant>:<order>:<member>": a tenant holds no ":".
+_TENANT = re.compile(r"[A-Za-z0-9_-]*")
 
 
 @dataclass(frozen=True)
 class Acquisition:
     """The outcome of :meth:`Limiter.acquire`.
 
-    ``granted``: the member holds a slot. ``position``: its 0-based rank
-    among the waiters when parked, else None. ``handoffs``: payloads of
+    ``granted``: the member holds a slot. ``position``: when parked, how
+    many waiters would be served before it were nobody else to arrive, else
+    None. ``handoffs``: payloads of
     other waiters granted by this call; the caller must dispatch them.
     """
 
@@ -180,7 +192,7 @@ class Limiter:
             base + name
             for name in (
                 "holders", "granted", "waiters", "payloads", "ticket", "census", "owners", "moved", "cooldown",
-                "breaker", "starts", "config",
+                "breaker", "starts", "config", "lanes", "tenants", "fair", "lane_of",
             )
         ]
 
@@ -189,7 +201,8 @@ class Limiter:
 
     def acquire(
         self, service: str, member: str, *, limit: int, ttl_s: float, payload: str, census=None, owner: str = "",
-        requests_per_minute: int = 0, rate_window_s: float = 60.0,
+        requests_per_minute: int = 0, rate_window_s: float = 60.0, tenant: str = "", weight: int = 1,
+        priority: int = 0, aging_s: float = 0.0,
     ) -> Acquisition:
         """Take a slot for ``member`` or park it with ``payload``; never blocks.
 
@@ -207,10 +220,18 @@ class Limiter:
         ``requests_per_minute``: slots granted per ``rate_window_s`` (a
         minute), counted over a sliding window; 0: no such budget. Kept for
         the releases and redispatches that grant without being told.
+
+        ``tenant`` (letters, digits, ``_`` and ``-``), ``weight`` (its share
+        of turns, from 1), ``priority`` and ``aging_s``: where a parked
+        member stands in line. Its order within the tenant's lane is its
+        arrival moved ``priority * aging_s`` earlier, fixed when it parks.
         """
+        if not _TENANT.fullmatch(tenant):
+            raise ValueError(f"A tenant is letters, digits, '_' and '-', not {tenant!r}.")
         args = (
             member, _limit(limit), _ms(ttl_s), self.grant_ttl_ms, payload, owner,
             _limit(requests_per_minute), _ms(rate_window_s),
+            tenant, max(1, int(weight)), int(priority), max(0, round(aging_s * 1_000_000)),
         )
         granted, position, handoffs, cooling_ms, circuit, rate_ms = self._call("acquire", service, *args)
         if int(granted) == -1:

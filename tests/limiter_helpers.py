@@ -75,18 +75,31 @@ def kept_holder(url, service, member, ttl_s, ready):
             time.sleep(1)
 
 
+VIRTUAL_STEP = 1_000_000
+
+
 class Model:
     """The limiter's semantics in plain Python, without expiry.
 
     Time is explicit: a cool-down lasts until ``cool_down_over()``, an open
-    circuit waits for its probe until ``probe_due()``.
+    circuit waits for its probe until ``probe_due()``. Priorities are either
+    ignored (``aging`` False: the limiter's aging is 0, arrival alone
+    orders a lane) or absolute (``aging`` True: an aging so long that no
+    wait in a test outweighs one priority step).
     """
 
-    def __init__(self):
+    def __init__(self, *, aging=False):
+        self.aging = aging
         self.holders = set()
         self.granted = set()
-        self.waiters = []  # queue order
+        self.waiters = []  # arrival order
         self.payloads = {}
+        self.arrivals = 0
+        self.lane_of = {}  # waiter -> (tenant, its order within the tenant's lane)
+        self.virtual = {}  # tenant in line -> its virtual time
+        self.saved = {}  # tenant out of line -> its virtual time
+        self.weights = {}
+        self.clock = 0
         self.cooling = False
         self.circuit_state = None  # None (closed), "open" or "probing"
         self.circuit_due = False  # an open circuit's probe may go
@@ -112,23 +125,76 @@ class Model:
             return handoffs, me_granted
         if say == "probe":
             free = 1
-        for member in self.waiters:
-            if free <= 0:
+        while free > 0:
+            member = self.next_in_line()
+            if member is None:
                 break
-            if member not in self.granted:
-                self.granted.add(member)
-                free -= 1
-                if say == "probe":
-                    self.circuit_state, self.probe = "probing", member
-                if member == me:
-                    me_granted = True
-                else:
-                    handoffs.append(self.payloads[member])
+            self.granted.add(member)
+            free -= 1
+            if say == "probe":
+                self.circuit_state, self.probe = "probing", member
+            if member == me:
+                me_granted = True
+            else:
+                handoffs.append(self.payloads[member])
         return handoffs, me_granted
+
+    # --- the fair line ------------------------------------------------------------
+
+    def lane(self, tenant):
+        """The tenant's waiters without a reservation, in the order they are served."""
+        return sorted(
+            (m for m in self.waiters if m not in self.granted and self.lane_of[m][0] == tenant),
+            key=lambda m: (self.lane_of[m][1], m),
+        )
+
+    def step(self, tenant):
+        return max(1, VIRTUAL_STEP // max(self.weights.get(tenant, 1), 1))
+
+    def enter_line(self, tenant):
+        if tenant not in self.virtual:
+            self.virtual[tenant] = max(self.saved.pop(tenant, 0), self.clock)
+
+    def leave_line_if_empty(self, tenant):
+        if tenant in self.virtual and not self.lane(tenant):
+            self.saved[tenant] = self.virtual.pop(tenant)
+
+    def next_in_line(self):
+        if not self.virtual:
+            return None
+        virtual, tenant = min((v, t) for t, v in self.virtual.items())
+        lane = self.lane(tenant)
+        self.clock = virtual
+        self.virtual[tenant] = virtual + self.step(tenant)
+        if len(lane) == 1:  # its lane empties: it leaves the line, keeping its virtual time
+            self.saved[tenant] = self.virtual.pop(tenant)
+        return lane[0]
+
+    def position(self, member):
+        if member in self.granted:
+            return 0
+        tenant = self.lane_of[member][0]
+        lane = self.lane(tenant)
+        ahead = lane.index(member)
+        turn = self.virtual[tenant] + ahead * self.step(tenant)
+        for other, virtual in self.virtual.items():
+            if other == tenant or virtual > turn:
+                continue
+            step = self.step(other)
+            turns = (turn - virtual) // step + 1
+            if virtual + (turns - 1) * step == turn and other > tenant:
+                turns -= 1
+            ahead += min(turns, len(self.lane(other)))
+        return ahead
+
+    def unreserve(self, member):
+        self.granted.discard(member)
+        self.enter_line(self.lane_of[member][0])
 
     def cool_down(self):
         self.cooling = True
-        self.granted.clear()  # the reservations go back to their waiters
+        for member in list(self.granted):  # the reservations go back to their waiters
+            self.unreserve(member)
 
     def cool_down_over(self):
         self.cooling = False
@@ -154,13 +220,14 @@ class Model:
         self.granted.discard(member)
         if member in self.waiters:
             self.waiters.remove(member)
+            self.leave_line_if_empty(self.lane_of.pop(member)[0])
         self.payloads.pop(member, None)
 
     def hold(self, member):
         self.forget_waiter(member)
         self.holders.add(member)
 
-    def acquire(self, member, limit, payload):
+    def acquire(self, member, limit, payload, *, tenant="", weight=1, priority=0):
         if member in self.holders or member in self.granted:
             self.hold(member)
             return True, None, tuple(self.pump(limit)[0])
@@ -170,14 +237,18 @@ class Model:
         ):
             self.hold(member)
             return True, None, ()
+        self.weights[tenant] = weight
         if member not in self.waiters:
             self.waiters.append(member)
+            self.arrivals += 1
+            self.lane_of[member] = (tenant, (-priority if self.aging else 0, self.arrivals))
+            self.enter_line(tenant)
         self.payloads[member] = payload
         handoffs, me_granted = self.pump(limit, member)
         if me_granted:
             self.hold(member)
             return True, None, tuple(handoffs)
-        return False, self.waiters.index(member), tuple(handoffs)
+        return False, self.position(member), tuple(handoffs)
 
     def release(self, member, limit):
         self.holders.discard(member)

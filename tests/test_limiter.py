@@ -67,7 +67,7 @@ def check_invariants(occupancy, limit):
 def test_keys_share_one_hash_tag(limiter):
     keys = limiter.keys("billing")
     assert all(key.startswith("cao:lim:{billing}:") for key in keys)
-    assert len(set(keys)) == 12
+    assert len(set(keys)) == 16
 
 
 def test_acquire_is_idempotent_for_a_holder(limiter):
@@ -199,8 +199,10 @@ def test_newcomer_does_not_take_a_slot_reserved_for_a_waiter(limiter):
     park(limiter, "w")
     assert limiter.release(SERVICE, "h", limit=1) == ("msg:w",)
 
-    # The slot is free but reserved: a newcomer queues behind.
-    assert park(limiter, "late").position == 1
+    # The slot is free but reserved: a newcomer queues, first of those without a slot.
+    late = park(limiter, "late")
+    assert (late.granted, late.position) == (False, 0)
+    assert limiter.locate(SERVICE, "w") == "granted"
     hold(limiter, "w")
 
 
@@ -227,7 +229,8 @@ def test_lapsed_grant_keeps_its_place_and_is_handed_off_again(client):
     # but w0 stays first in line and maintenance dispatches it again.
     assert limiter.redispatch_waiters(SERVICE, limit=1) == ("msg:w0",)
     assert limiter.redispatch_waiters(SERVICE, limit=1) == ()
-    assert park(limiter, "w1").position == 1
+    assert limiter.locate(SERVICE, "w0") == "granted"
+    assert park(limiter, "w1").position == 0  # next, once w0 took its slot
     hold(limiter, "w0")
 
 
@@ -276,8 +279,9 @@ def test_expired_holder_is_cleaned_up_by_the_next_acquire(limiter):
     # to the head of the queue, not to itself.
     acq = limiter.acquire(SERVICE, "newcomer", limit=1, ttl_s=10, payload="msg:newcomer")
 
-    assert acq == Acquisition(granted=False, position=1, handoffs=("msg:w0",))
+    assert acq == Acquisition(granted=False, position=0, handoffs=("msg:w0",))
     assert limiter.locate(SERVICE, "dead") is None
+    assert limiter.locate(SERVICE, "w0") == "granted"
 
 
 def test_expired_holder_is_cleaned_up_by_redispatch_and_release(limiter):
@@ -421,19 +425,24 @@ def test_lease_keeper_logs_renewal_failures_and_never_raises(caplog):
 # Property 5: atomic transitions keep the invariants --------------------------
 
 
-MEMBERS = ["m0", "m1", "m2", "m3", "m4", "m5"]
+MEMBERS = ["m0", "m1", "m2", "m3", "m4", "m5", "m6", "m7"]
+# Three tenants of unequal sizes, one of them the default "" (a job without a key).
+TENANT_OF = {"m0": "7", "m1": "7", "m2": "7", "m3": "7", "m4": "12", "m5": "12", "m6": "", "m7": "7"}
+# An aging no wait in a test outweighs: priorities then order each lane outright.
+ABSOLUTE_AGING_S = 1e7
 BREAKER_THRESHOLD = 2
 
 
 class LimiterMatchesModel(RuleBasedStateMachine):
     """Random sequences of calls give exactly the answers of the Python model."""
 
-    @initialize()
-    def setup(self):
+    @initialize(aging=st.booleans())
+    def setup(self, aging):
         self.client = redis.Redis.from_url(settings.REDIS_URL, decode_responses=True)
         self.limiter = Limiter(self.client, grant_ttl_s=60)
         self.service = f"model-{random.getrandbits(64)}"
-        self.model = Model()
+        self.model = Model(aging=aging)
+        self.aging_s = ABSOLUTE_AGING_S if aging else 0.0
         self.sent = 0
         self.limit = 0
 
@@ -456,15 +465,21 @@ class LimiterMatchesModel(RuleBasedStateMachine):
             return 0
         return 1 if self.model.circuit() == "probe" else len(MEMBERS)
 
-    @rule(member=st.sampled_from(MEMBERS), limit=st.integers(0, 4))
-    def acquire(self, member, limit):
+    @rule(
+        member=st.sampled_from(MEMBERS), limit=st.integers(0, 4), weight=st.sampled_from([1, 1, 2, 3]),
+        priority=st.integers(-2, 2),
+    )
+    def acquire(self, member, limit, weight, priority):
         self.sent += 1
         self.limit = limit
         payload = f"{member}#{self.sent}"
         allowed = self.new_grants_allowed()
         already = member in self.model.holders or member in self.model.granted
-        acq = self.limiter.acquire(self.service, member, limit=limit, ttl_s=60, payload=payload)
-        assert (acq.granted, acq.position, acq.handoffs) == self.model.acquire(member, limit, payload)
+        lane = {"tenant": TENANT_OF[member], "weight": weight, "priority": priority}
+        acq = self.limiter.acquire(
+            self.service, member, limit=limit, ttl_s=60, payload=payload, aging_s=self.aging_s, **lane
+        )
+        assert (acq.granted, acq.position, acq.handoffs) == self.model.acquire(member, limit, payload, **lane)
         # Checked on the limiter's answer itself, not only against the model:
         assert len(acq.handoffs) + (acq.granted and not already) <= allowed
 
@@ -612,7 +627,7 @@ def test_raising_the_limit_hands_extra_slots_to_waiters_at_the_next_call(limiter
     # An admin raises the limit to 3: the next call hands out the two new slots.
     acq = limiter.acquire(SERVICE, "late", limit=3, ttl_s=10, payload="msg:late")
 
-    assert acq == Acquisition(granted=False, position=3, handoffs=("msg:w0", "msg:w1"))
+    assert acq == Acquisition(granted=False, position=1, handoffs=("msg:w0", "msg:w1"))  # behind w2
     assert limiter.release(SERVICE, "h", limit=3) == ("msg:w2",)
 
 

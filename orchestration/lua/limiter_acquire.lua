@@ -9,9 +9,14 @@
 -- ARGV[6] owner         id of the caller's process ("" if unknown)
 -- ARGV[7] rpm           grants per window the service allows (0: no budget)
 -- ARGV[8] window_ms     the window rpm counts over (a minute)
+-- ARGV[9] tenant        whose job it is (its API key's id; "" if none): the
+--                       line is served round-robin across tenants
+-- ARGV[10] weight       the tenant's share of turns (a positive integer)
+-- ARGV[11] priority     within its tenant, a waiter goes priority * aging
+-- ARGV[12] aging_us     microseconds earlier than its arrival
 --
--- Returns {granted (1|0), position (0-based rank among waiters, -1 when
--- granted), {payloads to dispatch...}, cooling_until_ms (0: not cooling),
+-- Returns {granted (1|0), position (how many would be served before it,
+-- limiter_common.lua's position(); -1 when granted), {payloads to dispatch...}, cooling_until_ms (0: not cooling),
 -- circuit (1: the circuit breaker holds the member back, else 0),
 -- rate_frees_at_ms (the requests-per-minute budget holds the member back
 -- until then; 0: it does not)}, or {-1, -1, {}, 0, 0, 0} without touching
@@ -27,6 +32,10 @@ local payload = ARGV[5]
 local owner = ARGV[6]
 local rpm = tonumber(ARGV[7])
 local window_ms = tonumber(ARGV[8])
+local tenant = ARGV[9]
+local weight = tonumber(ARGV[10])
+local priority = tonumber(ARGV[11])
+local aging_us = tonumber(ARGV[12])
 
 -- No census of this run: Redis is new or lost its data (restart without
 -- persistence, restart from a snapshot, failover, flush). Calls still in
@@ -71,13 +80,11 @@ if not cooling and closed and unreserved == 0 and occupied() < limit and room > 
     return {1, -1, {}, 0, 0, 0}
 end
 
--- Park. NX keeps the original ticket of a member that is already waiting, so
--- a duplicate or early message never loses (or jumps) its place.
+-- Park. A member already waiting keeps its ticket and its lane entry, so a
+-- duplicate or early message never loses (or jumps) its place.
+redis.call("hset", fair, "w:" .. tenant, weight)  -- the weight applies from now on
 if not redis.call("zscore", waiters, member) then
-    local last = tonumber(redis.call("get", ticket) or "0")
-    local mine = math.max(now_us, last + 1)
-    redis.call("set", ticket, int(mine))
-    redis.call("zadd", waiters, "NX", int(mine), member)
+    park(member, now_us, tenant, priority, aging_us)
 end
 redis.call("hset", payloads, member, payload)
 
@@ -91,4 +98,4 @@ end
 local held_by_circuit = (not cooling and circuit(now_ms) ~= "closed") and 1 or 0
 room, rate_frees_at = rate_room(now_ms)
 local held_by_rate = (not cooling and held_by_circuit == 0 and room <= 0) and int(rate_frees_at) or 0
-return {0, redis.call("zrank", waiters, member), handoffs, int(cooling or 0), held_by_circuit, held_by_rate}
+return {0, position(member), handoffs, int(cooling or 0), held_by_circuit, held_by_rate}

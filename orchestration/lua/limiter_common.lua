@@ -36,6 +36,22 @@
 --   KEYS[12] config   HASH  rpm (grants per window, 0: no budget) and
 --                           window_ms, as the last acquire passed them, for
 --                           the scripts that grant without being told
+--   KEYS[13] lanes    ZSET  every waiter without a reservation, all scores 0,
+--                           as "<tenant>:<order>:<member>": by lexical order,
+--                           each tenant's lane in its waiters' order (their
+--                           arrival moved earlier by their priority)
+--   KEYS[14] tenants  ZSET  tenant -> its virtual time, for the tenants with
+--                           someone in their lane: the lowest is served next
+--   KEYS[15] fair     HASH  "clock" (the virtual time last served), and per
+--                           tenant "v:<tenant>" (its virtual time while its
+--                           lane is empty) and "w:<tenant>" (its weight)
+--   KEYS[16] lane_of  HASH  waiter -> its entry in lanes (kept while reserved)
+--
+-- The line is served by start-time fair queueing across tenants: each
+-- grant advances its tenant's virtual time by VIRTUAL_STEP / weight, and a
+-- tenant whose lane was empty starts again at the clock, so it can neither
+-- bank turns while idle nor wait behind another tenant's backlog. Within a
+-- lane, the earliest order goes first.
 --
 -- Occupied slots = |holders| + |granted|. Every time comes from the server's
 -- TIME, never from a client, so hosts with skewed clocks agree on expiries.
@@ -52,6 +68,15 @@ local cooldown = KEYS[9]
 local breaker = KEYS[10]
 local starts = KEYS[11]
 local config = KEYS[12]
+local lanes = KEYS[13]
+local tenants = KEYS[14]
+local fair = KEYS[15]
+local lane_of = KEYS[16]
+
+-- A grant of a weight-1 tenant: integers, so virtual times stay exact.
+local VIRTUAL_STEP = 1000000
+-- Digits of a lane entry's order, so that lexical order is numeric order.
+local ORDER_WIDTH = 18
 
 -- Scores and tickets exceed the 14 significant digits of Lua's tostring(),
 -- so integers always cross into Redis through an explicit format.
@@ -73,13 +98,89 @@ local function run_id()
     return string.match(redis.call("info", "server"), "run_id:(%x+)")
 end
 
+-- The lexical range of a tenant's lane in lanes.
+local function lane_range(tenant)
+    return "[" .. tenant .. ":", "(" .. tenant .. ";"
+end
+
+local function tenant_of(entry)
+    return string.match(entry, "^([^:]*):")
+end
+
+-- How far a grant moves a tenant's virtual time.
+local function virtual_step(tenant)
+    local weight = tonumber(redis.call("hget", fair, "w:" .. tenant) or "1")
+    return math.max(1, math.floor(VIRTUAL_STEP / math.max(weight, 1)))
+end
+
+-- Puts a waiter without a reservation in its tenant's lane; a tenant new to
+-- the line starts at the clock (or later, if it was served ahead of it).
+local function enter_lane(member)
+    local entry = redis.call("hget", lane_of, member)
+    if not entry then
+        return
+    end
+    redis.call("zadd", lanes, 0, entry)
+    local tenant = tenant_of(entry)
+    if not redis.call("zscore", tenants, tenant) then
+        local saved = tonumber(redis.call("hget", fair, "v:" .. tenant) or "0")
+        local clock = tonumber(redis.call("hget", fair, "clock") or "0")
+        redis.call("zadd", tenants, int(math.max(saved, clock)), tenant)
+        redis.call("hdel", fair, "v:" .. tenant)
+    end
+end
+
+-- Takes a waiter out of its lane (reserved, or gone); a tenant whose lane
+-- empties leaves the line and keeps its virtual time.
+local function leave_lane(member)
+    local entry = redis.call("hget", lane_of, member)
+    if not entry or redis.call("zrem", lanes, entry) == 0 then
+        return
+    end
+    local tenant = tenant_of(entry)
+    local low, high = lane_range(tenant)
+    if redis.call("zlexcount", lanes, low, high) == 0 then
+        local virtual = redis.call("zscore", tenants, tenant)
+        redis.call("zrem", tenants, tenant)
+        if virtual then
+            redis.call("hset", fair, "v:" .. tenant, virtual)
+        end
+    end
+end
+
+-- The waiter served next, taken out of its lane (nil if nobody waits
+-- without a reservation): the head of the lane of the tenant with the
+-- lowest virtual time, ties by tenant.
+local function next_in_line()
+    local first = redis.call("zrange", tenants, 0, 0, "withscores")
+    if #first == 0 then
+        return nil
+    end
+    local tenant, virtual = first[1], tonumber(first[2])
+    local low, high = lane_range(tenant)
+    local head = redis.call("zrangebylex", lanes, low, high, "limit", 0, 1)[1]
+    if not head then  -- cannot happen: a listed tenant has a lane
+        redis.call("zrem", tenants, tenant)
+        return next_in_line()
+    end
+    redis.call("hset", fair, "clock", int(virtual))
+    redis.call("zadd", tenants, int(virtual + virtual_step(tenant)), tenant)
+    local member = string.sub(head, #tenant + 2 + ORDER_WIDTH + 1)
+    leave_lane(member)
+    return member
+end
+
 -- Drops expired leases and lapsed reservations; returns how many. A lapsed
--- reservation only loses its slot: the waiter stays at the head of the queue
--- and the next pump grants it (and dispatches its payload) again.
+-- reservation only loses its slot: the waiter goes back to its place in its
+-- lane and a later pump grants it (and dispatches its payload) again.
 local function drop_expired(now_ms)
     local expired = redis.call("zrangebyscore", holders, "-inf", int(now_ms))
     for _, member in ipairs(expired) do
         redis.call("hdel", owners, member)
+    end
+    local lapsed = redis.call("zrangebyscore", granted, "-inf", int(now_ms))
+    for _, member in ipairs(lapsed) do
+        enter_lane(member)
     end
     return redis.call("zremrangebyscore", holders, "-inf", int(now_ms))
         + redis.call("zremrangebyscore", granted, "-inf", int(now_ms))
@@ -175,32 +276,27 @@ local function pump(now_ms, limit, grant_ttl_ms, me)
     if free <= 0 then
         return handoffs, me_granted
     end
-    -- Granted waiters are spread anywhere in the queue, but there are at most
-    -- |granted| of them, so the first |granted| + free waiters contain every
-    -- candidate: the scan is bounded by the limit, not the queue length.
-    local window = redis.call("zcard", granted) + free
     local expiry = int(now_ms + grant_ttl_ms)
-    for _, member in ipairs(redis.call("zrange", waiters, 0, window - 1)) do
-        if free == 0 then
+    while free > 0 do
+        local member = next_in_line()
+        if not member then
             break
         end
-        if not redis.call("zscore", granted, member) then
-            redis.call("zadd", granted, expiry, member)
-            redis.call("set", moved, int(now_ms))
-            count_start(member, now_ms)
-            free = free - 1
-            if say == "probe" then
-                redis.call("hset", breaker, "state", "probing", "probe", member)
-            end
-            if member == me then
-                me_granted = true
-            else
-                local payload = redis.call("hget", payloads, member)
-                -- A waiter without a payload cannot be dispatched; it keeps
-                -- the reservation until it lapses or the member shows up.
-                if payload then
-                    handoffs[#handoffs + 1] = payload
-                end
+        redis.call("zadd", granted, expiry, member)
+        redis.call("set", moved, int(now_ms))
+        count_start(member, now_ms)
+        free = free - 1
+        if say == "probe" then
+            redis.call("hset", breaker, "state", "probing", "probe", member)
+        end
+        if member == me then
+            me_granted = true
+        else
+            local payload = redis.call("hget", payloads, member)
+            -- A waiter without a payload cannot be dispatched; it keeps
+            -- the reservation until it lapses or the member shows up.
+            if payload then
+                handoffs[#handoffs + 1] = payload
             end
         end
     end
@@ -209,9 +305,55 @@ end
 
 -- Removes every trace of a member except a lease.
 local function forget_waiter(member)
+    leave_lane(member)
+    redis.call("hdel", lane_of, member)
     redis.call("zrem", granted, member)
     redis.call("zrem", waiters, member)
     redis.call("hdel", payloads, member)
+end
+
+-- Puts a new waiter in line: its arrival ticket (strictly increasing) in
+-- waiters, and its lane entry, ordered by arrival moved earlier by
+-- priority * aging_us (so a waiter of lower priority that waited longer
+-- than the difference goes first: nobody starves).
+local function park(member, now_us, tenant, priority, aging_us)
+    local last = tonumber(redis.call("get", ticket) or "0")
+    local mine = math.max(now_us, last + 1)
+    redis.call("set", ticket, int(mine))
+    redis.call("zadd", waiters, int(mine), member)
+    local order = string.format("%0" .. ORDER_WIDTH .. ".0f", math.max(0, mine - priority * aging_us))
+    redis.call("hset", lane_of, member, tenant .. ":" .. order .. ":" .. member)
+    enter_lane(member)
+end
+
+-- A waiter's place in line: how many would be served before it, were no
+-- one else to arrive. Its lane's entries ahead of it go first; so does
+-- every other tenant's share of turns up to its own turn's virtual time
+-- (the earlier tenant on a tie), as far as that tenant's lane reaches.
+-- 0 for a reserved waiter.
+local function position(member)
+    local entry = redis.call("hget", lane_of, member)
+    if not entry or not redis.call("zscore", lanes, entry) then
+        return 0
+    end
+    local tenant = tenant_of(entry)
+    local low = lane_range(tenant)
+    local ahead = redis.call("zlexcount", lanes, low, "(" .. entry)
+    local turn = tonumber(redis.call("zscore", tenants, tenant)) + ahead * virtual_step(tenant)
+    local flat = redis.call("zrangebyscore", tenants, "-inf", int(turn), "withscores")
+    for i = 1, #flat, 2 do
+        local other, virtual = flat[i], tonumber(flat[i + 1])
+        if other ~= tenant then
+            local step = virtual_step(other)
+            local turns = math.floor((turn - virtual) / step) + 1
+            if virtual + (turns - 1) * step == turn and other > tenant then
+                turns = turns - 1
+            end
+            local other_low, other_high = lane_range(other)
+            ahead = ahead + math.min(turns, redis.call("zlexcount", lanes, other_low, other_high))
+        end
+    end
+    return ahead
 end
 
 -- Makes member a holder until now + ttl; `owner` (may be nil or "") names
