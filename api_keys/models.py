@@ -4,9 +4,11 @@ import hashlib
 import hmac
 import secrets
 
+from django.core.validators import MaxValueValidator, MinValueValidator
 from django.db import models
 
 KEY_PREFIX_LENGTH = 8
+MAX_SHARE_WEIGHT = 100
 
 # The owner of jobs created without a key (CAO_ALLOW_ANONYMOUS), so they are
 # kept apart from the jobs of staff sessions, which have no owner. No raw key
@@ -48,6 +50,15 @@ class ApiKey(models.Model):
         default=False, help_text="Staff keys see every job and may force-resume."
     )
     is_active = models.BooleanField(default=True)
+    share_weight = models.PositiveSmallIntegerField(
+        default=1,
+        db_default=1,
+        validators=[MinValueValidator(1), MaxValueValidator(MAX_SHARE_WEIGHT)],
+        help_text=(
+            "This key's share of each busy service's turns, against the other keys' "
+            f"(1-{MAX_SHARE_WEIGHT}): with 2, its jobs are served twice as often as a key with 1."
+        ),
+    )
     created_at = models.DateTimeField(auto_now_add=True)
     last_used_at = models.DateTimeField(null=True, blank=True, editable=False)
 

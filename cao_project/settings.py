@@ -300,6 +300,10 @@ CAO_RETRY_BASE_DELAY_S = env_float("CAO_RETRY_BASE_DELAY_S", 1.0)
 CAO_RETRY_MAX_DELAY_S = env_float("CAO_RETRY_MAX_DELAY_S", 60.0)
 # The window a service's requests_per_minute is counted over: a minute (tests shorten it).
 CAO_RATE_WINDOW_S = env_seconds("CAO_RATE_WINDOW_S", 60.0)
+# Priority with aging, within one API key's share of a busy service: a job
+# waiting for a slot goes as if it had arrived priority * this many seconds
+# earlier, so one point of priority is worth this much waiting.
+CAO_PRIORITY_AGING_S = env_seconds("CAO_PRIORITY_AGING_S", 10.0)
 # A process holding slots says it is alive this often; one silent for
 # CAO_WORKER_DEAD_AFTER_S is presumed dead: its slots are reclaimed and its
 # steps re-run at once (a stall that long costs a duplicate call).

@@ -17,7 +17,7 @@ from api_keys.authentication import caller_scope
 from api_keys.throttling import JobCreateRateThrottle
 from common.errors import InvalidInput
 from jobs import selectors
-from jobs.models import JobStatus
+from jobs.models import DEFAULT_PRIORITY, MAX_PRIORITY, MIN_PRIORITY, JobStatus
 from jobs.monitor import monitor_url
 from jobs.permissions import OPERATE_JOBS, READ_JOBS, START_JOBS
 from jobs.services import FEATURE_NAME
@@ -66,6 +66,7 @@ class JobSummarySerializer(serializers.Serializer):
     updated_at = serializers.DateTimeField()
     finished_at = serializers.DateTimeField(allow_null=True)
     deadline_at = serializers.DateTimeField(allow_null=True)
+    priority = serializers.IntegerField()
 
     @extend_schema(responses=ErrorSerializer(allow_null=True))
     def get_error(self, job) -> dict | None:
@@ -115,6 +116,16 @@ class JobCreateApi(APIView):
             required=False,
             help_text="The same as an ISO 8601 time, e.g. 2026-12-03T12:00:00Z (UTC without an offset).",
         )
+        priority = serializers.IntegerField(
+            required=False,
+            default=DEFAULT_PRIORITY,
+            min_value=MIN_PRIORITY,
+            max_value=MAX_PRIORITY,
+            help_text=f"From {MIN_PRIORITY} to {MAX_PRIORITY}, {DEFAULT_PRIORITY} by default. While the job waits "
+            "for a busy service, a higher priority goes first among the jobs of the same API key; a job waiting "
+            "CAO_PRIORITY_AGING_S (10 s) longer counts as one point higher, so a low priority never starves. "
+            "Different keys take turns whatever their priorities.",
+        )
 
         def validate(self, attrs):
             if "deadline_s" in attrs and "deadline_at" in attrs:
@@ -128,6 +139,13 @@ class JobCreateApi(APIView):
                 raise serializers.ValidationError(
                     f"Must be more than 0 and at most {settings.CAO_MAX_DEADLINE_S:g} seconds."
                 )
+            return value
+
+        def validate_priority(self, value):
+            # DRF would take "3", 3.0 and true; a JSON integer is asked for.
+            given = self.initial_data.get("priority", value)
+            if isinstance(given, bool) or not isinstance(given, int):
+                raise serializers.ValidationError("A whole number is required.")
             return value
 
         def validate_deadline_at(self, value):
@@ -176,6 +194,7 @@ class JobCreateApi(APIView):
             owner=owner,
             idempotency_key=_idempotency_key(request),
             deadline_at=serializer.deadline(),
+            priority=serializer.validated_data["priority"],
         )
         body = {
             "success": True,

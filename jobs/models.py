@@ -9,8 +9,12 @@ cancel and a finishing step, a redelivered message) cannot both win.
 
 import uuid
 
+from django.core.validators import MaxValueValidator, MinValueValidator
 from django.db import models
 from django.db.models import Q
+
+# Job priorities: higher is served first within its owner's share of a service.
+MIN_PRIORITY, DEFAULT_PRIORITY, MAX_PRIORITY = -10, 0, 10
 
 
 class JobStatus(models.TextChoices):
@@ -78,6 +82,13 @@ class Job(models.Model):
     # The client's deadline: no call starts after it, a call in flight is cut
     # off at it, and a job still waiting then fails (DEADLINE_EXCEEDED).
     deadline_at = models.DateTimeField(null=True, blank=True)
+    # Within its owner's share of a busy service, a higher priority goes first
+    # (aged by CAO_PRIORITY_AGING_S, so a lower one never starves).
+    priority = models.SmallIntegerField(
+        default=DEFAULT_PRIORITY,
+        db_default=DEFAULT_PRIORITY,  # rows written by code that predates the field
+        validators=[MinValueValidator(MIN_PRIORITY), MaxValueValidator(MAX_PRIORITY)]
+    )
 
     class Meta:
         ordering = ["-created_at"]

@@ -22,6 +22,10 @@ class StepDispatch:
     token: int
     service: str
     delay_s: float = 0.0
+    # Where it stands in its service's line: its job's owner (the API key's
+    # id, "" for none) and priority.
+    tenant: str = ""
+    priority: int = 0
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ from common.errors import InvalidInput
 from common.json_values import unstorable_reason
 from jobs import errors
 from jobs.events import append_events, event
-from jobs.models import TERMINAL_STATUSES, EventType, Job, JobStatus, StepState
+from jobs.models import DEFAULT_PRIORITY, TERMINAL_STATUSES, EventType, Job, JobStatus, StepState
 from jobs.outcomes import CancelOutcome, ResumeOutcome
 from jobs.state import current_step, next_token, save, set_status
 from services_registry.selectors import recipe_snapshot
@@ -43,12 +43,15 @@ def check_input_data(input_data):
         )
 
 
-def job_create(*, feature_name, input_data, owner=None, idempotency_key=None, deadline_at=None):
+def job_create(
+    *, feature_name, input_data, owner=None, idempotency_key=None, deadline_at=None, priority=DEFAULT_PRIORITY
+):
     """Create a PENDING job for ``feature_name``; returns ``(job, created)``.
 
     With an ``idempotency_key`` already used by the same owner, returns that
     job (``created`` False) instead of creating another one. ``deadline_at``:
     when the job must be done by (``orchestration`` enforces it).
+    ``priority``: its place within its owner's share of each busy service.
     """
     check_input_data(input_data)
     if idempotency_key:
@@ -68,6 +71,7 @@ def job_create(*, feature_name, input_data, owner=None, idempotency_key=None, de
                 step_due_at=now,
                 last_progress_at=now,
                 deadline_at=deadline_at,
+                priority=priority,
             )
     except IntegrityError:
         # A concurrent request with the same key won the insert.

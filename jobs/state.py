@@ -31,7 +31,15 @@ def read_job(job_id):
 
 def current_step(job, delay_s=0.0):
     """The job's current step under its current token (its message, due after ``delay_s``)."""
-    return StepDispatch(job.id, job.current_step_index, job.step_token, job.current_service, delay_s)
+    return StepDispatch(
+        job.id, job.current_step_index, job.step_token, job.current_service, delay_s,
+        tenant=tenant_of(job), priority=job.priority,
+    )
+
+
+def tenant_of(job):
+    """Whose share of a service's turns a job's steps take: its owner's (an API key id), or ""."""
+    return str(job.owner_id) if job.owner_id is not None else ""
 
 
 def set_status(job, status):

@@ -24,9 +24,10 @@ def retry_when(retries, exception):
 
 
 def _declare_step_actor(queue):
-    def run_step(job_id, step_index, token, service=None):
-        # Messages sent before they named their service have three arguments.
-        _engine.run_step(job_id, step_index, token, service)
+    def run_step(job_id, step_index, token, service=None, tenant="", priority=0):
+        # Messages sent before they named their service have three arguments,
+        # those sent before they carried their place in line four.
+        _engine.run_step(job_id, step_index, token, service, tenant=tenant, priority=priority)
 
     run_step.__name__ = step_actor_name(queue)
     return dramatiq.actor(

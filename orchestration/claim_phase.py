@@ -97,7 +97,7 @@ def build_envelope(job, *, attempt, now):
 class ClaimPhase:
     """``Engine.claim`` and its paths; uses the engine's ``limiter``, ``keeper`` and ``sleep``."""
 
-    def claim(self, job_id, step_index, token, service=None):
+    def claim(self, job_id, step_index, token, service=None, *, tenant="", priority=0):
         """Start the attempt if the message is current and a slot is free.
 
         A message that names its service is claimed without reading the
@@ -111,7 +111,9 @@ class ClaimPhase:
         again on a later path is harmless: acquire is idempotent per lease.
         """
         if service is not None:
-            claim = self._claim_unread(StepDispatch(job_id, step_index, token, service))
+            claim = self._claim_unread(
+                StepDispatch(job_id, step_index, token, service, tenant=tenant, priority=priority)
+            )
             if claim is not _READ_FIRST:
                 return claim
         claim = self._claim_once(job_id, step_index, token, locked=False)

@@ -24,7 +24,7 @@ def _locked_visible_job(job_id, *, owner, is_staff):
     return job
 
 
-def submit_job(*, feature_name, input_data, owner=None, idempotency_key=None, deadline_at=None):
+def submit_job(*, feature_name, input_data, owner=None, idempotency_key=None, deadline_at=None, priority=0):
     """Create a job and send its first step; returns ``(job, created)``.
 
     The job is one INSERT that commits by itself; its first message leaves
@@ -32,7 +32,7 @@ def submit_job(*, feature_name, input_data, owner=None, idempotency_key=None, de
     """
     job, created = job_services.job_create(
         feature_name=feature_name, input_data=input_data, owner=owner, idempotency_key=idempotency_key,
-        deadline_at=deadline_at,
+        deadline_at=deadline_at, priority=priority,
     )
     if created:
         send_after_commit(current_step(job))

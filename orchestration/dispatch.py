@@ -39,6 +39,8 @@ def send_step(dispatch, *, first=()):
         step_index=dispatch.step_index,
         token=dispatch.token,
         service=dispatch.service,
+        tenant=dispatch.tenant,
+        priority=dispatch.priority,
         time_limit_s=step_time_limit_s(
             service.effective_timeout_s if service else settings.HTTP_READ_TIMEOUT_S,
             record_retry_s=settings.CAO_RECORD_RETRY_S,

@@ -58,7 +58,7 @@ class Engine(ClaimPhase, RecordPhase):
     def keeper(self):
         return self._keeper or get_keeper()
 
-    def run_step(self, job_id, step_index, token, service=None):
+    def run_step(self, job_id, step_index, token, service=None, *, tenant="", priority=0):
         """Handle one step message; returns the Claim when a call was made.
 
         Once a slot is taken, every way out of the call and record phases
@@ -66,7 +66,7 @@ class Engine(ClaimPhase, RecordPhase):
         attempt as a typed failure instead of stranding the job and the slot.
         """
         with log_context(job_id=str(job_id), step_index=step_index):
-            claim = self.claim(job_id, step_index, token, service)
+            claim = self.claim(job_id, step_index, token, service, tenant=tenant, priority=priority)
             if claim is None:
                 return None
             # A green worker's connection serves other steps while this call waits.

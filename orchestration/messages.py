@@ -22,11 +22,13 @@ def step_actor_name(queue):
     return f"run_step_{queue}"
 
 
-def step_message(*, queue, job_id, step_index, token, service, time_limit_s=None):
+def step_message(*, queue, job_id, step_index, token, service, tenant="", priority=0, time_limit_s=None):
     """The message that runs step ``step_index`` of ``job_id`` under ``token``.
 
-    It names the step's service, so a worker can take the slot and claim
-    the step without reading the job first (``Engine.claim``).
+    It names the step's service, and where the step stands in that
+    service's line (its job's ``tenant`` and ``priority``), so a worker can
+    take the slot, or park the step, and claim it without reading the job
+    first (``Engine.claim``).
 
     ``time_limit_s`` bounds the whole message (claim, call, record): it is
     set per message from the service's own timeout, so a 600 s call is not
@@ -36,7 +38,7 @@ def step_message(*, queue, job_id, step_index, token, service, time_limit_s=None
     return dramatiq.Message(
         queue_name=queue,
         actor_name=step_actor_name(queue),
-        args=(str(job_id), step_index, token, service),
+        args=(str(job_id), step_index, token, service, tenant, priority),
         kwargs={},
         options=options,
     )
@@ -67,9 +69,13 @@ def parse_member(member):
 
 def handoff_payload(dispatch):
     """What a parked step leaves with the limiter: the message to send on hand-off."""
-    return json.dumps([str(dispatch.job_id), dispatch.step_index, dispatch.token, dispatch.service])
+    return json.dumps(
+        [str(dispatch.job_id), dispatch.step_index, dispatch.token, dispatch.service, dispatch.tenant, dispatch.priority]
+    )
 
 
 def parse_handoff(payload):
-    job_id, step_index, token, service = json.loads(payload)
-    return StepDispatch(job_id, step_index, token, service)
+    # Payloads left before steps carried their place in line have four items.
+    job_id, step_index, token, service, *lane = json.loads(payload)
+    tenant, priority = lane or ("", 0)
+    return StepDispatch(job_id, step_index, token, service, tenant=tenant, priority=priority)

@@ -13,6 +13,7 @@ import time
 from django.conf import settings
 from django.db import connections
 
+from api_keys.selectors import share_weight
 from jobs import selectors as job_selectors
 from orchestration import errors
 from orchestration.dispatch import log_unsent, send_step
@@ -25,6 +26,9 @@ logger = logging.getLogger(__name__)
 
 def acquire_step(step, service, *, limiter=None, owner=None):
     """Take a slot of ``service`` for ``step``, or its place in line; the ``Acquisition``.
+
+    The line is served round-robin across tenants (the job's API key), by
+    their share weights, and by aged priority within each.
 
     Should Redis have lost the service's keys, the calls in flight that the
     database knows of re-seed them first (the census), so the limit holds.
@@ -42,6 +46,10 @@ def acquire_step(step, service, *, limiter=None, owner=None):
         owner=owner,
         requests_per_minute=service.requests_per_minute,
         rate_window_s=settings.CAO_RATE_WINDOW_S,
+        tenant=step.tenant,
+        weight=share_weight(step.tenant),
+        priority=step.priority,
+        aging_s=settings.CAO_PRIORITY_AGING_S,
     )
     if acquisition.rate_limited_until is not None:
         _pump_line_at(acquisition.rate_limited_until, service.name, limiter)

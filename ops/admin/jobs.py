@@ -138,7 +138,7 @@ class JobAdmin(admin.ModelAdmin):
     inlines = [StepAttemptInline, JobEventInline]
     fieldsets = [
         (None, {"fields": ["id", "feature_name", "status_colored", "progress", "current_step", "owner",
-                           "idempotency_key"]}),
+                           "priority", "idempotency_key"]}),
         ("Error", {"fields": ["error_code", "error_message", "retryable"]}),
         ("Steps", {"fields": ["step_table"]}),
         ("Context", {"fields": ["context_json"]}),
