@@ -174,6 +174,16 @@ def _rate_figures(case):
     )
 
 
+def _fairness_figures(case):
+    flood = (case or {}).get("flood", "N")
+    label = f"Fair shares: tenant B's jobs during tenant A's {flood}-job flood"
+    return (
+        Figure("fair_alone", "Fair shares: tenant B's jobs alone, p95", ("fairness", "b_alone_p95_s"), "s"),
+        Figure("fair_during", f"{label}, p95", ("fairness", "b_during_flood_p95_s"), "s"),
+        Figure("fair_ratio", f"{label}, p95 over alone", ("fairness", "b_ratio_p95"), "x", target=4),
+    )
+
+
 RECOVERY_FIGURES = (
     *(
         Figure(f"recovery_kill_{queue}", f"Recovery: worker_{queue} SIGKILLed, calls in flight, to all done",
@@ -214,6 +224,7 @@ def figures_of(cases):
         *_post_figures(_numeric_keys(cases.get("post"))),
         *_inflight_figures(cases.get("inflight")),
         *_rate_figures(cases.get("rate")),
+        *_fairness_figures(cases.get("fairness")),
         *RECOVERY_FIGURES,
         *COST_FIGURES,
     )

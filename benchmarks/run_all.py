@@ -31,7 +31,8 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from benchmarks import (
-    floors, handoff, idle, inflight, overhead, post_latency, rate_limit, recovery, report, throughput, ws_latency,
+    fairness, floors, handoff, idle, inflight, overhead, post_latency, rate_limit, recovery, report, throughput,
+    ws_latency,
 )
 from benchmarks.harness import bench_testbed, bench_urls, reset
 from scripts.stack import ROOT
@@ -42,7 +43,7 @@ from scripts.testbed import PrivateRedis
 # Recovery runs on a stack of its own (it kills workers and Redis).
 CASES = (
     "idle", "floors", "overhead", "handoff", "ws", "post", "throughput", "ws_burst", "execution", "inflight", "rate",
-    "recovery",
+    "fairness", "recovery",
 )
 
 FULL = {
@@ -57,6 +58,7 @@ FULL = {
     "execution": {"jobs": 500},
     "inflight": {"jobs": 330, "limit": 300, "call_s": 2.0},
     "rate": {"rpm": 120, "seconds": 75.0},
+    "fairness": {"flood": 300, "few": 10, "limit": 4, "call_ms": 200},
     "recovery": {"jobs": 10, "call_s": 2.0, "redis_jobs": 30, "timeout_s": 240},
 }
 QUICK = {
@@ -71,6 +73,7 @@ QUICK = {
     "execution": {"jobs": 20},
     "inflight": {"jobs": 40, "limit": 30, "call_s": 1.0},
     "rate": {"rpm": 4, "seconds": 3.0},
+    "fairness": {"flood": 20, "few": 3, "limit": 2, "call_ms": 50},
     "recovery": {"jobs": 3, "call_s": 1.0, "redis_jobs": 6, "timeout_s": 120},
 }
 
@@ -87,6 +90,7 @@ MEASURES = {
     "execution": throughput.measure_execution,
     "inflight": inflight.measure,
     "rate": rate_limit.measure,
+    "fairness": fairness.measure,
     "recovery": recovery.measure,
 }
 

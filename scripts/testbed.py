@@ -103,7 +103,7 @@ class Testbed:
         redis.Redis.from_url(self.redis_url).flushdb()
         self.manage("migrate", "--noinput", "-v", "0")
         self.sql("TRUNCATE jobs_job, jobs_stepattempt, jobs_jobevent")
-        self.api_key = self.manage("create_api_key", "testbed", "--staff").stdout.strip().splitlines()[-1]
+        self.api_key = self.new_api_key("testbed", staff=True)
         return self
 
     def __enter__(self):
@@ -229,25 +229,29 @@ class Testbed:
         if remaining > 0:
             time.sleep(remaining)
 
-    def submit(self, feature="business_plan", input_data=None, session=None):
+    def new_api_key(self, name, *, staff=False):
+        """A new API key of the stack (a tenant of its own); the raw key."""
+        return self.manage("create_api_key", name, *(["--staff"] if staff else [])).stdout.strip().splitlines()[-1]
+
+    def submit(self, feature="business_plan", input_data=None, session=None, api_key=None):
         self.wait_registry_applied()
         response = (session or self.session).post(
             f"{self.base_url}/api/v1/jobs",
             json={"feature_name": feature, "input_data": input_data if input_data is not None else {"n": 1}},
-            headers={"X-API-Key": self.api_key},
+            headers={"X-API-Key": api_key or self.api_key},
             timeout=30,
         )
         response.raise_for_status()
         return response.json()["job_id"]
 
-    def submit_many(self, count, feature="business_plan", threads=8, latencies=None):
+    def submit_many(self, count, feature="business_plan", threads=8, latencies=None, api_key=None):
         """Create ``count`` jobs from ``threads`` clients; each POST's seconds go to ``latencies`` if given."""
         self.wait_registry_applied()
         sessions = [requests.Session() for _ in range(threads)]
 
         def submit(i):
             started = time.perf_counter()
-            job_id = self.submit(feature, {"n": i}, session=sessions[i % threads])
+            job_id = self.submit(feature, {"n": i}, session=sessions[i % threads], api_key=api_key)
             if latencies is not None:
                 latencies.append(time.perf_counter() - started)
             return job_id

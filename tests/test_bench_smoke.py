@@ -33,6 +33,7 @@ def test_every_case_runs_and_returns_numbers(bed):
     assert {row["key"] for row in rows} >= {
         "overhead_p50", "gap_p50", "handoff_p95", "ws_p95", "ws_cpu_per_event", "ws_burst_p95", "ws_burst_terminal_p95",
         "ws_burst_gapless", "idle_cpu", "floor_commit", "inflight_calls", "inflight_pg", "rate_busiest", "rate_over",
+        "fair_alone", "fair_during", "fair_ratio",
     }
     assert any(row["key"].startswith("burst_") and row["key"].endswith("_post_p50") for row in rows)
     assert any(row["key"].startswith("throughput_") for row in rows)
