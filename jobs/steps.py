@@ -27,14 +27,17 @@ def step_is_current(job, *, step_index, token):
     )
 
 
-def step_park(*, job, position=None, cooling_until=None, circuit_open=False, rate_limited_until=None, writer=LOCKED):
+def step_park(
+    *, job, position=None, cooling_until=None, circuit_open=False, rate_limited_until=None,
+    rate_limit="requests_per_minute", writer=LOCKED,
+):
     """No free slot: the step waits in its service's line, holding no thread.
 
     What holds it back: ``cooling_until`` (a datetime), the service cools
     down until then (it answered 429/503 with Retry-After); ``circuit_open``,
     its circuit breaker opened after repeated failures; ``rate_limited_until``
-    (a datetime), its requests-per-minute budget is spent until then; else
-    every slot is taken.
+    (a datetime), its ``rate_limit`` budget ("requests_per_minute" or
+    "tokens_per_minute") is spent until then; else every slot is taken.
     """
     first_time = job.step_state == StepState.QUEUED
     job.step_state = StepState.WAITING
@@ -53,9 +56,10 @@ def step_park(*, job, position=None, cooling_until=None, circuit_open=False, rat
                 "limit": "circuit_open",
             }
         elif rate_limited_until is not None:
+            spent = "calls" if rate_limit == "requests_per_minute" else "tokens"
             held_by = {
-                "message": f"Waiting: {job.current_service} has made as many calls this minute as it may.",
-                "limit": "requests_per_minute",
+                "message": f"Waiting: {job.current_service} has used as many {spent} this minute as it may.",
+                "limit": rate_limit,
                 "until": rate_limited_until.isoformat(),
             }
         else:

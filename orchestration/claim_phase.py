@@ -155,6 +155,7 @@ class ClaimPhase:
                         cooling_until=_datetime_or_none(acquisition.cooling_until),
                         circuit_open=acquisition.circuit_open,
                         rate_limited_until=_datetime_or_none(acquisition.rate_limited_until),
+                        rate_limit=acquisition.rate_limit or "requests_per_minute",
                     )
                     if not writer.execute():
                         return _DECIDE_LOCKED

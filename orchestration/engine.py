@@ -32,10 +32,11 @@ from jobs.publisher import get_publisher
 from orchestration import errors
 from orchestration.claim_phase import ClaimPhase
 from orchestration.dispatch import send_quietly
-from orchestration.http_client import ServiceClient
+from orchestration.http_client import ServiceClient, ServiceReply
 from orchestration.per_process import get_keeper, get_limiter
 from orchestration.record_phase import RecordPhase
 from orchestration.slots import cool_down, release_and_send, release_quietly, report_outcome
+from orchestration.token_usage import tokens_reported
 
 logger = logging.getLogger(__name__)
 
@@ -130,10 +131,13 @@ class Engine(ClaimPhase, RecordPhase):
             self._hold_after_timeout(claim)
             if dispatch:
                 send_quietly(dispatch)
-        elif dispatch:
-            release_and_send(claim.step, claim.service, dispatch, limiter=self.limiter, pushes=pushes)
+            return
+        # A reply's own count replaces the call's estimate in the tokens budget.
+        used = tokens_reported(reply.metrics) if isinstance(reply, ServiceReply) else None
+        if dispatch:
+            release_and_send(claim.step, claim.service, dispatch, limiter=self.limiter, pushes=pushes, tokens_used=used)
         else:
-            release_quietly(claim.step, claim.service, limiter=self.limiter)
+            release_quietly(claim.step, claim.service, limiter=self.limiter, tokens_used=used)
 
     def _hold_after_timeout(self, claim):
         # A service that timed out may still be working on the request:

@@ -56,6 +56,8 @@ from common.redis import ScriptCall
 logger = logging.getLogger(__name__)
 
 LUA_DIR = Path(__file__).resolve().parent / "lua"
+# What acquire says holds a member back, by the name events use.
+_RATE_LIMITS = {"requests": "requests_per_minute", "tokens": "tokens_per_minute"}
 # Lane entries are "<tenant>:<order>:<member>": a tenant holds no ":".
 _TENANT = re.compile(r"[A-Za-z0-9_-]*")
 
@@ -78,8 +80,10 @@ class Acquisition:
     cooling_until: float | None = None
     # The circuit breaker (open, or waiting for its probe) holds the member back.
     circuit_open: bool = False
-    # The requests-per-minute budget holds the member back until then (UNIX seconds), or None.
+    # A rate budget holds the member back until then (UNIX seconds), or None;
+    # which one: "requests_per_minute" or "tokens_per_minute".
     rate_limited_until: float | None = None
+    rate_limit: str | None = None
 
 
 @dataclass(frozen=True)
@@ -108,6 +112,8 @@ class Occupancy:
     requests_per_minute: int = 0  # the budget the last acquire passed (0: none)
     requests_in_window: int = 0  # grants it counts in the current window
     rate_frees_at: float | None = None  # UNIX seconds, when the spent budget next has room
+    tokens_per_minute: int = 0  # the tokens budget the last acquire passed (0: none)
+    tokens_in_window: int = 0  # what the window's calls count for: estimates, or what they reported
 
     @property
     def in_use(self) -> int:
@@ -192,7 +198,7 @@ class Limiter:
             base + name
             for name in (
                 "holders", "granted", "waiters", "payloads", "ticket", "census", "owners", "moved", "cooldown",
-                "breaker", "starts", "config", "lanes", "tenants", "fair", "lane_of",
+                "breaker", "starts", "config", "lanes", "tenants", "fair", "lane_of", "tokens",
             )
         ]
 
@@ -202,7 +208,7 @@ class Limiter:
     def acquire(
         self, service: str, member: str, *, limit: int, ttl_s: float, payload: str, census=None, owner: str = "",
         requests_per_minute: int = 0, rate_window_s: float = 60.0, tenant: str = "", weight: int = 1,
-        priority: int = 0, aging_s: float = 0.0,
+        priority: int = 0, aging_s: float = 0.0, tokens_per_minute: int = 0, token_estimate: int = 0,
     ) -> Acquisition:
         """Take a slot for ``member`` or park it with ``payload``; never blocks.
 
@@ -225,6 +231,10 @@ class Limiter:
         of turns, from 1), ``priority`` and ``aging_s``: where a parked
         member stands in line. Its order within the tenant's lane is its
         arrival moved ``priority * aging_s`` earlier, fixed when it parks.
+
+        ``tokens_per_minute``: the tokens the calls of a window may use (0:
+        no such budget); each call counts for ``token_estimate`` from its
+        grant until :meth:`release` says what it used.
         """
         if not _TENANT.fullmatch(tenant):
             raise ValueError(f"A tenant is letters, digits, '_' and '-', not {tenant!r}.")
@@ -232,8 +242,9 @@ class Limiter:
             member, _limit(limit), _ms(ttl_s), self.grant_ttl_ms, payload, owner,
             _limit(requests_per_minute), _ms(rate_window_s),
             tenant, max(1, int(weight)), int(priority), max(0, round(aging_s * 1_000_000)),
+            _limit(tokens_per_minute), _limit(token_estimate),
         )
-        granted, position, handoffs, cooling_ms, circuit, rate_ms = self._call("acquire", service, *args)
+        granted, position, handoffs, cooling_ms, circuit, rate_ms, rate_kind = self._call("acquire", service, *args)
         if int(granted) == -1:
             seeded = self.take_census(service, census() if census else (), ttl_s=ttl_s)
             if seeded:
@@ -241,7 +252,9 @@ class Limiter:
                     "The limiter of %s had no state (Redis restarted or lost its data); "
                     "counted %s calls in flight before granting.", service, seeded,
                 )
-            granted, position, handoffs, cooling_ms, circuit, rate_ms = self._call("acquire", service, *args)
+            granted, position, handoffs, cooling_ms, circuit, rate_ms, rate_kind = self._call(
+                "acquire", service, *args
+            )
             if int(granted) == -1:  # lost again within a round trip: say so, retry the message
                 raise RuntimeError(f"The limiter state of {service} keeps disappearing.")
         return Acquisition(
@@ -251,6 +264,7 @@ class Limiter:
             cooling_until=_seconds_or_none(cooling_ms),
             circuit_open=bool(int(circuit)),
             rate_limited_until=_seconds_or_none(rate_ms),
+            rate_limit=_RATE_LIMITS.get(_text(rate_kind)),
         )
 
     def report_outcome(
@@ -298,13 +312,20 @@ class Limiter:
         """Forget that ``owner`` runs ``member``'s call (a copy of its message took the slot); True if it was recorded."""
         return bool(self._call("disown", service, member, owner))
 
-    def release(self, service: str, member: str, *, limit: int) -> tuple[str, ...]:
-        """Give up a lease, reservation or place in the queue; return hand-offs."""
-        return self.handoffs_of(self.release_call(service, member, limit=limit).run())
+    def release(self, service: str, member: str, *, limit: int, tokens_used: int | None = None) -> tuple[str, ...]:
+        """Give up a lease, reservation or place in the queue; return hand-offs.
 
-    def release_call(self, service: str, member: str, *, limit: int) -> ScriptCall:
+        ``tokens_used``: what the call reported, counted in place of its
+        estimate for the rest of its window (None: it did not say).
+        """
+        return self.handoffs_of(self.release_call(service, member, limit=limit, tokens_used=tokens_used).run())
+
+    def release_call(self, service: str, member: str, *, limit: int, tokens_used: int | None = None) -> ScriptCall:
         """:meth:`release` as a call to send in another round trip; :meth:`handoffs_of` reads its result."""
-        return ScriptCall(self._scripts["release"], self.keys(service), (member, _limit(limit), self.grant_ttl_ms))
+        used = "" if tokens_used is None else _limit(tokens_used)
+        return ScriptCall(
+            self._scripts["release"], self.keys(service), (member, _limit(limit), self.grant_ttl_ms, used)
+        )
 
     @staticmethod
     def handoffs_of(released) -> tuple[str, ...]:
@@ -352,7 +373,7 @@ class Limiter:
 
     def occupancy(self, service: str) -> Occupancy:
         (
-            now_ms, holders, granted, waiters, cooling_ms, circuit, probe_ms, rpm, in_window, rate_ms,
+            now_ms, holders, granted, waiters, cooling_ms, circuit, probe_ms, rpm, in_window, rate_ms, tpm, tokens,
         ) = self._call("occupancy", service)
         return Occupancy(
             now=int(now_ms) / 1000,
@@ -365,4 +386,6 @@ class Limiter:
             requests_per_minute=int(rpm),
             requests_in_window=int(in_window),
             rate_frees_at=_seconds_or_none(rate_ms),
+            tokens_per_minute=int(tpm),
+            tokens_in_window=int(tokens),
         )

@@ -37,6 +37,15 @@ class SharedStateCollector:
         rate_limit = GaugeMetricFamily(
             "cao_service_requests_per_minute", "A service's requests_per_minute budget (0: none).", labels=["service"],
         )
+        tokens = GaugeMetricFamily(
+            "cao_service_tokens_in_rate_window",
+            "Tokens the calls of the current window count for against a service's tokens_per_minute "
+            "(estimates until their replies say).",
+            labels=["service"],
+        )
+        tokens_limit = GaugeMetricFamily(
+            "cao_service_tokens_per_minute", "A service's tokens_per_minute budget (0: none).", labels=["service"],
+        )
         circuit = GaugeMetricFamily(
             "cao_service_circuit_open",
             "1 while a service's circuit breaker is open or waits for its probe call, else 0.",
@@ -59,6 +68,8 @@ class SharedStateCollector:
                 circuit.add_metric([service.name], int(occupancy.circuit != "closed"))
                 rate.add_metric([service.name], occupancy.requests_in_window)
                 rate_limit.add_metric([service.name], service.requests_per_minute)
+                tokens.add_metric([service.name], occupancy.tokens_in_window)
+                tokens_limit.add_metric([service.name], service.tokens_per_minute)
             for queue, ready, delayed in queue_depths():
                 depth.add_metric([queue, "ready"], ready)
                 depth.add_metric([queue, "delayed"], delayed)
@@ -66,7 +77,7 @@ class SharedStateCollector:
             # A scrape must not fail because Redis or the broker is down;
             # the missing series are the signal.
             logger.warning("Could not read shared state for /metrics.", exc_info=True)
-        yield from (in_use, limit, waiters, depth, cooling, circuit, rate, rate_limit)
+        yield from (in_use, limit, waiters, depth, cooling, circuit, rate, rate_limit, tokens, tokens_limit)
 
 
 def queue_depths():

@@ -50,6 +50,8 @@ def acquire_step(step, service, *, limiter=None, owner=None):
         weight=share_weight(step.tenant),
         priority=step.priority,
         aging_s=settings.CAO_PRIORITY_AGING_S,
+        tokens_per_minute=service.tokens_per_minute,
+        token_estimate=service.tokens_per_call,
     )
     if acquisition.rate_limited_until is not None:
         _pump_line_at(acquisition.rate_limited_until, service.name, limiter)
@@ -72,16 +74,20 @@ def disown_step(step, *, owner, limiter=None):
         (limiter or get_limiter()).disown(step.service, step_member(step), owner=owner)
 
 
-def release_step(step, *, limit=None, limiter=None):
-    """Give back the slot (or place in line) of ``step`` and pass it on."""
+def release_step(step, *, limit=None, limiter=None, tokens_used=None):
+    """Give back the slot (or place in line) of ``step`` and pass it on.
+
+    ``tokens_used``: what its call's reply said it used, counted against the
+    service's tokens_per_minute in place of its estimate.
+    """
     if limit is None:
         service = service_live(step.service)
         limit = service.concurrency_limit if service else 0
     limiter = limiter or get_limiter()
-    send_handoffs(limiter.release(step.service, step_member(step), limit=limit))
+    send_handoffs(limiter.release(step.service, step_member(step), limit=limit, tokens_used=tokens_used))
 
 
-def release_and_send(step, service, dispatch, *, limiter=None, pushes=None):
+def release_and_send(step, service, dispatch, *, limiter=None, pushes=None, tokens_used=None):
     """Give back ``step``'s slot and send ``dispatch`` (its job's next message), in one round trip.
 
     ``pushes`` (``jobs.publisher.HeldPushes``, the record's events) go
@@ -97,25 +103,32 @@ def release_and_send(step, service, dispatch, *, limiter=None, pushes=None):
     published = pushes.take_calls() if pushes else []
     try:
         *pushed, released = send_step(
-            dispatch, first=[*published, limiter.release_call(step.service, step_member(step), limit=limit)]
+            dispatch,
+            first=[
+                *published,
+                limiter.release_call(step.service, step_member(step), limit=limit, tokens_used=tokens_used),
+            ],
         )
     except Exception:
         log_unsent(dispatch)
-        release_quietly(step, service, limiter=limiter)
+        release_quietly(step, service, limiter=limiter, tokens_used=tokens_used)
         return
     if any(isinstance(reply, Exception) for reply in pushed):
         # Subscribers read what a push missed from the log.
         logger.warning("Could not push the events of job_id=%s step_index=%s.", step.job_id, step.step_index)
     if isinstance(released, Exception):
-        release_quietly(step, service, limiter=limiter)
+        release_quietly(step, service, limiter=limiter, tokens_used=tokens_used)
     else:
         send_handoffs(limiter.handoffs_of(released))
 
 
-def release_quietly(step, service, *, limiter=None):
+def release_quietly(step, service, *, limiter=None, tokens_used=None):
     """``release_step`` under ``service``'s limit as the registry has it now, logging instead of raising."""
     try:
-        release_step(step, limit=(service_live(service.name) or service).concurrency_limit, limiter=limiter)
+        release_step(
+            step, limit=(service_live(service.name) or service).concurrency_limit, limiter=limiter,
+            tokens_used=tokens_used,
+        )
     except Exception:
         # The lease expires after lease_ttl_s; nothing else is lost.
         logger.warning(

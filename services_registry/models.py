@@ -84,6 +84,18 @@ class Service(models.Model):
         help_text="At most this many calls start per minute, across every worker (a sliding window). "
         "0: no such limit.",
     )
+    tokens_per_minute = models.PositiveIntegerField(
+        default=0,
+        help_text="At most this many tokens per minute, across every worker, as replies report them in "
+        "'metrics' (tokens_used, total_tokens, input_tokens + output_tokens, prompt_tokens + completion_tokens, "
+        "or those under 'usage'). 0: no such limit.",
+    )
+    tokens_per_call = models.PositiveIntegerField(
+        default=1000,
+        validators=[MinValueValidator(1)],
+        help_text="What a call counts for against tokens_per_minute until its reply says what it used "
+        "(a reply that does not say keeps it).",
+    )
     breaker_threshold = models.PositiveIntegerField(
         default=0,
         help_text="Consecutive failed calls (5xx, 429, timeouts, unreachable, malformed replies) that open the "

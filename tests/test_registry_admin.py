@@ -23,6 +23,7 @@ def service_form(service, **changes):
         "auth_type": service.auth_type, "auth_header_name": service.auth_header_name,
         "breaker_threshold": service.breaker_threshold, "breaker_open_s": service.breaker_open_s,
         "requests_per_minute": service.requests_per_minute,
+        "tokens_per_minute": service.tokens_per_minute, "tokens_per_call": service.tokens_per_call,
     }
     data.update(changes)
     return {key: value for key, value in data.items() if value != ""}
@@ -79,6 +80,10 @@ def stored(service):
         ("breaker_threshold", -1, 0, "greater than or equal to 0"),
         ("requests_per_minute", -5, 0, "greater than or equal to 0"),
         ("requests_per_minute", "lots", 0, "Enter a whole number"),
+        ("tokens_per_minute", -1, 0, "greater than or equal to 0"),
+        ("tokens_per_minute", 10**12, 0, "less than or equal to"),
+        ("tokens_per_call", 0, 1000, "greater than or equal to 1"),
+        ("tokens_per_call", "some", 1000, "Enter a whole number"),
         ("breaker_open_s", 0, 30.0, "greater than or equal to 0.1"),
         ("breaker_open_s", "soon", 30.0, "Enter a number"),
     ],

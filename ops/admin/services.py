@@ -40,6 +40,8 @@ def describe_occupancy(occupancy, limit):
         waiting += f" · cooling down {max(0.0, occupancy.cooling_until - occupancy.now):.1f} s"
     if occupancy.requests_per_minute:
         waiting += f" · {occupancy.requests_in_window} / {occupancy.requests_per_minute} calls this minute"
+    if occupancy.tokens_per_minute:
+        waiting += f" · {occupancy.tokens_in_window} / {occupancy.tokens_per_minute} tokens this minute"
     if occupancy.circuit == "open":
         waiting += f" · circuit open, probe in {max(0.0, (occupancy.probe_at or 0) - occupancy.now):.1f} s"
     elif occupancy.circuit == "probing":
@@ -85,7 +87,8 @@ class ServiceAdmin(admin.ModelAdmin):
     fieldsets = [
         (None, {"fields": ["name", "queue", "enabled"]}),
         ("Limits", {"fields": [
-            "concurrency_limit", "requests_per_minute", "occupancy", "timeout_s", "lease_ttl_s", "max_attempts",
+            "concurrency_limit", "requests_per_minute", "tokens_per_minute", "tokens_per_call", "occupancy",
+            "timeout_s", "lease_ttl_s", "max_attempts",
         ]}),
         ("Circuit breaker", {"fields": ["breaker_threshold", "breaker_open_s"]}),
         (

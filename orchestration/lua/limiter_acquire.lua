@@ -14,12 +14,15 @@
 -- ARGV[10] weight       the tenant's share of turns (a positive integer)
 -- ARGV[11] priority     within its tenant, a waiter goes priority * aging
 -- ARGV[12] aging_us     microseconds earlier than its arrival
+-- ARGV[13] tpm          tokens per window the service allows (0: no budget)
+-- ARGV[14] token_estimate  the tokens a call is counted for until it reports
 --
 -- Returns {granted (1|0), position (how many would be served before it,
 -- limiter_common.lua's position(); -1 when granted), {payloads to dispatch...}, cooling_until_ms (0: not cooling),
 -- circuit (1: the circuit breaker holds the member back, else 0),
--- rate_frees_at_ms (the requests-per-minute budget holds the member back
--- until then; 0: it does not)}, or {-1, -1, {}, 0, 0, 0} without touching
+-- rate_frees_at_ms (a rate budget holds the member back until then; 0: none
+-- does), rate_kind ("requests" or "tokens", the budget that does; "": none)},
+-- or {-1, -1, {}, 0, 0, 0, ""} without touching
 -- anything when the census is missing or was taken on another run of the
 -- Redis server: the caller takes a census (limiter_census.lua) and acquires
 -- again.
@@ -36,17 +39,19 @@ local tenant = ARGV[9]
 local weight = tonumber(ARGV[10])
 local priority = tonumber(ARGV[11])
 local aging_us = tonumber(ARGV[12])
+local tpm = tonumber(ARGV[13])
+local token_estimate = tonumber(ARGV[14])
 
 -- No census of this run: Redis is new or lost its data (restart without
 -- persistence, restart from a snapshot, failover, flush). Calls still in
 -- flight are missing from holders until their next renewal, so granting now
 -- could exceed the limit.
 if redis.call("get", census) ~= run_id() then
-    return {-1, -1, {}, 0, 0, 0}
+    return {-1, -1, {}, 0, 0, 0, ""}
 end
 
 -- The budget the scripts that grant without being told (release, redispatch) go by.
-redis.call("hset", config, "rpm", rpm, "window_ms", window_ms)
+redis.call("hset", config, "rpm", rpm, "window_ms", window_ms, "tpm", tpm, "token_estimate", token_estimate)
 
 local now_ms, now_us = server_now()
 drop_expired(now_ms)
@@ -60,7 +65,7 @@ if redis.call("zscore", holders, member) or redis.call("zscore", granted, member
     end
     hold(member, now_ms, ttl_ms, owner)
     local handoffs = pump(now_ms, limit, grant_ttl_ms, nil)
-    return {1, -1, handoffs, 0, 0, 0}
+    return {1, -1, handoffs, 0, 0, 0, ""}
 end
 
 -- Cooling down: no new call starts (a cool-down drops the reservations, so
@@ -77,7 +82,7 @@ if not cooling and closed and unreserved == 0 and occupied() < limit and room > 
     hold(member, now_ms, ttl_ms, owner)
     redis.call("set", moved, int(now_ms))
     count_start(member, now_ms)
-    return {1, -1, {}, 0, 0, 0}
+    return {1, -1, {}, 0, 0, 0, ""}
 end
 
 -- Park. A member already waiting keeps its ticket and its lane entry, so a
@@ -93,9 +98,13 @@ redis.call("hset", payloads, member, payload)
 local handoffs, me_granted = pump(now_ms, limit, grant_ttl_ms, member)
 if me_granted then
     hold(member, now_ms, ttl_ms, owner)
-    return {1, -1, handoffs, 0, 0, 0}
+    return {1, -1, handoffs, 0, 0, 0, ""}
 end
 local held_by_circuit = (not cooling and circuit(now_ms) ~= "closed") and 1 or 0
-room, rate_frees_at = rate_room(now_ms)
-local held_by_rate = (not cooling and held_by_circuit == 0 and room <= 0) and int(rate_frees_at) or 0
-return {0, position(member), handoffs, int(cooling or 0), held_by_circuit, held_by_rate}
+local rate_kind
+room, rate_frees_at, rate_kind = rate_room(now_ms)
+local held_by_rate = not cooling and held_by_circuit == 0 and room <= 0
+return {
+    0, position(member), handoffs, int(cooling or 0), held_by_circuit,
+    held_by_rate and int(rate_frees_at) or 0, held_by_rate and rate_kind or "",
+}

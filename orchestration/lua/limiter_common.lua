@@ -46,6 +46,10 @@
 --                           tenant "v:<tenant>" (its virtual time while its
 --                           lane is empty) and "w:<tenant>" (its weight)
 --   KEYS[16] lane_of  HASH  waiter -> its entry in lanes (kept while reserved)
+--   KEYS[17] tokens   HASH  member -> the tokens its call counts for in the
+--                           window of starts (the estimate from its grant,
+--                           then what its reply reported); "=total" their sum.
+--                           It expires with starts.
 --
 -- The line is served by start-time fair queueing across tenants: each
 -- grant advances its tenant's virtual time by VIRTUAL_STEP / weight, and a
@@ -72,6 +76,8 @@ local lanes = KEYS[13]
 local tenants = KEYS[14]
 local fair = KEYS[15]
 local lane_of = KEYS[16]
+local tokens = KEYS[17]
+local TOTAL = "=total"  -- no member is named so: members are "<job>:<step>:<token>"
 
 -- A grant of a weight-1 tenant: integers, so virtual times stay exact.
 local VIRTUAL_STEP = 1000000
@@ -224,33 +230,84 @@ local function counted_window_ms()
     return window_ms + math.floor(window_ms / 100)
 end
 
--- How many more slots the requests-per-minute budget lets be granted now
--- (a large number without a budget), and when (ms) the next one frees up.
+-- Drops the calls that left the window, and their tokens.
+local function trim_window(now_ms)
+    local cutoff = int(now_ms - counted_window_ms())
+    local gone = redis.call("zrangebyscore", starts, "-inf", cutoff)
+    if #gone == 0 then
+        return
+    end
+    local dropped = 0
+    for _, member in ipairs(gone) do
+        dropped = dropped + tonumber(redis.call("hget", tokens, member) or "0")
+        redis.call("hdel", tokens, member)
+    end
+    if dropped ~= 0 then
+        redis.call("hincrby", tokens, TOTAL, -dropped)
+    end
+    redis.call("zremrangebyscore", starts, "-inf", cutoff)
+end
+
+-- How many more slots the rate budgets let be granted now (a large number
+-- without one), when (ms) the next one frees up if none, and which budget
+-- holds the line back ("requests" or "tokens"; nil when none does). The
+-- tokens budget counts each call for its estimate until it reports what it
+-- used; a call alone in its window may exceed it, or nothing would pass.
 local function rate_room(now_ms)
     local rpm = tonumber(redis.call("hget", config, "rpm") or "0")
-    if rpm <= 0 then
-        return 1000000000, nil
+    local tpm = tonumber(redis.call("hget", config, "tpm") or "0")
+    if rpm <= 0 and tpm <= 0 then
+        return 1000000000, nil, nil
     end
-    local window_ms = counted_window_ms()
-    redis.call("zremrangebyscore", starts, "-inf", int(now_ms - window_ms))
-    local room = rpm - redis.call("zcard", starts)
-    local frees_at = nil
-    if room <= 0 then
-        local oldest = redis.call("zrange", starts, 0, 0, "withscores")
-        frees_at = oldest[2] and (tonumber(oldest[2]) + window_ms) or now_ms
+    trim_window(now_ms)
+    local room, kind = 1000000000, nil
+    if rpm > 0 then
+        room, kind = rpm - redis.call("zcard", starts), "requests"
     end
-    return room, frees_at
+    if tpm > 0 then
+        local used = tonumber(redis.call("hget", tokens, TOTAL) or "0")
+        local estimate = math.max(1, tonumber(redis.call("hget", config, "token_estimate") or "1"))
+        local token_room = math.floor((tpm - used) / estimate)
+        if token_room < 1 and redis.call("zcard", starts) == 0 then
+            token_room = 1
+        end
+        if token_room < room then
+            room, kind = token_room, "tokens"
+        end
+    end
+    if room > 0 then
+        return room, nil, nil
+    end
+    local oldest = redis.call("zrange", starts, 0, 0, "withscores")
+    return room, oldest[2] and (tonumber(oldest[2]) + counted_window_ms()) or now_ms, kind
 end
 
 -- Counts a grant in the window, with or without a budget (a budget set later
--- then counts the calls already made in its first window). A member counted
--- already (its reservation becoming its lease, right before its call, or a
--- lapsed reservation granted again) is counted from now instead.
+-- then counts the calls already made in its first window), for the tokens
+-- it is estimated to use. A member counted already (its reservation
+-- becoming its lease, right before its call, or a lapsed reservation
+-- granted again) is counted from now instead, for the tokens it has.
 local function count_start(member, now_ms)
     local window_ms = counted_window_ms()
-    redis.call("zremrangebyscore", starts, "-inf", int(now_ms - window_ms))
+    trim_window(now_ms)
     redis.call("zadd", starts, int(now_ms), member)
+    if not redis.call("hget", tokens, member) then
+        local estimate = tonumber(redis.call("hget", config, "token_estimate") or "0")
+        redis.call("hset", tokens, member, estimate)
+        redis.call("hincrby", tokens, TOTAL, estimate)
+    end
     redis.call("pexpire", starts, int(window_ms))
+    redis.call("pexpire", tokens, int(window_ms))
+end
+
+-- A call's tokens as it reported them, in place of its estimate (a call
+-- gone from the window counts no more).
+local function count_tokens(member, used)
+    local counted = redis.call("hget", tokens, member)
+    if counted then
+        redis.call("hset", tokens, member, used)
+        redis.call("hincrby", tokens, TOTAL, used - tonumber(counted))
+    end
 end
 
 local function occupied()

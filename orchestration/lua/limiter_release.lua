@@ -6,14 +6,21 @@
 -- ARGV[1] member
 -- ARGV[2] limit
 -- ARGV[3] grant_ttl_ms
+-- ARGV[4] tokens_used   what the call reported it used ("": it did not say;
+--                       its estimate keeps counting)
 --
--- Returns {payloads to dispatch...}, earliest waiter first.
+-- Returns {payloads to dispatch...}, in the order they were granted.
 
 local member = ARGV[1]
 local limit = tonumber(ARGV[2])
 local grant_ttl_ms = tonumber(ARGV[3])
+local tokens_used = tonumber(ARGV[4] or "")
 
 local now_ms = server_now()
+if tokens_used then
+    trim_window(now_ms)
+    count_tokens(member, tokens_used)
+end
 redis.call("zrem", holders, member)
 redis.call("hdel", owners, member)
 forget_waiter(member)
