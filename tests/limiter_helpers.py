@@ -100,6 +100,9 @@ class Model:
         self.saved = {}  # tenant out of line -> its virtual time
         self.weights = {}
         self.clock = 0
+        # The rate budgets: no window ends within a test, so every grant counts.
+        self.rpm = self.tpm = self.estimate = 0
+        self.starts = {}  # member counted in the window -> the tokens it counts for
         self.cooling = False
         self.circuit_state = None  # None (closed), "open" or "probing"
         self.circuit_due = False  # an open circuit's probe may go
@@ -125,11 +128,13 @@ class Model:
             return handoffs, me_granted
         if say == "probe":
             free = 1
+        free = min(free, self.rate_room())
         while free > 0:
             member = self.next_in_line()
             if member is None:
                 break
             self.granted.add(member)
+            self.count_start(member)
             free -= 1
             if say == "probe":
                 self.circuit_state, self.probe = "probing", member
@@ -138,6 +143,30 @@ class Model:
             else:
                 handoffs.append(self.payloads[member])
         return handoffs, me_granted
+
+    # --- the rate budgets -----------------------------------------------------------
+
+    def rate_room(self):
+        """How many more grants the budgets allow now."""
+        room = 10**9
+        if self.rpm > 0:
+            room = self.rpm - len(self.starts)
+        if self.tpm > 0:
+            token_room = (self.tpm - sum(self.starts.values())) // max(1, self.estimate)
+            if token_room < 1 and not self.starts:
+                token_room = 1  # a call alone in its window may exceed the budget
+            room = min(room, token_room)
+        return room
+
+    def rate_holds(self):
+        """Which budget holds a parked member back: "requests_per_minute", "tokens_per_minute" or None."""
+        if self.cooling or self.circuit() != "closed" or self.rate_room() > 0:
+            return None
+        requests_room = self.rpm - len(self.starts) if self.rpm > 0 else 10**9
+        return "requests_per_minute" if requests_room <= self.rate_room() else "tokens_per_minute"
+
+    def count_start(self, member):
+        self.starts.setdefault(member, self.estimate)
 
     # --- the fair line ------------------------------------------------------------
 
@@ -227,15 +256,17 @@ class Model:
         self.forget_waiter(member)
         self.holders.add(member)
 
-    def acquire(self, member, limit, payload, *, tenant="", weight=1, priority=0):
+    def acquire(self, member, limit, payload, *, tenant="", weight=1, priority=0, rpm=0, tpm=0, estimate=0):
+        self.rpm, self.tpm, self.estimate = rpm, tpm, estimate
         if member in self.holders or member in self.granted:
             self.hold(member)
             return True, None, tuple(self.pump(limit)[0])
         if (
             not self.cooling and self.circuit_state is None
-            and len(self.waiters) == len(self.granted) and self.occupied() < limit
+            and len(self.waiters) == len(self.granted) and self.occupied() < limit and self.rate_room() > 0
         ):
             self.hold(member)
+            self.count_start(member)
             return True, None, ()
         self.weights[tenant] = weight
         if member not in self.waiters:
@@ -250,7 +281,9 @@ class Model:
             return True, None, tuple(handoffs)
         return False, self.position(member), tuple(handoffs)
 
-    def release(self, member, limit):
+    def release(self, member, limit, tokens_used=None):
+        if tokens_used is not None and member in self.starts:
+            self.starts[member] = tokens_used
         self.holders.discard(member)
         self.forget_waiter(member)
         return tuple(self.pump(limit)[0])

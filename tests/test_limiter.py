@@ -67,7 +67,7 @@ def check_invariants(occupancy, limit):
 def test_keys_share_one_hash_tag(limiter):
     keys = limiter.keys("billing")
     assert all(key.startswith("cao:lim:{billing}:") for key in keys)
-    assert len(set(keys)) == 16
+    assert len(set(keys)) == 17
 
 
 def test_acquire_is_idempotent_for_a_holder(limiter):
@@ -430,14 +430,19 @@ MEMBERS = ["m0", "m1", "m2", "m3", "m4", "m5", "m6", "m7"]
 TENANT_OF = {"m0": "7", "m1": "7", "m2": "7", "m3": "7", "m4": "12", "m5": "12", "m6": "", "m7": "7"}
 # An aging no wait in a test outweighs: priorities then order each lane outright.
 ABSOLUTE_AGING_S = 1e7
+# Rate budgets; no window ends within a test, so every grant counts against them.
+RPMS = st.sampled_from([0, 0, 4, 9])
+TPMS = st.sampled_from([0, 2500, 6000])
+ESTIMATES = st.sampled_from([1000, 300])
 BREAKER_THRESHOLD = 2
 
 
 class LimiterMatchesModel(RuleBasedStateMachine):
     """Random sequences of calls give exactly the answers of the Python model."""
 
-    @initialize(aging=st.booleans())
-    def setup(self, aging):
+    @initialize(aging=st.booleans(), rpm=RPMS, tpm=TPMS, estimate=ESTIMATES)
+    def setup(self, aging, rpm, tpm, estimate):
+        self.budgets = {"rpm": rpm, "tpm": tpm, "estimate": estimate}
         self.client = redis.Redis.from_url(settings.REDIS_URL, decode_responses=True)
         self.limiter = Limiter(self.client, grant_ttl_s=60)
         self.service = f"model-{random.getrandbits(64)}"
@@ -465,6 +470,11 @@ class LimiterMatchesModel(RuleBasedStateMachine):
             return 0
         return 1 if self.model.circuit() == "probe" else len(MEMBERS)
 
+    @rule(rpm=RPMS, tpm=TPMS, estimate=ESTIMATES)
+    def edit_budgets(self, rpm, tpm, estimate):
+        # An ops person edits them in the admin: the next acquire passes them.
+        self.budgets = {"rpm": rpm, "tpm": tpm, "estimate": estimate}
+
     @rule(
         member=st.sampled_from(MEMBERS), limit=st.integers(0, 4), weight=st.sampled_from([1, 1, 2, 3]),
         priority=st.integers(-2, 2),
@@ -473,22 +483,30 @@ class LimiterMatchesModel(RuleBasedStateMachine):
         self.sent += 1
         self.limit = limit
         payload = f"{member}#{self.sent}"
-        allowed = self.new_grants_allowed()
+        budgets = self.budgets
+        rpm, tpm, estimate = budgets["rpm"], budgets["tpm"], budgets["estimate"]
+        self.model.rpm, self.model.tpm, self.model.estimate = rpm, tpm, estimate  # the budgets apply at once
+        allowed = min(self.new_grants_allowed(), max(0, self.model.rate_room()))
         already = member in self.model.holders or member in self.model.granted
         lane = {"tenant": TENANT_OF[member], "weight": weight, "priority": priority}
         acq = self.limiter.acquire(
-            self.service, member, limit=limit, ttl_s=60, payload=payload, aging_s=self.aging_s, **lane
+            self.service, member, limit=limit, ttl_s=60, payload=payload, aging_s=self.aging_s,
+            requests_per_minute=rpm, tokens_per_minute=tpm, token_estimate=estimate, **lane,
         )
-        assert (acq.granted, acq.position, acq.handoffs) == self.model.acquire(member, limit, payload, **lane)
+        assert (acq.granted, acq.position, acq.handoffs) == self.model.acquire(
+            member, limit, payload, **lane, **budgets
+        )
+        assert acq.rate_limit == (None if acq.granted else self.model.rate_holds())
         # Checked on the limiter's answer itself, not only against the model:
+        # never over a limit, never over a budget.
         assert len(acq.handoffs) + (acq.granted and not already) <= allowed
 
-    @rule(member=st.sampled_from(MEMBERS), limit=st.integers(0, 4))
-    def release(self, member, limit):
+    @rule(member=st.sampled_from(MEMBERS), limit=st.integers(0, 4), used=st.sampled_from([None, 0, 250, 2000]))
+    def release(self, member, limit, used):
         self.limit = limit
         allowed = self.new_grants_allowed(withdrawing=True)
-        handoffs = self.limiter.release(self.service, member, limit=limit)
-        assert handoffs == self.model.release(member, limit)
+        handoffs = self.limiter.release(self.service, member, limit=limit, tokens_used=used)
+        assert handoffs == self.model.release(member, limit, tokens_used=used)
         assert len(handoffs) <= allowed
 
     @rule(limit=st.integers(0, 4))
@@ -540,6 +558,8 @@ class LimiterMatchesModel(RuleBasedStateMachine):
         assert self.model.granted <= set(self.model.waiters)
         assert (occupancy.cooling_until is not None) == self.model.cooling
         assert occupancy.circuit == (self.model.circuit_state or "closed")
+        assert occupancy.requests_in_window == len(self.model.starts)
+        assert occupancy.tokens_in_window == sum(self.model.starts.values())
         if self.model.cooling:
             assert occupancy.granted == ()  # nothing is handed out while it cools down
 
