@@ -1,4 +1,4 @@
-"""Admin for API keys: create one (the key is shown once), deactivate, see last use."""
+"""Admin for API keys: create one (the key is shown once), deactivate, share busy services, see last use."""
 
 from django.contrib import admin, messages
 
@@ -7,11 +7,17 @@ from api_keys.models import ApiKey
 
 @admin.register(ApiKey)
 class ApiKeyAdmin(admin.ModelAdmin):
-    list_display = ["name", "key_prefix", "is_staff", "is_active", "share_weight", "created_at", "last_used_at"]
+    list_display = [
+        "name", "key_prefix", "is_staff", "is_active", "share_weight", "max_calls_per_service", "created_at",
+        "last_used_at",
+    ]
     list_filter = ["is_staff", "is_active"]
     search_fields = ["name", "prefix"]
     readonly_fields = ["key_prefix", "created_at", "last_used_at"]
-    fields = ["name", "is_staff", "is_active", "share_weight", "key_prefix", "created_at", "last_used_at"]
+    fields = [
+        "name", "is_staff", "is_active", "share_weight", "max_calls_per_service", "key_prefix", "created_at",
+        "last_used_at",
+    ]
 
     @admin.display(description="key")
     def key_prefix(self, api_key):

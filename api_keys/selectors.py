@@ -1,16 +1,28 @@
 """What the engine reads of API keys on its hot path."""
 
+from typing import NamedTuple
+
 from api_keys.models import ApiKey
 from common.row_cache import cached
 
 
-def share_weight(tenant):
-    """The share weight of the key whose id is ``tenant`` ("" or a deleted key: 1), at most CAO_REGISTRY_CACHE_S old."""
+class LanePolicy(NamedTuple):
+    """How a key's jobs share a busy service's line."""
+
+    weight: int = 1  # its share of the turns
+    cap: int = 0  # the most calls to one service at once (0: no cap)
+
+
+DEFAULT_POLICY = LanePolicy()
+
+
+def lane_policy(tenant):
+    """The policy of the key whose id is ``tenant`` ("" or a deleted key: the default), at most CAO_REGISTRY_CACHE_S old."""
     if not tenant:
-        return 1
+        return DEFAULT_POLICY
 
     def load():
-        weight = ApiKey.objects.filter(pk=int(tenant)).values_list("share_weight", flat=True).first()
-        return weight or 1
+        row = ApiKey.objects.filter(pk=int(tenant)).values_list("share_weight", "max_calls_per_service").first()
+        return LanePolicy(*row) if row else DEFAULT_POLICY
 
-    return cached(("share_weight", tenant), load)
+    return cached(("lane_policy", tenant), load)

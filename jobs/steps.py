@@ -29,7 +29,7 @@ def step_is_current(job, *, step_index, token):
 
 def step_park(
     *, job, position=None, cooling_until=None, circuit_open=False, rate_limited_until=None,
-    rate_limit="requests_per_minute", writer=LOCKED,
+    rate_limit="requests_per_minute", tenant_capped=False, writer=LOCKED,
 ):
     """No free slot: the step waits in its service's line, holding no thread.
 
@@ -37,7 +37,9 @@ def step_park(
     down until then (it answered 429/503 with Retry-After); ``circuit_open``,
     its circuit breaker opened after repeated failures; ``rate_limited_until``
     (a datetime), its ``rate_limit`` budget ("requests_per_minute" or
-    "tokens_per_minute") is spent until then; else every slot is taken.
+    "tokens_per_minute") is spent until then; ``tenant_capped``, its job's
+    API key is in as many calls to the service as its cap allows; else every
+    slot is taken.
     """
     first_time = job.step_state == StepState.QUEUED
     job.step_state = StepState.WAITING
@@ -61,6 +63,12 @@ def step_park(
                 "message": f"Waiting: {job.current_service} has used as many {spent} this minute as it may.",
                 "limit": rate_limit,
                 "until": rate_limited_until.isoformat(),
+            }
+        elif tenant_capped:
+            held_by = {
+                "message": f"Waiting: this API key's jobs are in as many calls to {job.current_service} as it "
+                "allows at once.",
+                "limit": "key_concurrency",
             }
         else:
             held_by = {"message": f"Waiting for a free slot of {job.current_service}.", "limit": "concurrency"}

@@ -156,6 +156,7 @@ class ClaimPhase:
                         circuit_open=acquisition.circuit_open,
                         rate_limited_until=_datetime_or_none(acquisition.rate_limited_until),
                         rate_limit=acquisition.rate_limit or "requests_per_minute",
+                        tenant_capped=acquisition.tenant_capped,
                     )
                     if not writer.execute():
                         return _DECIDE_LOCKED

@@ -84,6 +84,8 @@ class Acquisition:
     # which one: "requests_per_minute" or "tokens_per_minute".
     rate_limited_until: float | None = None
     rate_limit: str | None = None
+    # Its tenant holds as many slots of the service as its cap allows.
+    tenant_capped: bool = False
 
 
 @dataclass(frozen=True)
@@ -199,6 +201,7 @@ class Limiter:
             for name in (
                 "holders", "granted", "waiters", "payloads", "ticket", "census", "owners", "moved", "cooldown",
                 "breaker", "starts", "config", "lanes", "tenants", "fair", "lane_of", "tokens",
+                "slot_tenant",
             )
         ]
 
@@ -209,6 +212,7 @@ class Limiter:
         self, service: str, member: str, *, limit: int, ttl_s: float, payload: str, census=None, owner: str = "",
         requests_per_minute: int = 0, rate_window_s: float = 60.0, tenant: str = "", weight: int = 1,
         priority: int = 0, aging_s: float = 0.0, tokens_per_minute: int = 0, token_estimate: int = 0,
+        tenant_cap: int = 0,
     ) -> Acquisition:
         """Take a slot for ``member`` or park it with ``payload``; never blocks.
 
@@ -235,6 +239,9 @@ class Limiter:
         ``tokens_per_minute``: the tokens the calls of a window may use (0:
         no such budget); each call counts for ``token_estimate`` from its
         grant until :meth:`release` says what it used.
+
+        ``tenant_cap``: the most slots of the service the tenant may hold at
+        once (0: no cap); its waiters beyond it let the other tenants' pass.
         """
         if not _TENANT.fullmatch(tenant):
             raise ValueError(f"A tenant is letters, digits, '_' and '-', not {tenant!r}.")
@@ -242,9 +249,11 @@ class Limiter:
             member, _limit(limit), _ms(ttl_s), self.grant_ttl_ms, payload, owner,
             _limit(requests_per_minute), _ms(rate_window_s),
             tenant, max(1, int(weight)), int(priority), max(0, round(aging_s * 1_000_000)),
-            _limit(tokens_per_minute), _limit(token_estimate),
+            _limit(tokens_per_minute), _limit(token_estimate), _limit(tenant_cap),
         )
-        granted, position, handoffs, cooling_ms, circuit, rate_ms, rate_kind = self._call("acquire", service, *args)
+        granted, position, handoffs, cooling_ms, circuit, rate_ms, rate_kind, capped = self._call(
+            "acquire", service, *args
+        )
         if int(granted) == -1:
             seeded = self.take_census(service, census() if census else (), ttl_s=ttl_s)
             if seeded:
@@ -252,7 +261,7 @@ class Limiter:
                     "The limiter of %s had no state (Redis restarted or lost its data); "
                     "counted %s calls in flight before granting.", service, seeded,
                 )
-            granted, position, handoffs, cooling_ms, circuit, rate_ms, rate_kind = self._call(
+            granted, position, handoffs, cooling_ms, circuit, rate_ms, rate_kind, capped = self._call(
                 "acquire", service, *args
             )
             if int(granted) == -1:  # lost again within a round trip: say so, retry the message
@@ -265,6 +274,7 @@ class Limiter:
             circuit_open=bool(int(circuit)),
             rate_limited_until=_seconds_or_none(rate_ms),
             rate_limit=_RATE_LIMITS.get(_text(rate_kind)),
+            tenant_capped=bool(int(capped)),
         )
 
     def report_outcome(

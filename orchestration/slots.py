@@ -13,7 +13,7 @@ import time
 from django.conf import settings
 from django.db import connections
 
-from api_keys.selectors import share_weight
+from api_keys.selectors import lane_policy
 from jobs import selectors as job_selectors
 from orchestration import errors
 from orchestration.dispatch import log_unsent, send_step
@@ -28,7 +28,7 @@ def acquire_step(step, service, *, limiter=None, owner=None):
     """Take a slot of ``service`` for ``step``, or its place in line; the ``Acquisition``.
 
     The line is served round-robin across tenants (the job's API key), by
-    their share weights, and by aged priority within each.
+    their share weights and up to their caps, and by aged priority within each.
 
     Should Redis have lost the service's keys, the calls in flight that the
     database knows of re-seed them first (the census), so the limit holds.
@@ -36,6 +36,7 @@ def acquire_step(step, service, *, limiter=None, owner=None):
     it has room (one timer per service and process).
     """
     limiter = limiter or get_limiter()
+    policy = lane_policy(step.tenant)
     acquisition = limiter.acquire(
         service.name,
         step_member(step),
@@ -47,7 +48,8 @@ def acquire_step(step, service, *, limiter=None, owner=None):
         requests_per_minute=service.requests_per_minute,
         rate_window_s=settings.CAO_RATE_WINDOW_S,
         tenant=step.tenant,
-        weight=share_weight(step.tenant),
+        weight=policy.weight,
+        tenant_cap=policy.cap,
         priority=step.priority,
         aging_s=settings.CAO_PRIORITY_AGING_S,
         tokens_per_minute=service.tokens_per_minute,

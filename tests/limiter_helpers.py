@@ -99,6 +99,8 @@ class Model:
         self.virtual = {}  # tenant in line -> its virtual time
         self.saved = {}  # tenant out of line -> its virtual time
         self.weights = {}
+        self.caps = {}
+        self.slot_tenant = {}  # member holding a slot granted in line or at once -> its tenant
         self.clock = 0
         # The rate budgets: no window ends within a test, so every grant counts.
         self.rpm = self.tpm = self.estimate = 0
@@ -130,10 +132,11 @@ class Model:
             free = 1
         free = min(free, self.rate_room())
         while free > 0:
-            member = self.next_in_line()
+            member, tenant = self.next_in_line()
             if member is None:
                 break
             self.granted.add(member)
+            self.slot_tenant[member] = tenant
             self.count_start(member)
             free -= 1
             if say == "probe":
@@ -188,16 +191,26 @@ class Model:
         if tenant in self.virtual and not self.lane(tenant):
             self.saved[tenant] = self.virtual.pop(tenant)
 
+    def use(self, tenant):
+        """Slots (leases and reservations) the tenant holds."""
+        return sum(1 for m in self.holders | self.granted if self.slot_tenant.get(m) == tenant)
+
+    def capped(self, tenant):
+        cap = self.caps.get(tenant, 0)
+        return cap > 0 and self.use(tenant) >= cap
+
     def next_in_line(self):
-        if not self.virtual:
-            return None
-        virtual, tenant = min((v, t) for t, v in self.virtual.items())
-        lane = self.lane(tenant)
-        self.clock = virtual
-        self.virtual[tenant] = virtual + self.step(tenant)
-        if len(lane) == 1:  # its lane empties: it leaves the line, keeping its virtual time
-            self.saved[tenant] = self.virtual.pop(tenant)
-        return lane[0]
+        """The next waiter, and its tenant; tenants at their caps are passed over."""
+        for virtual, tenant in sorted((v, t) for t, v in self.virtual.items()):
+            if self.capped(tenant):
+                continue
+            lane = self.lane(tenant)
+            self.clock = virtual
+            self.virtual[tenant] = virtual + self.step(tenant)
+            if len(lane) == 1:  # its lane empties: it leaves the line, keeping its virtual time
+                self.saved[tenant] = self.virtual.pop(tenant)
+            return lane[0], tenant
+        return None, None
 
     def position(self, member):
         if member in self.granted:
@@ -218,6 +231,7 @@ class Model:
 
     def unreserve(self, member):
         self.granted.discard(member)
+        self.slot_tenant.pop(member, None)
         self.enter_line(self.lane_of[member][0])
 
     def cool_down(self):
@@ -256,19 +270,23 @@ class Model:
         self.forget_waiter(member)
         self.holders.add(member)
 
-    def acquire(self, member, limit, payload, *, tenant="", weight=1, priority=0, rpm=0, tpm=0, estimate=0):
+    def acquire(
+        self, member, limit, payload, *, tenant="", weight=1, priority=0, rpm=0, tpm=0, estimate=0, cap=0
+    ):
         self.rpm, self.tpm, self.estimate = rpm, tpm, estimate
+        self.weights[tenant], self.caps[tenant] = weight, cap
         if member in self.holders or member in self.granted:
             self.hold(member)
             return True, None, tuple(self.pump(limit)[0])
         if (
             not self.cooling and self.circuit_state is None
             and len(self.waiters) == len(self.granted) and self.occupied() < limit and self.rate_room() > 0
+            and not self.capped(tenant)
         ):
             self.hold(member)
+            self.slot_tenant[member] = tenant
             self.count_start(member)
             return True, None, ()
-        self.weights[tenant] = weight
         if member not in self.waiters:
             self.waiters.append(member)
             self.arrivals += 1
@@ -285,6 +303,7 @@ class Model:
         if tokens_used is not None and member in self.starts:
             self.starts[member] = tokens_used
         self.holders.discard(member)
+        self.slot_tenant.pop(member, None)
         self.forget_waiter(member)
         return tuple(self.pump(limit)[0])
 

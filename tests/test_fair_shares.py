@@ -11,8 +11,8 @@ import pytest
 from django.conf import settings
 
 from api_keys.models import ApiKey
-from api_keys.selectors import share_weight
-from jobs.models import Job, JobStatus
+from api_keys.selectors import LanePolicy, lane_policy
+from jobs.models import Job, JobEvent, JobStatus
 from jobs.state import current_step, tenant_of
 from orchestration.commands import submit_job
 from orchestration.messages import handoff_payload, parse_handoff, step_message
@@ -102,13 +102,13 @@ def test_a_hand_off_left_before_steps_carried_their_place_in_line_still_parses(r
     )
 
 
-def test_share_weight_is_read_from_the_key_and_defaults_to_one(client_key):
-    assert share_weight(str(client_key.pk)) == 1
-    ApiKey.objects.filter(pk=client_key.pk).update(share_weight=5)
+def test_a_keys_lane_policy_is_read_from_its_row_and_defaults_to_no_limits(client_key):
+    assert lane_policy(str(client_key.pk)) == LanePolicy(weight=1, cap=0)
+    ApiKey.objects.filter(pk=client_key.pk).update(share_weight=5, max_calls_per_service=3)
 
-    assert share_weight(str(client_key.pk)) == 5  # the tests' CAO_REGISTRY_CACHE_S is 0
-    assert share_weight("") == 1
-    assert share_weight("999999") == 1  # a key deleted since
+    assert lane_policy(str(client_key.pk)) == LanePolicy(weight=5, cap=3)  # the tests' CAO_REGISTRY_CACHE_S is 0
+    assert lane_policy("") == LanePolicy(weight=1, cap=0)
+    assert lane_policy("999999") == LanePolicy(weight=1, cap=0)  # a key deleted since
 
 
 def test_a_parked_step_waits_in_its_tenants_lane_with_its_priority(registry, client_key, simulator, worker, wait):
@@ -205,27 +205,59 @@ def admin_client(client, django_user_model):
 
 
 def key_form(api_key, **fields):
-    return {"name": api_key.name, "is_active": "on", "share_weight": api_key.share_weight, **fields}
+    return {
+        "name": api_key.name, "is_active": "on", "share_weight": api_key.share_weight,
+        "max_calls_per_service": api_key.max_calls_per_service, **fields,
+    }
 
 
-@pytest.mark.parametrize("weight", ["0", "-1", "101", "heavy", ""])
-def test_a_bad_share_weight_is_a_form_error_and_changes_nothing(admin_client, client_key, weight):
-    response = admin_client.post(
-        f"/admin/api_keys/apikey/{client_key.pk}/change/", key_form(client_key, share_weight=weight)
-    )
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("share_weight", "0"), ("share_weight", "-1"), ("share_weight", "101"), ("share_weight", "heavy"),
+        ("share_weight", ""), ("max_calls_per_service", "-1"), ("max_calls_per_service", "100001"),
+        ("max_calls_per_service", "few"),
+    ],
+)
+def test_a_bad_lane_setting_is_a_form_error_and_changes_nothing(admin_client, client_key, field, value):
+    response = admin_client.post(f"/admin/api_keys/apikey/{client_key.pk}/change/", key_form(client_key, **{field: value}))
 
     assert response.status_code == 200  # the form again, with its errors
-    assert "share_weight" in response.context["adminform"].form.errors
+    assert field in response.context["adminform"].form.errors
     client_key.refresh_from_db()
-    assert client_key.share_weight == 1
+    assert (client_key.share_weight, client_key.max_calls_per_service) == (1, 0)
 
 
 def test_the_admin_sets_a_share_weight(admin_client, client_key):
     response = admin_client.post(
-        f"/admin/api_keys/apikey/{client_key.pk}/change/", key_form(client_key, share_weight="4")
+        f"/admin/api_keys/apikey/{client_key.pk}/change/",
+        key_form(client_key, share_weight="4", max_calls_per_service="2"),
     )
 
     assert response.status_code == 302, response.content
     client_key.refresh_from_db()
-    assert client_key.share_weight == 4
+    assert (client_key.share_weight, client_key.max_calls_per_service) == (4, 2)
     assert "share" in admin_client.get("/admin/api_keys/apikey/").content.decode().lower()
+
+
+def test_a_keys_cap_lets_other_keys_jobs_pass_its_waiting_ones(registry, simulator, worker, wait):
+    # Given fast_chat_llm with 3 slots and a key capped at 1 call per service,
+    Service.objects.filter(name="fast_chat_llm").update(concurrency_limit=3)
+    simulator.configure(latency={"fast_chat_llm": "300ms"})
+    capped, _ = ApiKey.objects.create_key(name="capped")
+    ApiKey.objects.filter(pk=capped.pk).update(max_calls_per_service=1)
+    other, _ = ApiKey.objects.create_key(name="other")
+    capped_jobs = [submit_job(feature_name=FEATURE, input_data={"n": i}, owner=capped)[0] for i in range(4)]
+
+    wait(lambda: len(waiting(capped_jobs)) >= 3, message="the capped key's jobs to wait despite free slots")
+    # while two slots stay free for the others:
+    other_jobs = [submit_job(feature_name=FEATURE, input_data={"n": i}, owner=other)[0] for i in range(2)]
+
+    wait_completed(wait, capped_jobs + other_jobs)
+    held = JobEvent.objects.filter(job_id__in=[job.pk for job in capped_jobs], type="WAITING_FOR_SLOT")
+    assert {event.payload["limit"] for event in held} == {"key_concurrency"}
+    owners = llm_call_owners(simulator)
+    assert len(owners) == 6  # one call each: waiting spent no attempt
+    # The other key's jobs took the free slots at once instead of waiting behind the capped ones
+    # (one call at a time, 300 ms each: at most two of those had started).
+    assert max(owners.index(str(job.pk)) for job in other_jobs) <= 3, owners

@@ -67,7 +67,7 @@ def check_invariants(occupancy, limit):
 def test_keys_share_one_hash_tag(limiter):
     keys = limiter.keys("billing")
     assert all(key.startswith("cao:lim:{billing}:") for key in keys)
-    assert len(set(keys)) == 17
+    assert len(set(keys)) == 18
 
 
 def test_acquire_is_idempotent_for_a_holder(limiter):
@@ -434,15 +434,18 @@ ABSOLUTE_AGING_S = 1e7
 RPMS = st.sampled_from([0, 0, 4, 9])
 TPMS = st.sampled_from([0, 2500, 6000])
 ESTIMATES = st.sampled_from([1000, 300])
+# Tenants' caps on the slots they hold at once (0: none).
+CAPS = st.fixed_dictionaries({tenant: st.sampled_from([0, 0, 1, 2]) for tenant in ("7", "12", "")})
 BREAKER_THRESHOLD = 2
 
 
 class LimiterMatchesModel(RuleBasedStateMachine):
     """Random sequences of calls give exactly the answers of the Python model."""
 
-    @initialize(aging=st.booleans(), rpm=RPMS, tpm=TPMS, estimate=ESTIMATES)
-    def setup(self, aging, rpm, tpm, estimate):
+    @initialize(aging=st.booleans(), rpm=RPMS, tpm=TPMS, estimate=ESTIMATES, caps=CAPS)
+    def setup(self, aging, rpm, tpm, estimate, caps):
         self.budgets = {"rpm": rpm, "tpm": tpm, "estimate": estimate}
+        self.caps = caps
         self.client = redis.Redis.from_url(settings.REDIS_URL, decode_responses=True)
         self.limiter = Limiter(self.client, grant_ttl_s=60)
         self.service = f"model-{random.getrandbits(64)}"
@@ -488,15 +491,21 @@ class LimiterMatchesModel(RuleBasedStateMachine):
         self.model.rpm, self.model.tpm, self.model.estimate = rpm, tpm, estimate  # the budgets apply at once
         allowed = min(self.new_grants_allowed(), max(0, self.model.rate_room()))
         already = member in self.model.holders or member in self.model.granted
-        lane = {"tenant": TENANT_OF[member], "weight": weight, "priority": priority}
+        tenant = TENANT_OF[member]
+        lane = {"tenant": tenant, "weight": weight, "priority": priority}
+        cap = self.caps[tenant]
         acq = self.limiter.acquire(
             self.service, member, limit=limit, ttl_s=60, payload=payload, aging_s=self.aging_s,
-            requests_per_minute=rpm, tokens_per_minute=tpm, token_estimate=estimate, **lane,
+            requests_per_minute=rpm, tokens_per_minute=tpm, token_estimate=estimate, tenant_cap=cap, **lane,
         )
         assert (acq.granted, acq.position, acq.handoffs) == self.model.acquire(
-            member, limit, payload, **lane, **budgets
+            member, limit, payload, **lane, **budgets, cap=cap
         )
         assert acq.rate_limit == (None if acq.granted else self.model.rate_holds())
+        held_by_cap = not acq.granted and acq.rate_limit is None and self.model.circuit() == "closed" and (
+            not self.model.cooling and self.model.capped(tenant)
+        )
+        assert acq.tenant_capped == held_by_cap
         # Checked on the limiter's answer itself, not only against the model:
         # never over a limit, never over a budget.
         assert len(acq.handoffs) + (acq.granted and not already) <= allowed
@@ -559,6 +568,8 @@ class LimiterMatchesModel(RuleBasedStateMachine):
         assert (occupancy.cooling_until is not None) == self.model.cooling
         assert occupancy.circuit == (self.model.circuit_state or "closed")
         assert occupancy.requests_in_window == len(self.model.starts)
+        for tenant, cap in self.caps.items():
+            assert not cap or self.model.use(tenant) <= cap  # never over a tenant's cap
         assert occupancy.tokens_in_window == sum(self.model.starts.values())
         if self.model.cooling:
             assert occupancy.granted == ()  # nothing is handed out while it cools down

@@ -121,7 +121,9 @@ def test_the_admin_shows_a_new_key_once(client, django_user_model):
     client.force_login(django_user_model.objects.create_superuser("root", "r@example.com", "pw"))
 
     response = client.post(
-        "/admin/api_keys/apikey/add/", {"name": "partner", "is_active": "on", "share_weight": "1"}, follow=True
+        "/admin/api_keys/apikey/add/",
+        {"name": "partner", "is_active": "on", "share_weight": "1", "max_calls_per_service": "0"},
+        follow=True,
     )
 
     page = response.content.decode()

@@ -16,13 +16,16 @@
 -- ARGV[12] aging_us     microseconds earlier than its arrival
 -- ARGV[13] tpm          tokens per window the service allows (0: no budget)
 -- ARGV[14] token_estimate  the tokens a call is counted for until it reports
+-- ARGV[15] cap          the most slots of this service the tenant may hold at
+--                       once (0: no cap)
 --
 -- Returns {granted (1|0), position (how many would be served before it,
 -- limiter_common.lua's position(); -1 when granted), {payloads to dispatch...}, cooling_until_ms (0: not cooling),
 -- circuit (1: the circuit breaker holds the member back, else 0),
 -- rate_frees_at_ms (a rate budget holds the member back until then; 0: none
--- does), rate_kind ("requests" or "tokens", the budget that does; "": none)},
--- or {-1, -1, {}, 0, 0, 0, ""} without touching
+-- does), rate_kind ("requests" or "tokens", the budget that does; "": none),
+-- capped (1: the tenant holds as many slots as its cap allows, else 0)},
+-- or {-1, -1, {}, 0, 0, 0, "", 0} without touching
 -- anything when the census is missing or was taken on another run of the
 -- Redis server: the caller takes a census (limiter_census.lua) and acquires
 -- again.
@@ -41,17 +44,20 @@ local priority = tonumber(ARGV[11])
 local aging_us = tonumber(ARGV[12])
 local tpm = tonumber(ARGV[13])
 local token_estimate = tonumber(ARGV[14])
+local cap = tonumber(ARGV[15])
 
 -- No census of this run: Redis is new or lost its data (restart without
 -- persistence, restart from a snapshot, failover, flush). Calls still in
 -- flight are missing from holders until their next renewal, so granting now
 -- could exceed the limit.
 if redis.call("get", census) ~= run_id() then
-    return {-1, -1, {}, 0, 0, 0, ""}
+    return {-1, -1, {}, 0, 0, 0, "", 0}
 end
 
 -- The budget the scripts that grant without being told (release, redispatch) go by.
 redis.call("hset", config, "rpm", rpm, "window_ms", window_ms, "tpm", tpm, "token_estimate", token_estimate)
+-- The tenant's weight and cap as the caller has them: they apply from now on.
+redis.call("hset", fair, "w:" .. tenant, weight, "c:" .. tenant, cap)
 
 local now_ms, now_us = server_now()
 drop_expired(now_ms)
@@ -65,7 +71,7 @@ if redis.call("zscore", holders, member) or redis.call("zscore", granted, member
     end
     hold(member, now_ms, ttl_ms, owner)
     local handoffs = pump(now_ms, limit, grant_ttl_ms, nil)
-    return {1, -1, handoffs, 0, 0, 0, ""}
+    return {1, -1, handoffs, 0, 0, 0, "", 0}
 end
 
 -- Cooling down: no new call starts (a cool-down drops the reservations, so
@@ -78,16 +84,16 @@ local closed = not redis.call("hget", breaker, "state")
 -- that hold reservations already own their slots, so they are not "ahead".
 local unreserved = redis.call("zcard", waiters) - redis.call("zcard", granted)
 local room, rate_frees_at = rate_room(now_ms)
-if not cooling and closed and unreserved == 0 and occupied() < limit and room > 0 then
+if not cooling and closed and unreserved == 0 and occupied() < limit and room > 0 and not capped(tenant) then
     hold(member, now_ms, ttl_ms, owner)
+    slot_taken(member, tenant)
     redis.call("set", moved, int(now_ms))
     count_start(member, now_ms)
-    return {1, -1, {}, 0, 0, 0, ""}
+    return {1, -1, {}, 0, 0, 0, "", 0}
 end
 
 -- Park. A member already waiting keeps its ticket and its lane entry, so a
 -- duplicate or early message never loses (or jumps) its place.
-redis.call("hset", fair, "w:" .. tenant, weight)  -- the weight applies from now on
 if not redis.call("zscore", waiters, member) then
     park(member, now_us, tenant, priority, aging_us)
 end
@@ -98,13 +104,14 @@ redis.call("hset", payloads, member, payload)
 local handoffs, me_granted = pump(now_ms, limit, grant_ttl_ms, member)
 if me_granted then
     hold(member, now_ms, ttl_ms, owner)
-    return {1, -1, handoffs, 0, 0, 0, ""}
+    return {1, -1, handoffs, 0, 0, 0, "", 0}
 end
 local held_by_circuit = (not cooling and circuit(now_ms) ~= "closed") and 1 or 0
 local rate_kind
 room, rate_frees_at, rate_kind = rate_room(now_ms)
 local held_by_rate = not cooling and held_by_circuit == 0 and room <= 0
+local held_by_cap = not cooling and held_by_circuit == 0 and not held_by_rate and capped(tenant)
 return {
     0, position(member), handoffs, int(cooling or 0), held_by_circuit,
-    held_by_rate and int(rate_frees_at) or 0, held_by_rate and rate_kind or "",
+    held_by_rate and int(rate_frees_at) or 0, held_by_rate and rate_kind or "", held_by_cap and 1 or 0,
 }

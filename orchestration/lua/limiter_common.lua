@@ -50,6 +50,9 @@
 --                           window of starts (the estimate from its grant,
 --                           then what its reply reported); "=total" their sum.
 --                           It expires with starts.
+--   KEYS[18] slot_tenant HASH  member holding a slot (lease or reservation)
+--                           granted in the fair line or at once -> its tenant,
+--                           for the tenants' caps ("c:<tenant>" in fair)
 --
 -- The line is served by start-time fair queueing across tenants: each
 -- grant advances its tenant's virtual time by VIRTUAL_STEP / weight, and a
@@ -77,6 +80,7 @@ local tenants = KEYS[14]
 local fair = KEYS[15]
 local lane_of = KEYS[16]
 local tokens = KEYS[17]
+local slot_tenant = KEYS[18]
 local TOTAL = "=total"  -- no member is named so: members are "<job>:<step>:<token>"
 
 -- A grant of a weight-1 tenant: integers, so virtual times stay exact.
@@ -154,26 +158,68 @@ local function leave_lane(member)
     end
 end
 
--- The waiter served next, taken out of its lane (nil if nobody waits
--- without a reservation): the head of the lane of the tenant with the
--- lowest virtual time, ties by tenant.
-local function next_in_line()
-    local first = redis.call("zrange", tenants, 0, 0, "withscores")
-    if #first == 0 then
-        return nil
+-- A tenant's cap on the slots it holds at once (0: none).
+local function cap_of(tenant)
+    return tonumber(redis.call("hget", fair, "c:" .. tenant) or "0")
+end
+
+-- How many slots (leases and reservations) `tenant` holds.
+local function tenant_use(tenant)
+    local use = 0
+    for _, key in ipairs({holders, granted}) do
+        for _, member in ipairs(redis.call("zrange", key, 0, -1)) do
+            if redis.call("hget", slot_tenant, member) == tenant then
+                use = use + 1
+            end
+        end
     end
-    local tenant, virtual = first[1], tonumber(first[2])
-    local low, high = lane_range(tenant)
-    local head = redis.call("zrangebylex", lanes, low, high, "limit", 0, 1)[1]
-    if not head then  -- cannot happen: a listed tenant has a lane
-        redis.call("zrem", tenants, tenant)
-        return next_in_line()
+    return use
+end
+
+-- Whether `tenant` holds as many slots as its cap allows.
+local function capped(tenant)
+    local cap = cap_of(tenant)
+    return cap > 0 and tenant_use(tenant) >= cap
+end
+
+-- Records the tenant of a member that takes a slot, for the caps.
+local function slot_taken(member, tenant)
+    redis.call("hset", slot_tenant, member, tenant)
+end
+
+-- The waiter served next, taken out of its lane, and its tenant (nil if
+-- nobody waits without a reservation, or only tenants at their caps): the
+-- head of the lane of the tenant with the lowest virtual time, ties by
+-- tenant. `use` counts the slots each capped tenant holds (this pump's).
+local function next_in_line(use)
+    local index = 0
+    while true do
+        local entry = redis.call("zrange", tenants, index, index, "withscores")
+        if #entry == 0 then
+            return nil
+        end
+        local tenant, virtual = entry[1], tonumber(entry[2])
+        local cap = cap_of(tenant)
+        if cap > 0 and use[tenant] == nil then
+            use[tenant] = tenant_use(tenant)
+        end
+        local low, high = lane_range(tenant)
+        local head = (cap <= 0 or use[tenant] < cap) and redis.call("zrangebylex", lanes, low, high, "limit", 0, 1)[1]
+        if head == nil then  -- cannot happen: a listed tenant has a lane
+            redis.call("zrem", tenants, tenant)
+            index = index - 1
+        elseif head then
+            redis.call("hset", fair, "clock", int(virtual))
+            redis.call("zadd", tenants, int(virtual + virtual_step(tenant)), tenant)
+            local member = string.sub(head, #tenant + 2 + ORDER_WIDTH + 1)
+            leave_lane(member)
+            if cap > 0 then
+                use[tenant] = use[tenant] + 1
+            end
+            return member, tenant
+        end
+        index = index + 1
     end
-    redis.call("hset", fair, "clock", int(virtual))
-    redis.call("zadd", tenants, int(virtual + virtual_step(tenant)), tenant)
-    local member = string.sub(head, #tenant + 2 + ORDER_WIDTH + 1)
-    leave_lane(member)
-    return member
 end
 
 -- Drops expired leases and lapsed reservations; returns how many. A lapsed
@@ -183,9 +229,11 @@ local function drop_expired(now_ms)
     local expired = redis.call("zrangebyscore", holders, "-inf", int(now_ms))
     for _, member in ipairs(expired) do
         redis.call("hdel", owners, member)
+        redis.call("hdel", slot_tenant, member)
     end
     local lapsed = redis.call("zrangebyscore", granted, "-inf", int(now_ms))
     for _, member in ipairs(lapsed) do
+        redis.call("hdel", slot_tenant, member)
         enter_lane(member)
     end
     return redis.call("zremrangebyscore", holders, "-inf", int(now_ms))
@@ -334,12 +382,14 @@ local function pump(now_ms, limit, grant_ttl_ms, me)
         return handoffs, me_granted
     end
     local expiry = int(now_ms + grant_ttl_ms)
+    local use = {}
     while free > 0 do
-        local member = next_in_line()
+        local member, tenant = next_in_line(use)
         if not member then
             break
         end
         redis.call("zadd", granted, expiry, member)
+        slot_taken(member, tenant)
         redis.call("set", moved, int(now_ms))
         count_start(member, now_ms)
         free = free - 1

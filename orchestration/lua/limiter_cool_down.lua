@@ -15,6 +15,7 @@ local until_ms = math.max(cooling_until(now_ms) or 0, now_ms + delay_ms)
 redis.call("set", cooldown, int(until_ms), "px", int(until_ms - now_ms))
 -- The reservations go back to their waiters' places in their lanes.
 for _, member in ipairs(redis.call("zrange", granted, 0, -1)) do
+    redis.call("hdel", slot_tenant, member)
     enter_lane(member)
 end
 redis.call("del", granted)

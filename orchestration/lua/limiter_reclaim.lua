@@ -27,6 +27,7 @@ for i = 1, #flat, 2 do
     if dead[owner] then
         redis.call("zrem", holders, member)
         redis.call("hdel", owners, member)
+        redis.call("hdel", slot_tenant, member)
         released[#released + 1] = member
     elseif not redis.call("zscore", holders, member) then
         redis.call("hdel", owners, member)

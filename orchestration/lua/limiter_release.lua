@@ -23,6 +23,7 @@ if tokens_used then
 end
 redis.call("zrem", holders, member)
 redis.call("hdel", owners, member)
+redis.call("hdel", slot_tenant, member)
 forget_waiter(member)
 drop_expired(now_ms)
 local handoffs = pump(now_ms, limit, grant_ttl_ms, nil)
