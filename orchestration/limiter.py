@@ -107,7 +107,7 @@ class Occupancy:
     now: float
     holders: tuple[Holder, ...]
     granted: tuple[Holder, ...]  # reservations: member + reservation expiry
-    waiters: tuple[Waiter, ...]  # in queue order, granted ones included
+    waiters: tuple[Waiter, ...]  # in arrival order (the fair line serves them otherwise), granted ones included
     cooling_until: float | None = None  # UNIX seconds; None: not cooling down
     circuit: str = "closed"  # "open" (no call until probe_at), "probing" (one call let through)
     probe_at: float | None = None  # UNIX seconds, when an open circuit lets its probe through
