@@ -116,6 +116,8 @@ class Occupancy:
     rate_frees_at: float | None = None  # UNIX seconds, when the spent budget next has room
     tokens_per_minute: int = 0  # the tokens budget the last acquire passed (0: none)
     tokens_in_window: int = 0  # what the window's calls count for: estimates, or what they reported
+    # (tenant, its waiters without a reservation), in the order the fair line serves them.
+    waiting_by_tenant: tuple[tuple[str, int], ...] = ()
 
     @property
     def in_use(self) -> int:
@@ -384,6 +386,7 @@ class Limiter:
     def occupancy(self, service: str) -> Occupancy:
         (
             now_ms, holders, granted, waiters, cooling_ms, circuit, probe_ms, rpm, in_window, rate_ms, tpm, tokens,
+            by_tenant,
         ) = self._call("occupancy", service)
         return Occupancy(
             now=int(now_ms) / 1000,
@@ -398,4 +401,5 @@ class Limiter:
             rate_frees_at=_seconds_or_none(rate_ms),
             tokens_per_minute=int(tpm),
             tokens_in_window=int(tokens),
+            waiting_by_tenant=tuple((_text(tenant), int(count)) for tenant, count in _pairs(by_tenant)),
         )

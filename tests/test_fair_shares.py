@@ -261,3 +261,20 @@ def test_a_keys_cap_lets_other_keys_jobs_pass_its_waiting_ones(registry, simulat
     # The other key's jobs took the free slots at once instead of waiting behind the capped ones
     # (one call at a time, 300 ms each: at most two of those had started).
     assert max(owners.index(str(job.pk)) for job in other_jobs) <= 3, owners
+
+
+def test_the_admin_shows_who_waits_in_a_line_in_the_order_it_is_served(registry, client_key):
+    from ops.admin.services import describe_occupancy
+
+    limiter = get_limiter()
+    tenant = str(client_key.pk)
+    assert limiter.acquire("fast_chat_llm", "h:0:1", limit=1, ttl_s=60, payload="h", tenant=tenant).granted
+    for member, owner in (("a:0:1", tenant), ("b:0:1", tenant), ("c:0:1", "")):
+        limiter.acquire("fast_chat_llm", member, limit=1, ttl_s=60, payload=member, tenant=owner)
+
+    occupancy = limiter.occupancy("fast_chat_llm")
+
+    # Both joined at the same virtual time; on a tie "" (no key) comes first.
+    assert occupancy.waiting_by_tenant == (("", 1), (tenant, 2))
+    shown = describe_occupancy(occupancy, limit=1)
+    assert f"{client_key.name} 2" in shown and "no key 1" in shown

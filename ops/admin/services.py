@@ -12,7 +12,7 @@ from django.utils.safestring import mark_safe
 
 from common.after_commit import after_commit
 from ops.admin.redirects import back_to_change_page
-from ops.occupancy import read_occupancies
+from ops.occupancy import key_names, read_occupancies
 from orchestration.slots import close_circuit
 from services_registry.forms import ServiceForm
 from services_registry.health import check_services
@@ -46,6 +46,10 @@ def describe_occupancy(occupancy, limit):
         waiting += f" · circuit open, probe in {max(0.0, (occupancy.probe_at or 0) - occupancy.now):.1f} s"
     elif occupancy.circuit == "probing":
         waiting += " · circuit open, probing"
+    if occupancy.waiting_by_tenant:
+        names = key_names(tenant for tenant, _ in occupancy.waiting_by_tenant)
+        shares = ", ".join(f"{names[tenant]} {count}" for tenant, count in occupancy.waiting_by_tenant)
+        waiting += f" · waiting by key: {shares}"
     return format_html(
         '<span class="cao-occupancy{}">in use {} / {}</span> <span class="cao-waiting">· {}</span>',
         " cao-full" if occupancy.in_use >= limit else "",

@@ -10,7 +10,8 @@
 -- (ms, 0 if not open), the requests-per-minute budget (0: none), the grants
 -- it counts in the current window, when the next one frees up (ms, 0
 -- while there is room), the tokens-per-minute budget (0: none) and the
--- tokens the window's calls count for} with numbers as strings (Lua numbers would be
+-- tokens the window's calls count for, {tenant, its waiters without a
+-- reservation, ...} in the order the fair line serves them} with numbers as strings (Lua numbers would be
 -- truncated to integers on the way out, and these exceed 2^31 anyway).
 
 local now_ms = server_now()
@@ -29,6 +30,12 @@ if (rpm > 0 and counted >= rpm) or (tpm > 0 and counted > 0 and used + estimate 
     local oldest = redis.call("zrangebyscore", starts, in_window, "+inf", "withscores", "limit", 0, 1)
     rate_frees_at = tonumber(oldest[2]) + window_ms
 end
+local by_tenant = {}
+for _, tenant in ipairs(redis.call("zrange", tenants, 0, -1)) do
+    local low, high = lane_range(tenant)
+    by_tenant[#by_tenant + 1] = tenant
+    by_tenant[#by_tenant + 1] = redis.call("zlexcount", lanes, low, high)
+end
 local after_now = "(" .. int(now_ms)
 return {
     int(now_ms),
@@ -43,4 +50,5 @@ return {
     int(rate_frees_at),
     int(tpm),
     int(used),
+    by_tenant,
 }
