@@ -7,6 +7,7 @@ the line's own rules are in tests/test_fair_line.py.
 import json
 from dataclasses import replace
 
+import dramatiq
 import pytest
 from django.conf import settings
 
@@ -111,26 +112,42 @@ def test_a_keys_lane_policy_is_read_from_its_row_and_defaults_to_no_limits(clien
     assert lane_policy("999999") == LanePolicy(weight=1, cap=0)  # a key deleted since
 
 
-def test_a_parked_step_waits_in_its_tenants_lane_with_its_priority(registry, client_key, simulator, worker, wait):
+def sent_step_message(queue, job_id):
+    """The step message of ``job_id`` waiting in ``queue`` of the broker, as a worker would receive it."""
+    broker = dramatiq.get_broker()
+    for body in broker.client.hvals(f"{broker.namespace}:{queue}.msgs"):
+        message = dramatiq.Message.decode(body)
+        if message.args[0] == job_id:
+            return message
+    raise AssertionError(f"no message of {job_id} in {queue}")
+
+
+def test_a_parked_step_waits_in_its_tenants_lane_with_its_priority(registry, client_key):
+    # Given prompt_enhancer's only slot taken,
     Service.objects.filter(name="prompt_enhancer").update(concurrency_limit=1)
-    simulator.configure(latency={"prompt_enhancer": "2s"})
-    api = keyed_api_client(client_key)
-    create(api)
-    waiting = create(api, priority=3).json()["job_id"]
-
-    try:
-        wait(lambda: Job.objects.get(pk=waiting).step_state == "WAITING", message="the second job to park")
-    finally:
-        print(list(Job.objects.values_list("status", "step_state", "current_step_index")))
-
     limiter = get_limiter()
+    assert limiter.acquire("prompt_enhancer", "other:0:1", limit=1, ttl_s=60, payload="other").granted
+    job_id = create(keyed_api_client(client_key), priority=3).json()["job_id"]
+
+    # when a worker runs the job's first message as the broker holds it, through its actor,
+    from orchestration.actors import STEP_ACTORS
+
+    message = sent_step_message("default", job_id)
+    STEP_ACTORS["default"].fn(*message.args, **message.kwargs)
+
+    # the step parks in its key's lane, ordered by its priority.
+    assert Job.objects.get(pk=job_id).step_state == "WAITING"
     lane_of = limiter.keys("prompt_enhancer")[15]
-    (entry,) = [value for member, value in limiter.client.hgetall(lane_of).items() if member.startswith(waiting)]
-    tenant, order, member = entry.decode().split(":", 2) if isinstance(entry, bytes) else entry.split(":", 2)
+    (entry,) = [value for member, value in limiter.client.hgetall(lane_of).items() if _text(member).startswith(job_id)]
+    tenant, order, member = _text(entry).split(":", 2)
     assert tenant == str(client_key.pk)
     # Its order is its arrival moved 3 points of aging earlier.
     arrival_us = limiter.client.zscore(limiter.keys("prompt_enhancer")[2], member)
     assert int(order) == int(arrival_us) - 3 * int(settings.CAO_PRIORITY_AGING_S * 1_000_000)
+
+
+def _text(value):
+    return value.decode() if isinstance(value, bytes) else value
 
 
 # --- Real workers ---------------------------------------------------------------------------
@@ -243,24 +260,29 @@ def test_the_admin_sets_a_share_weight(admin_client, client_key):
 def test_a_keys_cap_lets_other_keys_jobs_pass_its_waiting_ones(registry, simulator, worker, wait):
     # Given fast_chat_llm with 3 slots and a key capped at 1 call per service,
     Service.objects.filter(name="fast_chat_llm").update(concurrency_limit=3)
-    simulator.configure(latency={"fast_chat_llm": "300ms"})
+    simulator.configure(latency={"fast_chat_llm": "400ms"})
     capped, _ = ApiKey.objects.create_key(name="capped")
     ApiKey.objects.filter(pk=capped.pk).update(max_calls_per_service=1)
     other, _ = ApiKey.objects.create_key(name="other")
-    capped_jobs = [submit_job(feature_name=FEATURE, input_data={"n": i}, owner=capped)[0] for i in range(4)]
+    capped_jobs = [submit_job(feature_name=FEATURE, input_data={"n": i}, owner=capped)[0] for i in range(6)]
+    held = JobEvent.objects.filter(
+        job_id__in=[job.pk for job in capped_jobs], type="WAITING_FOR_SLOT", payload__step_index=1
+    )
 
-    wait(lambda: len(waiting(capped_jobs)) >= 3, message="the capped key's jobs to wait despite free slots")
-    # while two slots stay free for the others:
+    # whose jobs wait for its cap, not for a slot (two slots stay free),
+    wait(lambda: held.count() >= 2, message="the capped key's jobs to wait for its cap")
+    assert {event.payload["limit"] for event in held} == {"key_concurrency"}
+    # another key's jobs take the free slots instead of queueing behind them.
     other_jobs = [submit_job(feature_name=FEATURE, input_data={"n": i}, owner=other)[0] for i in range(2)]
 
     wait_completed(wait, capped_jobs + other_jobs)
-    held = JobEvent.objects.filter(job_id__in=[job.pk for job in capped_jobs], type="WAITING_FOR_SLOT")
     assert {event.payload["limit"] for event in held} == {"key_concurrency"}
     owners = llm_call_owners(simulator)
-    assert len(owners) == 6  # one call each: waiting spent no attempt
-    # The other key's jobs took the free slots at once instead of waiting behind the capped ones
-    # (one call at a time, 300 ms each: at most two of those had started).
-    assert max(owners.index(str(job.pk)) for job in other_jobs) <= 3, owners
+    assert len(owners) == 8  # one call each: waiting spent no attempt
+    capped_ids = {str(job.pk) for job in capped_jobs}
+    capped_places = [index for index, job_id in enumerate(owners) if job_id in capped_ids]
+    # One capped call at a time, 400 ms each: the other key's two were called before its last three.
+    assert max(owners.index(str(job.pk)) for job in other_jobs) < capped_places[3], owners
 
 
 def test_the_admin_shows_who_waits_in_a_line_in_the_order_it_is_served(registry, client_key):
