@@ -8,15 +8,15 @@ from api_keys.models import ApiKey
 @admin.register(ApiKey)
 class ApiKeyAdmin(admin.ModelAdmin):
     list_display = [
-        "name", "key_prefix", "is_staff", "is_active", "share_weight", "max_calls_per_service", "created_at",
-        "last_used_at",
+        "name", "key_prefix", "is_staff", "is_active", "share_weight", "max_calls_per_service", "max_concurrent_jobs",
+        "created_at", "last_used_at",
     ]
     list_filter = ["is_staff", "is_active"]
     search_fields = ["name", "prefix"]
     readonly_fields = ["key_prefix", "created_at", "last_used_at"]
     fields = [
-        "name", "is_staff", "is_active", "share_weight", "max_calls_per_service", "key_prefix", "created_at",
-        "last_used_at",
+        "name", "is_staff", "is_active", "share_weight", "max_calls_per_service", "max_concurrent_jobs", "key_prefix",
+        "created_at", "last_used_at",
     ]
 
     @admin.display(description="key")

@@ -10,6 +10,7 @@ from django.db import models
 KEY_PREFIX_LENGTH = 8
 MAX_SHARE_WEIGHT = 100
 MAX_CALLS_PER_SERVICE = 100_000
+MAX_CONCURRENT_JOBS = 100_000
 
 # The owner of jobs created without a key (CAO_ALLOW_ANONYMOUS), so they are
 # kept apart from the jobs of staff sessions, which have no owner. No raw key
@@ -66,6 +67,13 @@ class ApiKey(models.Model):
         validators=[MaxValueValidator(MAX_CALLS_PER_SERVICE)],
         help_text="At most this many of this key's jobs in a call to any one service at once; the rest wait "
         "in that service's line and let other keys' jobs pass. 0: no cap.",
+    )
+    max_concurrent_jobs = models.PositiveIntegerField(
+        default=0,
+        db_default=0,
+        validators=[MaxValueValidator(MAX_CONCURRENT_JOBS)],
+        help_text="At most this many of this key's jobs run at once; the next ones wait (step state HELD) and "
+        "start, by priority, as running ones end. 0: no cap.",
     )
     created_at = models.DateTimeField(auto_now_add=True)
     last_used_at = models.DateTimeField(null=True, blank=True, editable=False)

@@ -11,6 +11,7 @@ class LanePolicy(NamedTuple):
 
     weight: int = 1  # its share of the turns
     cap: int = 0  # the most calls to one service at once (0: no cap)
+    job_cap: int = 0  # the most jobs running at once (0: no cap)
 
 
 DEFAULT_POLICY = LanePolicy()
@@ -22,7 +23,7 @@ def lane_policy(tenant):
         return DEFAULT_POLICY
 
     def load():
-        row = ApiKey.objects.filter(pk=int(tenant)).values_list("share_weight", "max_calls_per_service").first()
+        row = ApiKey.objects.filter(pk=int(tenant)).values_list("share_weight", "max_calls_per_service", "max_concurrent_jobs").first()
         return LanePolicy(*row) if row else DEFAULT_POLICY
 
     return cached(("lane_policy", tenant), load)

@@ -44,6 +44,7 @@ class StepState(models.TextChoices):
     QUEUED = "QUEUED", "message sent, not yet picked up"
     WAITING = "WAITING", "parked, waiting for a slot of its service"
     RUNNING = "RUNNING", "holding a slot, downstream call in flight"
+    HELD = "HELD", "waiting for one of its API key's places (the key runs as many jobs as it may)"
     IDLE = "IDLE", "nothing in flight (job finished, failed or cancelled)"
 
 
@@ -116,6 +117,11 @@ class Job(models.Model):
             # Maintenance's sweep of jobs waiting past their deadline.
             models.Index(
                 fields=["deadline_at"], name="job_deadline_idx", condition=Q(deadline_at__isnull=False)
+            ),
+            # A capped key's running jobs, counted at every admission, and its held ones.
+            models.Index(
+                fields=["owner", "step_state"], name="job_owner_active_idx",
+                condition=Q(status__in=["PENDING", "RUNNING"]),
             ),
         ]
 

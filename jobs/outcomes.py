@@ -42,7 +42,8 @@ class Failure:
 class ResumeOutcome:
     job: Job
     previous_status: str
-    dispatch: StepDispatch
+    # None when the job resumed HELD, waiting for one of its key's places.
+    dispatch: StepDispatch | None
 
 
 @dataclass(frozen=True)
@@ -59,3 +60,5 @@ class RecordOutcome:
 
     accepted: bool
     dispatch: StepDispatch | None = None
+    # The job is no longer active (COMPLETED or FAILED): its key's place is free.
+    ended: bool = False

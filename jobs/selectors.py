@@ -92,7 +92,7 @@ def step_timeline(job, attempts):
             state = "running" if job.step_state == StepState.RUNNING else "cancelled"
         elif job.step_state == StepState.RUNNING:
             state = "running"
-        elif job.step_state == StepState.WAITING:
+        elif job.step_state in (StepState.WAITING, StepState.HELD):
             state = "waiting"
         elif job.step_attempt > 0:
             state = "retrying"

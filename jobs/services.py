@@ -17,7 +17,7 @@ from django.utils import timezone
 
 from common.errors import InvalidInput
 from common.json_values import unstorable_reason
-from jobs import errors
+from jobs import admission, errors
 from jobs.events import append_events, event
 from jobs.models import DEFAULT_PRIORITY, TERMINAL_STATUSES, EventType, Job, JobStatus, StepState
 from jobs.outcomes import CancelOutcome, ResumeOutcome
@@ -44,7 +44,8 @@ def check_input_data(input_data):
 
 
 def job_create(
-    *, feature_name, input_data, owner=None, idempotency_key=None, deadline_at=None, priority=DEFAULT_PRIORITY
+    *, feature_name, input_data, owner=None, idempotency_key=None, deadline_at=None, priority=DEFAULT_PRIORITY,
+    job_cap=0,
 ):
     """Create a PENDING job for ``feature_name``; returns ``(job, created)``.
 
@@ -52,34 +53,49 @@ def job_create(
     job (``created`` False) instead of creating another one. ``deadline_at``:
     when the job must be done by (``orchestration`` enforces it).
     ``priority``: its place within its owner's share of each busy service.
+    ``job_cap``: the owner's ``max_concurrent_jobs``; when that many of its
+    jobs run, the new one is HELD (``jobs.admission``) and has no step to send.
     """
     check_input_data(input_data)
     if idempotency_key:
         existing = _job_for_idempotency_key(owner, idempotency_key, feature_name, input_data)
         if existing:
             return existing, False
-    steps = _runnable_steps(feature_name)
     now = timezone.now()
+    fields = dict(
+        feature_name=feature_name,
+        steps=_runnable_steps(feature_name),
+        owner=owner,
+        idempotency_key=idempotency_key or None,
+        context={"initial_input": input_data},
+        step_due_at=now,
+        last_progress_at=now,
+        deadline_at=deadline_at,
+        priority=priority,
+    )
+    if not job_cap or owner is None:
+        return _insert_job(fields, input_data)
+    with transaction.atomic():
+        admission.lock_key(owner.pk)
+        room = admission.has_room(owner.pk, job_cap)
+        job, created = _insert_job(fields, input_data)
+        if created and not room:
+            admission.hold(job, cap=job_cap, now=now)
+    return job, created
+
+
+def _insert_job(fields, input_data):
     try:
         with _alone_or_in_a_savepoint():
-            job = Job.objects.create(
-                feature_name=feature_name,
-                steps=steps,
-                owner=owner,
-                idempotency_key=idempotency_key or None,
-                context={"initial_input": input_data},
-                step_due_at=now,
-                last_progress_at=now,
-                deadline_at=deadline_at,
-                priority=priority,
-            )
+            return Job.objects.create(**fields), True
     except IntegrityError:
         # A concurrent request with the same key won the insert.
-        existing = _job_for_idempotency_key(owner, idempotency_key, feature_name, input_data)
+        existing = _job_for_idempotency_key(
+            fields["owner"], fields["idempotency_key"], fields["feature_name"], input_data
+        )
         if existing is None:
             raise
         return existing, False
-    return job, True
 
 
 def _alone_or_in_a_savepoint():
@@ -117,8 +133,12 @@ def _job_for_idempotency_key(owner, key, feature_name, input_data):
     return job
 
 
-def job_resume(*, job, force=False):
-    """FAILED -> RUNNING from the current step, with a fresh attempt budget."""
+def job_resume(*, job, force=False, job_cap=0):
+    """FAILED -> RUNNING from the current step, with a fresh attempt budget.
+
+    ``job_cap``: the owner's ``max_concurrent_jobs``; when that many of its
+    jobs run, the job resumes HELD (``jobs.admission``), with no step to send.
+    """
     if job.status != JobStatus.FAILED:
         raise errors.JobNotResumable(
             f"The job is {job.status}; only FAILED jobs can be resumed.",
@@ -130,6 +150,8 @@ def job_resume(*, job, force=False):
             "then resume with force (staff only).",
             details={"status": job.status, "error_code": job.error_code, "retryable": False},
         )
+    # Counted before the job itself becomes active again.
+    held = bool(job_cap) and job.owner_id is not None and not _room_after_lock(job.owner_id, job_cap)
     now = timezone.now()
     previous_status = job.status
     forced = bool(force and not job.retryable)
@@ -159,7 +181,15 @@ def job_resume(*, job, force=False):
         job, "status", "step_state", "step_token", "step_due_at", "step_attempt", "error_code",
         "error_message", "retryable", "finished_at", "last_progress_at", "deadline_at",
     )
+    if held:
+        admission.hold(job, cap=job_cap, now=now)
+        return ResumeOutcome(job, previous_status, None)
     return ResumeOutcome(job, previous_status, current_step(job))
+
+
+def _room_after_lock(owner_id, cap):
+    admission.lock_key(owner_id)
+    return admission.has_room(owner_id, cap)
 
 
 def job_cancel(*, job):

@@ -11,7 +11,7 @@ from django.utils import timezone
 
 from common.metrics import JOBS_COMPLETED, JOBS_FAILED, STEP_RETRIES
 from jobs.events import CONTACT_SUPPORT, RETRY_AVAILABLE, append_events, event, event_payload
-from jobs.models import AttemptOutcome, EventType, JobStatus, StepAttempt, StepState, step_key
+from jobs.models import ACTIVE_STATUSES, AttemptOutcome, EventType, JobStatus, StepAttempt, StepState, step_key
 from jobs.outcomes import RecordOutcome
 from jobs.state import current_step, next_token, save, set_status
 from jobs.writes import ATTEMPT_PLACEHOLDER, LOCKED, UnreadClaim
@@ -200,7 +200,7 @@ def step_succeed(*, job, token, data, metrics, http_status=None, writer=LOCKED):
         job, "context", "status", "current_step_index", "step_state", "step_token", "step_attempt",
         "step_due_at", "last_progress_at", "finished_at", writer=writer,
     )
-    return RecordOutcome(accepted=True, dispatch=dispatch)
+    return RecordOutcome(accepted=True, dispatch=dispatch, ended=job.status not in ACTIVE_STATUSES)
 
 
 def step_fail(*, job, token, failure, retry_delay_s, outcome=AttemptOutcome.FAILED, writer=LOCKED):
@@ -238,7 +238,7 @@ def step_fail(*, job, token, failure, retry_delay_s, outcome=AttemptOutcome.FAIL
         job, "status", "step_state", "step_token", "step_due_at", "error_code", "error_message",
         "retryable", "finished_at", "last_progress_at", writer=writer,
     )
-    return RecordOutcome(accepted=True, dispatch=dispatch)
+    return RecordOutcome(accepted=True, dispatch=dispatch, ended=job.status not in ACTIVE_STATUSES)
 
 
 def _fail_job(job, failure, *, now, step_index=None, writer=LOCKED):

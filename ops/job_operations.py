@@ -24,8 +24,9 @@ def _resume(force):
 
 def _describe_resume(verb):
     def describe(outcome):
-        step = outcome.dispatch.step_index + 1
-        return f"{verb} from step {step} of {outcome.job.total_steps} (was {outcome.previous_status})."
+        step = outcome.job.current_step_index + 1
+        held = ", held until its API key has a free place" if outcome.dispatch is None else ""
+        return f"{verb} from step {step} of {outcome.job.total_steps} (was {outcome.previous_status}){held}."
 
     return describe
 

@@ -30,6 +30,7 @@ from jobs.models import StepState
 from jobs.outcomes import StepDispatch
 from jobs.writes import LOCKED, ConditionalWrite
 from orchestration import errors
+from orchestration.admission import admit_quietly
 from orchestration.database_retry import DatabaseRetry
 from orchestration.slots import acquire_step, disown_step, release_quietly, release_step, send_handoffs
 from orchestration.errors import failure_from
@@ -306,6 +307,7 @@ class ClaimPhase:
         logger.warning("Failing the job: %s", error.message)
         job_steps.job_fail(job=job, failure=failure_from(error))
         after_commit(release_step, step, limiter=self.limiter)
+        _free_key_place(job)
 
     def _fail_unavailable(self, job):
         error = errors.ServiceUnavailable(
@@ -314,3 +316,10 @@ class ClaimPhase:
         )
         logger.warning("Failing the job: %s", error.message)
         job_steps.job_fail(job=job, failure=failure_from(error))
+        _free_key_place(job)
+
+
+def _free_key_place(job):
+    """The failed job's place among its key's running jobs is free: let a held one in after commit."""
+    if job.owner_id is not None:
+        after_commit(admit_quietly, job_state.tenant_of(job))

@@ -7,12 +7,15 @@ has committed.
 
 from django.db import transaction
 
+from api_keys.selectors import lane_policy
 from common import metrics
 from common.after_commit import after_commit
 from jobs import services as job_services
 from jobs.errors import ForceNotAllowed, JobNotFound
+from jobs.models import ACTIVE_STATUSES, StepState
 from jobs.selectors import parse_job_id, visible_jobs
-from jobs.state import current_step
+from jobs.state import current_step, tenant_of
+from orchestration.admission import admit_quietly
 from orchestration.dispatch import send_after_commit
 from orchestration.slots import release_step
 
@@ -28,13 +31,15 @@ def submit_job(*, feature_name, input_data, owner=None, idempotency_key=None, de
     """Create a job and send its first step; returns ``(job, created)``.
 
     The job is one INSERT that commits by itself; its first message leaves
-    once it has (after the caller's transaction, if there is one).
+    once it has (after the caller's transaction, if there is one). A key
+    with a cap on concurrent jobs creates it with the key's row locked, and
+    HELD, with no message, when the key runs as many as it may.
     """
     job, created = job_services.job_create(
         feature_name=feature_name, input_data=input_data, owner=owner, idempotency_key=idempotency_key,
-        deadline_at=deadline_at, priority=priority,
+        deadline_at=deadline_at, priority=priority, job_cap=_job_cap(owner),
     )
-    if created:
+    if created and job.step_state != StepState.HELD:
         send_after_commit(current_step(job))
         after_commit(metrics.JOBS_CREATED.labels(feature_name).inc)
     return job, created
@@ -46,8 +51,9 @@ def resume_job(*, job_id, owner=None, is_staff=False, force=False):
         raise ForceNotAllowed()
     with transaction.atomic():
         job = _locked_visible_job(job_id, owner=owner, is_staff=is_staff)
-        outcome = job_services.job_resume(job=job, force=force)
-        send_after_commit(outcome.dispatch)
+        outcome = job_services.job_resume(job=job, force=force, job_cap=lane_policy(tenant_of(job)).job_cap)
+        if outcome.dispatch:
+            send_after_commit(outcome.dispatch)
     return outcome
 
 
@@ -58,4 +64,10 @@ def cancel_job(*, job_id, owner=None, is_staff=False):
         outcome = job_services.job_cancel(job=job)
         if outcome.withdrawn:
             after_commit(release_step, outcome.withdrawn)
+        if outcome.previous_status in ACTIVE_STATUSES and job.owner_id is not None:
+            after_commit(admit_quietly, tenant_of(job))  # its place is free
     return outcome
+
+
+def _job_cap(owner):
+    return lane_policy(str(owner.pk)).job_cap if owner is not None else 0

@@ -30,6 +30,7 @@ from common import green, metrics
 from common.logs import log_context
 from jobs.publisher import get_publisher
 from orchestration import errors
+from orchestration.admission import admit_quietly
 from orchestration.claim_phase import ClaimPhase
 from orchestration.dispatch import send_quietly
 from orchestration.http_client import ServiceClient, ServiceReply
@@ -82,6 +83,8 @@ class Engine(ClaimPhase, RecordPhase):
                 finally:
                     # After the keeper let go of the lease: a renewal must not re-add it.
                     self._release(claim, reply, outcome.dispatch if outcome else None, pushes)
+            if outcome is not None and outcome.ended and claim.step.tenant:
+                admit_quietly(claim.step.tenant)  # its key's place is free
             return claim
 
     def call(self, claim):

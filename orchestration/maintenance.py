@@ -37,6 +37,7 @@ from jobs.state import current_step
 from jobs.models import ACTIVE_STATUSES, AttemptOutcome, Job, JobStatus, StepState
 from orchestration import errors
 from orchestration.dispatch import DISPATCH_MARKER, dispatched_token, send_after_commit
+from orchestration.admission import admit_everywhere
 from orchestration.slots import release_step, send_handoffs
 from orchestration.errors import failure_from
 from orchestration.messages import lease_member, parse_member
@@ -69,6 +70,7 @@ class MaintenanceReport:
     deadline_failed: int = 0
     redispatched: int = 0
     lost_attempts: int = 0
+    admitted: int = 0  # held jobs let in: their keys had a free place
 
     @property
     def changed(self):
@@ -91,6 +93,7 @@ def run_maintenance(*, now=None, after_redis_loss=False):
     fail_stuck_jobs(report, now=now)
     fail_jobs_past_deadline(report, now=now)
     redispatch_lost_work(report, now=now, after_redis_loss=after_redis_loss)
+    report.admitted += admit_everywhere()
     return report
 
 
@@ -177,12 +180,16 @@ def fail_stuck_jobs(report, *, now):
     """Fail active jobs without progress for JOB_STUCK_SECONDS, but not a step in a moving line.
 
     Parking is not progress, but a step that keeps its place in a line whose
-    service granted a slot within that time is waiting its turn, not stuck.
+    service granted a slot within that time is waiting its turn, not stuck;
+    nor is a job HELD for one of its key's places (it starts when one of the
+    key's running jobs ends, and those are checked here).
     """
     stuck_s = settings.JOB_STUCK_SECONDS
     cutoff = now - timedelta(seconds=stuck_s)
     limiter = get_limiter()
-    candidates = Job.objects.filter(status__in=ACTIVE_STATUSES, last_progress_at__lt=cutoff)
+    candidates = Job.objects.filter(status__in=ACTIVE_STATUSES, last_progress_at__lt=cutoff).exclude(
+        step_state=StepState.HELD
+    )
     for rows in _batches(candidates):
         waiting = [row for row in rows if row["step_state"] == StepState.WAITING and _service_of(row)]
         places = _locate(limiter, waiting)
@@ -197,7 +204,7 @@ def fail_stuck_jobs(report, *, now):
 
 def _fail_stuck(job_id, cutoff, report):
     with transaction.atomic():
-        job = _lock_if(job_id, Q(status__in=ACTIVE_STATUSES, last_progress_at__lt=cutoff))
+        job = _lock_if(job_id, Q(status__in=ACTIVE_STATUSES, last_progress_at__lt=cutoff) & ~Q(step_state=StepState.HELD))
         if job is None:
             return
         withdrawn = current_step(job) if job.step_state != StepState.RUNNING else None
@@ -214,19 +221,22 @@ def _fail_stuck(job_id, cutoff, report):
 
 
 def fail_jobs_past_deadline(report, *, now):
-    """Fail jobs whose deadline passed while their step waited (queued, or in a service's line).
+    """Fail jobs whose deadline passed while their step waited (queued, in a service's line, or held for a key's place).
 
     A running call is cut off at the deadline by its worker, and a step
     message that arrives late is failed by its claim; this catches the jobs
     that would otherwise wait for a slot long after their client gave up.
     """
-    waiting = Q(status__in=ACTIVE_STATUSES, deadline_at__lte=now, step_state__in=[StepState.QUEUED, StepState.WAITING])
+    waiting = Q(
+        status__in=ACTIVE_STATUSES, deadline_at__lte=now,
+        step_state__in=[StepState.QUEUED, StepState.WAITING, StepState.HELD],
+    )
     for job_id in Job.objects.filter(waiting).values_list("id", flat=True).iterator():
         with transaction.atomic():
             job = _lock_if(job_id, waiting)
             if job is None:
                 continue
-            withdrawn = current_step(job)
+            withdrawn = current_step(job) if job.step_state != StepState.HELD else None
             job_steps.job_fail(
                 job=job,
                 failure=failure_from(errors.DeadlineExceeded(
@@ -235,7 +245,7 @@ def fail_jobs_past_deadline(report, *, now):
                     call_cut_off=False,
                 )),
             )
-            if withdrawn.service:
+            if withdrawn and withdrawn.service:
                 after_commit(release_step, withdrawn)
         report.deadline_failed += 1
         logger.warning("Marked job_id=%s as FAILED DEADLINE_EXCEEDED.", job_id)

@@ -224,7 +224,8 @@ def admin_client(client, django_user_model):
 def key_form(api_key, **fields):
     return {
         "name": api_key.name, "is_active": "on", "share_weight": api_key.share_weight,
-        "max_calls_per_service": api_key.max_calls_per_service, **fields,
+        "max_calls_per_service": api_key.max_calls_per_service, "max_concurrent_jobs": api_key.max_concurrent_jobs,
+        **fields,
     }
 
 
@@ -233,7 +234,8 @@ def key_form(api_key, **fields):
     [
         ("share_weight", "0"), ("share_weight", "-1"), ("share_weight", "101"), ("share_weight", "heavy"),
         ("share_weight", ""), ("max_calls_per_service", "-1"), ("max_calls_per_service", "100001"),
-        ("max_calls_per_service", "few"),
+        ("max_calls_per_service", "few"), ("max_concurrent_jobs", "-1"), ("max_concurrent_jobs", "100001"),
+        ("max_concurrent_jobs", "many"), ("max_concurrent_jobs", ""),
     ],
 )
 def test_a_bad_lane_setting_is_a_form_error_and_changes_nothing(admin_client, client_key, field, value):
@@ -242,18 +244,19 @@ def test_a_bad_lane_setting_is_a_form_error_and_changes_nothing(admin_client, cl
     assert response.status_code == 200  # the form again, with its errors
     assert field in response.context["adminform"].form.errors
     client_key.refresh_from_db()
-    assert (client_key.share_weight, client_key.max_calls_per_service) == (1, 0)
+    assert (client_key.share_weight, client_key.max_calls_per_service, client_key.max_concurrent_jobs) == (1, 0, 0)
 
 
 def test_the_admin_sets_a_share_weight(admin_client, client_key):
     response = admin_client.post(
         f"/admin/api_keys/apikey/{client_key.pk}/change/",
-        key_form(client_key, share_weight="4", max_calls_per_service="2"),
+        key_form(client_key, share_weight="4", max_calls_per_service="2", max_concurrent_jobs="7"),
     )
 
     assert response.status_code == 302, response.content
     client_key.refresh_from_db()
-    assert (client_key.share_weight, client_key.max_calls_per_service) == (4, 2)
+    assert (client_key.share_weight, client_key.max_calls_per_service, client_key.max_concurrent_jobs) == (4, 2, 7)
+    assert lane_policy(str(client_key.pk)) == LanePolicy(weight=4, cap=2, job_cap=7)
     assert "share" in admin_client.get("/admin/api_keys/apikey/").content.decode().lower()
 
 

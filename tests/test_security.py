@@ -122,7 +122,10 @@ def test_the_admin_shows_a_new_key_once(client, django_user_model):
 
     response = client.post(
         "/admin/api_keys/apikey/add/",
-        {"name": "partner", "is_active": "on", "share_weight": "1", "max_calls_per_service": "0"},
+        {
+            "name": "partner", "is_active": "on", "share_weight": "1", "max_calls_per_service": "0",
+            "max_concurrent_jobs": "0",
+        },
         follow=True,
     )
 
