@@ -29,15 +29,15 @@ def step_is_current(job, *, step_index, token):
 
 def step_park(
     *, job, position=None, cooling_until=None, circuit_open=False, rate_limited_until=None,
-    rate_limit="requests_per_minute", tenant_capped=False, writer=LOCKED,
+    rate_limit=None, tenant_capped=False, writer=LOCKED,
 ):
     """No free slot: the step waits in its service's line, holding no thread.
 
     What holds it back: ``cooling_until`` (a datetime), the service cools
     down until then (it answered 429/503 with Retry-After); ``circuit_open``,
     its circuit breaker opened after repeated failures; ``rate_limited_until``
-    (a datetime), its ``rate_limit`` budget ("requests_per_minute" or
-    "tokens_per_minute") is spent until then; ``tenant_capped``, its job's
+    (a datetime), its ``rate_limit`` budget ("tokens_per_minute", or by
+    default "requests_per_minute") is spent until then; ``tenant_capped``, its job's
     API key is in as many calls to the service as its cap allows; else every
     slot is taken.
     """
@@ -58,6 +58,7 @@ def step_park(
                 "limit": "circuit_open",
             }
         elif rate_limited_until is not None:
+            rate_limit = rate_limit or "requests_per_minute"
             spent = "calls" if rate_limit == "requests_per_minute" else "tokens"
             held_by = {
                 "message": f"Waiting: {job.current_service} has used as many {spent} this minute as it may.",

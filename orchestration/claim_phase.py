@@ -156,7 +156,7 @@ class ClaimPhase:
                         cooling_until=_datetime_or_none(acquisition.cooling_until),
                         circuit_open=acquisition.circuit_open,
                         rate_limited_until=_datetime_or_none(acquisition.rate_limited_until),
-                        rate_limit=acquisition.rate_limit or "requests_per_minute",
+                        rate_limit=acquisition.rate_limit,
                         tenant_capped=acquisition.tenant_capped,
                     )
                     if not writer.execute():
