@@ -1,5 +1,6 @@
 """The live overview's JSON and page: figures from real rows and a real limiter, and who may see them."""
 
+import re
 import socket
 from datetime import timedelta
 from datetime import timezone as dt_timezone
@@ -395,6 +396,8 @@ def test_the_page_carries_its_first_figures_its_script_and_nothing_from_elsewher
     page = response.content.decode()
     assert response.status_code == 200 and response["Cache-Control"].startswith("max-age=0")
     assert 'data-url="/admin/overview/data"' in page
+    # Fresh figures at least every 2 s
+    assert 0 < int(re.search(r'data-poll-ms="(\d+)"', page).group(1)) <= 2000
     assert '<script id="ov-initial" type="application/json">' in page
     assert '"name": "fast_chat_llm"' in page and '"in_use": 1' in page
     assert '<script src="/static/ops/overview.js" defer>' in page
