@@ -21,6 +21,8 @@ urlpatterns = [
     path("", home),
     path("api/v1/", include(api_v1)),
     path("jobs/", include("jobs.page_urls")),
+    # The ops console's own pages (the live overview), beside the admin's.
+    path("admin/", include("ops.urls")),
     path("admin/", admin.site.urls),
     path("metrics", metrics, name="metrics"),
 ]

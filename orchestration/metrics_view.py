@@ -3,17 +3,16 @@
 import hmac
 import logging
 
-import dramatiq
 from django.conf import settings
 from django.http import HttpResponse, JsonResponse
 from django.views.decorators.http import require_GET
-from dramatiq.brokers.redis import RedisBroker
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.multiprocess import MultiProcessCollector
 
 from common.errors import error_body
 from orchestration.per_process import get_limiter
+from orchestration.queues import queue_depths
 from services_registry.selectors import service_list
 
 logger = logging.getLogger(__name__)
@@ -78,18 +77,6 @@ class SharedStateCollector:
             # the missing series are the signal.
             logger.warning("Could not read shared state for /metrics.", exc_info=True)
         yield from (in_use, limit, waiters, depth, cooling, circuit, rate, rate_limit, tokens, tokens_limit)
-
-
-def queue_depths():
-    """(queue, ready, delayed) for each queue of CAO_QUEUES."""
-    broker = dramatiq.get_broker()
-    for queue in settings.CAO_QUEUES:
-        if isinstance(broker, RedisBroker):
-            key = f"{broker.namespace}:{queue}"
-            yield queue, broker.client.llen(key), broker.client.hlen(f"{key}.DQ.msgs")
-        elif hasattr(broker, "get_queue_message_counts"):
-            ready, delayed, _dead = broker.get_queue_message_counts(queue)
-            yield queue, ready, delayed
 
 
 def gateway_registry():
