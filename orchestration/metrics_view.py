@@ -6,6 +6,7 @@ import logging
 import dramatiq
 from django.conf import settings
 from django.http import HttpResponse, JsonResponse
+from django.utils import timezone
 from django.views.decorators.http import require_GET
 from dramatiq.brokers.redis import RedisBroker
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, generate_latest
@@ -15,6 +16,7 @@ from prometheus_client.multiprocess import MultiProcessCollector
 from common.errors import error_body
 from orchestration.per_process import get_limiter
 from services_registry.selectors import service_list
+from webhooks.selectors import pending_summary
 
 logger = logging.getLogger(__name__)
 
@@ -27,7 +29,7 @@ class SharedStateCollector:
         limit = GaugeMetricFamily("cao_slot_limit", "Concurrency limit, per service.", labels=["service"])
         waiters = GaugeMetricFamily("cao_slot_waiters", "Steps waiting for a slot, per service.", labels=["service"])
         depth = GaugeMetricFamily(
-            "cao_queue_depth", "Step messages not yet picked up, per queue.", labels=["queue", "kind"]
+            "cao_queue_depth", "Messages not yet picked up, per queue (the step queues and the webhooks queue).", labels=["queue", "kind"]
         )
         rate = GaugeMetricFamily(
             "cao_service_calls_in_rate_window",
@@ -56,6 +58,18 @@ class SharedStateCollector:
             "Seconds left of a service's cool-down (it answered 429/503 with Retry-After); 0 when none.",
             labels=["service"],
         )
+        pending = GaugeMetricFamily("cao_webhook_pending", "Webhook deliveries still to be made (or retried).")
+        oldest = GaugeMetricFamily(
+            "cao_webhook_oldest_pending_age_seconds",
+            "Age of the oldest webhook delivery still to be made; 0 when none.",
+        )
+        try:
+            count, oldest_at = pending_summary()
+            pending.add_metric([], count)
+            oldest.add_metric([], max(0.0, (timezone.now() - oldest_at).total_seconds()) if oldest_at else 0.0)
+        except Exception:
+            logger.warning("Could not read the webhook outbox for /metrics.", exc_info=True)
+        yield from (pending, oldest)
         try:
             limiter = get_limiter()
             for service in service_list():
@@ -81,9 +95,9 @@ class SharedStateCollector:
 
 
 def queue_depths():
-    """(queue, ready, delayed) for each queue of CAO_QUEUES."""
+    """(queue, ready, delayed) for each queue of CAO_QUEUES, and the webhooks queue."""
     broker = dramatiq.get_broker()
-    for queue in settings.CAO_QUEUES:
+    for queue in (*settings.CAO_QUEUES, settings.CAO_WEBHOOK_QUEUE):
         if isinstance(broker, RedisBroker):
             key = f"{broker.namespace}:{queue}"
             yield queue, broker.client.llen(key), broker.client.hlen(f"{key}.DQ.msgs")
