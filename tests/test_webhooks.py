@@ -452,3 +452,46 @@ def test_a_timeout_and_a_refused_connection_are_retried(client_key, settings):
     other.refresh_from_db()
     assert DeliveryAttempt.objects.get(delivery=other).outcome == AttemptOutcome.CONNECTION_ERROR
     assert other.state == DeliveryState.PENDING and other.next_attempt_at > timezone.now()
+
+
+# --- The README's receiver ----------------------------------------------------------------------------
+
+
+def readme_receiver():
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = readme[readme.index("A receiver that verifies with the `standardwebhooks` package"):]
+    return section.split("```python\n", 1)[1].split("```", 1)[0]
+
+
+def test_the_readmes_ten_line_receiver_verifies_a_real_delivery(client_key, settings, tmp_path):
+    import subprocess
+    import sys
+
+    from scripts.private_servers import free_port
+    from scripts.testbed import wait_until
+
+    code = readme_receiver()
+    assert len(code.strip().splitlines()) <= 10
+    port = free_port()
+    script = tmp_path / "receiver.py"
+    script.write_text(code.replace('"whsec_..."', repr(client_key.webhook_secret)).replace("8080", str(port)))
+    receiver = subprocess.Popen([sys.executable, "-u", str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        def listening():
+            with socket.socket() as probe:
+                return probe.connect_ex(("127.0.0.1", port)) == 0
+
+        wait_until(listening, timeout=20, message="the README's receiver to listen")
+        settings.CAO_WEBHOOK_ALLOWED_HOSTS = ["127.0.0.1"]
+        row = outbox_row(client_key, f"http://127.0.0.1:{port}/cao")
+
+        delivery.deliver_next(row.job_id)
+
+        row.refresh_from_db()
+        assert row.state == DeliveryState.DELIVERED and row.last_status_code == 204
+    finally:
+        receiver.terminate()
+        out, _ = receiver.communicate(timeout=10)
+    assert f"{row.webhook_id} JOB_COMPLETED {row.job_id}" in out
