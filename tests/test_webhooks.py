@@ -354,6 +354,10 @@ def test_every_key_gets_a_secret_of_its_own_in_the_standard_format(db):
     ({"webhook_url": "http://exa mple.com/"}, "webhook_url"),
     ({"webhook_url": "http://example.com/" + "a" * 2000}, "webhook_url"),
     ({"webhook_url": ["http://example.com/"]}, "webhook_url"),
+    ({"webhook_url": None}, "webhook_url"),
+    ({"webhook_url": "http://example.com/\u0000"}, "webhook_url"),
+    ({"webhook_url": "http://ex\u00e4mple.com/"}, "webhook_url"),
+    ({"webhook_url": "http://example.com/#fragment"}, "webhook_url"),
     ({"webhook_url": "https://example.com/", "webhook_events": ["JOB_EXPLODED"]}, "webhook_events"),
     ({"webhook_url": "https://example.com/", "webhook_events": ["STEP_STARTED"]}, "webhook_events"),
     ({"webhook_url": "https://example.com/", "webhook_events": []}, "webhook_events"),
@@ -373,6 +377,16 @@ def test_bad_webhook_input_is_a_400_in_the_error_shape_and_writes_nothing(api, r
     assert body["error"]["code"] in ("INVALID_WEBHOOK", "INVALID_INPUT")
     assert detail in body["error"]["details"]
     assert not Job.objects.exists() and not Delivery.objects.exists()
+
+
+def test_a_lone_surrogate_in_webhook_url_is_a_400(api, registry):
+    body = '{"feature_name": "business_plan", "input_data": {}, "webhook_url": "http://example.com/\\ud800"}'
+
+    response = api.generic("POST", "/api/v1/jobs", body, content_type="application/json")
+
+    assert response.status_code == 400, response.content
+    assert response.json()["error"]["code"] in ("INVALID_WEBHOOK", "INVALID_INPUT", "MALFORMED_JSON")
+    assert not Job.objects.exists()
 
 
 # --- The job's representation and the schema -------------------------------------------------------

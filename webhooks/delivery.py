@@ -30,7 +30,7 @@ from common import metrics
 from common.after_commit import after_commit
 from common.logs import log_context
 from webhooks import addresses, retry, signing
-from webhooks.errors import AttemptFailed, WebhookAddressNotAllowed
+from webhooks.errors import AttemptFailed, InvalidWebhook, WebhookAddressNotAllowed
 from webhooks.models import AttemptOutcome, Delivery, DeliveryAttempt, DeliveryState
 
 logger = logging.getLogger(__name__)
@@ -93,7 +93,11 @@ def _attempt(delivery, *, now, resolver):
     secrets = webhook_signing_secrets(delivery.api_key_id, now=now) if delivery.api_key_id else []
     if not secrets:
         raise AttemptFailed(AttemptOutcome.NO_SECRET, "The job's API key was deleted: nothing signs.", retryable=False)
-    target = addresses.parse(delivery.url)
+    try:
+        target = addresses.parse(delivery.url)
+    except InvalidWebhook as invalid:
+        # Accepted at create, refused now (an operator lowered the length limit, say): no retry can help.
+        raise AttemptFailed(AttemptOutcome.ADDRESS_REFUSED, invalid.message, retryable=False) from None
     try:
         address = addresses.resolve(target, resolver=resolver)
     except WebhookAddressNotAllowed as refused:

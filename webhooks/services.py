@@ -18,14 +18,16 @@ def deliveries_redeliver(*, delivery_ids, now=None):
     """Send these deliveries again, whatever became of them: pending, due now, with a fresh retry window.
 
     Their attempts so far stay in the log; the next one keeps the same
-    ``webhook-id``, so a receiver that already has the event can tell.
+    ``webhook-id``, so a receiver that already has the event can tell. A
+    delivery with an attempt in flight keeps its lease: that attempt
+    records its outcome, and no second one starts beside it.
     Returns how many were reset.
     """
     now = now or timezone.now()
     with transaction.atomic():
         rows = list(Delivery.objects.select_for_update().filter(pk__in=delivery_ids).values_list("pk", "job_id"))
         Delivery.objects.filter(pk__in=[pk for pk, _ in rows]).update(
-            state=DeliveryState.PENDING, next_attempt_at=now, lease_until=None, finished_at=None,
+            state=DeliveryState.PENDING, next_attempt_at=now, finished_at=None,
             give_up_at=now + timedelta(seconds=settings.CAO_WEBHOOK_RETRY_FOR_S),
         )
         for job_id in {job_id for _, job_id in rows}:
