@@ -116,7 +116,7 @@ def benchmark_process(app_root=None, **env):
         call_command("migrate", verbosity=0)
         redis.Redis.from_url(settings.REDIS_URL).flushdb()
         with connection.cursor() as cursor:
-            cursor.execute("TRUNCATE jobs_job, jobs_stepattempt, jobs_jobevent")
+            cursor.execute("TRUNCATE jobs_job, jobs_stepattempt, jobs_jobevent CASCADE")  # and the webhook outbox
         yield
     finally:
         simulator.stop()

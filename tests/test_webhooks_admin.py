@@ -56,6 +56,7 @@ def test_the_key_page_shows_its_secret_and_links_its_delivery_log(admin_client, 
     mine = admin_client.get(f"/admin/webhooks/delivery/?api_key__id__exact={client_key.pk}").content.decode()
     others = admin_client.get(f"/admin/webhooks/delivery/?api_key__id__exact={staff_key.pk}").content.decode()
     assert delivered.webhook_id in mine and delivered.webhook_id not in others
+    assert "The receiver answered 502." in mine and "FAILED" in mine
 
 
 def test_rotating_a_key_in_the_admin_keeps_the_old_secret_signing_for_the_grace_period(admin_client, client_key, settings):

@@ -43,8 +43,8 @@ class DeliveryAttemptInline(admin.TabularInline):
 @admin.register(Delivery)
 class DeliveryAdmin(admin.ModelAdmin):
     list_display = [
-        "webhook_id", "event_type", "state_badge", "attempts", "last_status_code", "next_try", "job_link",
-        "api_key", "created_at",
+        "webhook_id", "event_type", "state_badge", "attempts", "last_status_code", "next_try", "error",
+        "job_link", "api_key", "created_at",
     ]
     list_filter = ["state", "event_type", "api_key"]
     search_fields = ["^job__id", "url", "last_error"]
@@ -76,6 +76,11 @@ class DeliveryAdmin(admin.ModelAdmin):
     @admin.display(description="next try", ordering="next_attempt_at")
     def next_try(self, delivery):
         return precise_time(delivery.next_attempt_at) if delivery.state == "PENDING" else ""
+
+    @admin.display(description="last error")
+    def error(self, delivery):
+        text = delivery.last_error
+        return text if len(text) <= 80 else f"{text[:79]}…"
 
     @admin.display(description="job")
     def job_link(self, delivery):
