@@ -509,3 +509,63 @@ def test_the_readmes_ten_line_receiver_verifies_a_real_delivery(client_key, sett
         receiver.terminate()
         out, _ = receiver.communicate(timeout=10)
     assert f"{row.webhook_id} JOB_COMPLETED {row.job_id}" in out
+
+
+# --- Maintenance: the row is the truth ----------------------------------------------------------------
+
+
+def queued_messages(job_id):
+    import dramatiq
+    from django.conf import settings
+
+    broker = dramatiq.get_broker()
+    queue = f"{broker.namespace}:{settings.CAO_WEBHOOK_QUEUE}"
+    return [message for message in broker.client.lrange(queue, 0, -1) if str(job_id).encode() in message] + [
+        message for message in broker.client.hvals(f"{queue}.msgs") if str(job_id).encode() in message
+    ]
+
+
+def test_maintenance_resends_a_due_delivery_whose_message_was_lost_and_only_that(client_key, settings):
+    import dramatiq
+
+    from webhooks.dispatch import QUEUED_MARKER, send_delivery
+    from webhooks.services import redispatch_lost
+
+    settings.CAO_REDISPATCH_GRACE_S = 0
+    dramatiq.get_broker().flush_all()
+    lost = outbox_row(client_key, "http://127.0.0.1:9/lost")
+    sent = outbox_row(client_key, "http://127.0.0.1:9/sent")
+    send_delivery(sent.job_id)  # its message and marker are in Redis
+    later = outbox_row(client_key, "http://127.0.0.1:9/later")
+    Delivery.objects.filter(pk=later.pk).update(next_attempt_at=timezone.now() + timedelta(hours=1))
+
+    assert redispatch_lost() == 1
+
+    assert get_marker(QUEUED_MARKER.format(job_id=lost.job_id))
+    assert len(queued_messages(lost.job_id)) == 1
+    assert len(queued_messages(sent.job_id)) == 1  # not sent twice
+    assert queued_messages(later.job_id) == []  # not due: its retry message is the one to wait for
+    # after a Redis loss every due delivery is sent again, marker or not
+    assert redispatch_lost(after_redis_loss=True) == 2
+
+
+def test_maintenance_resends_a_delivery_whose_attempt_lease_lapsed(client_key, settings):
+    from webhooks.dispatch import send_delivery
+    from webhooks.services import redispatch_lost
+
+    settings.CAO_REDISPATCH_GRACE_S = 3600
+    row = outbox_row(client_key, "http://127.0.0.1:9/hook")
+    send_delivery(row.job_id)  # marked as sent
+    claimed, _ = delivery._claim_head(row.job_id, now=timezone.now())
+    assert claimed is not None
+    assert redispatch_lost() == 0  # a worker holds it
+
+    # the worker died mid-POST: its lease lapses
+    Delivery.objects.filter(pk=row.pk).update(lease_until=timezone.now() - timedelta(seconds=1))
+    assert redispatch_lost() == 1
+
+
+def get_marker(key):
+    from common.redis import get_redis
+
+    return get_redis().exists(key)

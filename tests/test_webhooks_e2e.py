@@ -63,10 +63,14 @@ def test_a_pending_delivery_survives_its_worker_killed_and_redis_restarted(testb
 
 @pytest.mark.timeout(300)
 def test_a_worker_killed_mid_delivery_leaves_it_to_be_sent_again_with_the_same_id(testbed):
+    # A read timeout long enough for the jobs below to run while the first POST is held (its lease: 37 s)
+    env = {**WEBHOOKS, "CAO_WEBHOOK_TIMEOUT_S": "15"}
     # Given a receiver that holds the first request unanswered
-    with WebhookReceiver(hold=lambda number: number == 1) as receiver, testbed(env=WEBHOOKS) as bed:
+    with WebhookReceiver(hold=lambda number: number == 1) as receiver, testbed(env=env) as bed:
         job_id = submit_with_webhook(bed, receiver.url())
         wait_until(lambda: len(receiver.requests()) == 1, timeout=60, message="the first attempt to arrive")
+        # (a receiver that does not answer holds a delivery greenlet, never a step worker: jobs go on)
+        bed.wait_finished(bed.submit_many(3), timeout=12)
 
         # When the delivery worker is killed while that POST is in flight, then starts again
         bed.kill("worker_webhooks")

@@ -6,15 +6,18 @@ from webhooks.models import Delivery, DeliveryState
 
 
 def jobs_with_due_deliveries(*, due_before, now, limit=1000):
-    """``(job_id, lease_lapsed)`` of jobs whose head delivery is due since before ``due_before`` and not held.
+    """``(job_id, lease_lapsed)`` of jobs with a pending delivery that is due and not held.
 
-    ``lease_lapsed``: an attempt was claimed and its worker never recorded it (it died mid-POST).
+    Due since before ``due_before`` when never claimed; due at all when its
+    attempt's lease lapsed (``lease_lapsed``: a worker claimed it and never
+    recorded it, having died mid-POST).
     """
+    lapsed = Q(lease_until__isnull=False, lease_until__lte=now)
     rows = (
-        Delivery.objects.filter(state=DeliveryState.PENDING, next_attempt_at__lte=due_before)
-        .filter(Q(lease_until__isnull=True) | Q(lease_until__lte=now))
+        Delivery.objects.filter(state=DeliveryState.PENDING, next_attempt_at__lte=now)
+        .filter(lapsed | Q(lease_until__isnull=True, next_attempt_at__lte=due_before))
         .values("job_id")
-        .annotate(lapsed=Count("pk", filter=Q(lease_until__isnull=False)))
+        .annotate(lapsed=Count("pk", filter=lapsed))
         .order_by("job_id")[:limit]
     )
     return [(row["job_id"], row["lapsed"] > 0) for row in rows]
