@@ -24,7 +24,9 @@ import time
 from contextlib import contextmanager
 
 # The project's own top-level packages (what --app-root swaps).
-APP_PACKAGES = {"api_keys", "cao_project", "common", "jobs", "ops", "orchestration", "services_registry", "simulator"}
+APP_PACKAGES = {
+    "api_keys", "cao_project", "common", "jobs", "ops", "orchestration", "services_registry", "simulator", "webhooks",
+}
 
 
 def _configure(app_root):
