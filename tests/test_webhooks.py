@@ -569,3 +569,53 @@ def get_marker(key):
     from common.redis import get_redis
 
     return get_redis().exists(key)
+
+
+def test_an_https_receiver_is_held_to_its_certificate(client_key, settings, tmp_path):
+    import ssl
+    import subprocess
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    import shutil
+
+    from tests.requirements import require
+
+    require(shutil.which("openssl"), "openssl (Debian's openssl package) makes the test's certificate")
+    # Given an https receiver with a self-signed certificate for its name
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost",
+         "-keyout", str(tmp_path / "key.pem"), "-out", str(tmp_path / "cert.pem")],
+        check=True, capture_output=True,
+    )
+    seen = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self):
+            seen.append(self.path)
+            self.send_response(200)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(tmp_path / "cert.pem", tmp_path / "key.pem")
+    server.socket = context.wrap_socket(server.socket, server_side=True)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    settings.CAO_WEBHOOK_ALLOWED_HOSTS = ["localhost"]
+    try:
+        row = outbox_row(client_key, f"https://localhost:{server.server_address[1]}/hook")
+
+        # When it is delivered to (connecting to the checked address, verifying TLS against the URL's name)
+        delivery.deliver_next(row.job_id)
+    finally:
+        server.shutdown()
+        server.server_close()
+
+    # Then the certificate no CA signed is refused before anything is sent, and retried like any connection error
+    row.refresh_from_db()
+    attempt = DeliveryAttempt.objects.get(delivery=row)
+    assert attempt.outcome == AttemptOutcome.CONNECTION_ERROR and "CERTIFICATE_VERIFY_FAILED" in attempt.error
+    assert seen == [] and row.state == DeliveryState.PENDING
