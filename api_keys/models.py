@@ -1,5 +1,6 @@
 """API keys: how clients authenticate. Only a hash of each key is stored."""
 
+import base64
 import hashlib
 import hmac
 import secrets
@@ -17,6 +18,17 @@ MAX_CONCURRENT_JOBS = 100_000
 # matches it: generated prefixes are hex, and its hash is no SHA-256 digest.
 ANONYMOUS_PREFIX = "anon0000"
 UNUSABLE_HASH = "!"
+
+
+# Webhook signing secrets in the Standard Webhooks format: "whsec_" and the
+# base64 of random bytes (24 bytes, as the spec's libraries generate them).
+WEBHOOK_SECRET_PREFIX = "whsec_"
+WEBHOOK_SECRET_BYTES = 24
+
+
+def new_webhook_secret():
+    """A fresh signing secret, ``whsec_<base64 of random bytes>``."""
+    return WEBHOOK_SECRET_PREFIX + base64.b64encode(secrets.token_bytes(WEBHOOK_SECRET_BYTES)).decode()
 
 
 def hash_key(key):
@@ -75,6 +87,11 @@ class ApiKey(models.Model):
         help_text="At most this many of this key's jobs run at once; the next ones wait (step state HELD) and "
         "start, by priority, as running ones end. 0: no cap.",
     )
+    # Signs this key's webhook deliveries. Rotating it keeps the previous one
+    # signing too until previous_webhook_secret_until (a grace period).
+    webhook_secret = models.CharField(max_length=64, default=new_webhook_secret, editable=False)
+    previous_webhook_secret = models.CharField(max_length=64, blank=True, default="", editable=False)
+    previous_webhook_secret_until = models.DateTimeField(null=True, blank=True, editable=False)
     created_at = models.DateTimeField(auto_now_add=True)
     last_used_at = models.DateTimeField(null=True, blank=True, editable=False)
 

@@ -27,3 +27,19 @@ def lane_policy(tenant):
         return LanePolicy(*row) if row else DEFAULT_POLICY
 
     return cached(("lane_policy", tenant), load)
+
+
+def webhook_signing_secrets(api_key_id, *, now):
+    """The secrets that sign a delivery of the key ``api_key_id`` at ``now``: the current one first, then the
+    previous one while its grace period lasts. Empty for a deleted key."""
+    row = (
+        ApiKey.objects.filter(pk=api_key_id)
+        .values_list("webhook_secret", "previous_webhook_secret", "previous_webhook_secret_until")
+        .first()
+    )
+    if row is None:
+        return []
+    current, previous, previous_until = row
+    if previous and previous_until is not None and now < previous_until:
+        return [current, previous]
+    return [current]

@@ -24,7 +24,9 @@ import time
 from contextlib import contextmanager
 
 # The project's own top-level packages (what --app-root swaps).
-APP_PACKAGES = {"api_keys", "cao_project", "common", "jobs", "ops", "orchestration", "services_registry", "simulator"}
+APP_PACKAGES = {
+    "api_keys", "cao_project", "common", "jobs", "ops", "orchestration", "services_registry", "simulator", "webhooks",
+}
 
 
 def _configure(app_root):
@@ -116,7 +118,7 @@ def benchmark_process(app_root=None, **env):
         call_command("migrate", verbosity=0)
         redis.Redis.from_url(settings.REDIS_URL).flushdb()
         with connection.cursor() as cursor:
-            cursor.execute("TRUNCATE jobs_job, jobs_stepattempt, jobs_jobevent")
+            cursor.execute("TRUNCATE jobs_job, jobs_stepattempt, jobs_jobevent CASCADE")  # and the webhook outbox
         yield
     finally:
         simulator.stop()

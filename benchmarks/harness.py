@@ -84,7 +84,7 @@ def reset(bed, *, settle_s=0.5):
     wait_idle(bed)
     bed.simulator.reset(config=True)
     bed.set_service("video_gen_v2", concurrency_limit=2)
-    bed.sql("TRUNCATE jobs_job, jobs_stepattempt, jobs_jobevent")
+    bed.sql("TRUNCATE jobs_job, jobs_stepattempt, jobs_jobevent CASCADE")  # and the webhook outbox
     time.sleep(settle_s)
 
 

@@ -111,6 +111,7 @@ INSTALLED_APPS = [
     "api_keys",
     "services_registry",
     "jobs",
+    "webhooks",
     "orchestration",
     "simulator",
     "ops",
@@ -324,6 +325,31 @@ CAO_INFRA_MAX_RETRIES = env_int("CAO_INFRA_MAX_RETRIES", 60)
 CAO_RECORD_RETRY_S = env_seconds("CAO_RECORD_RETRY_S", 300.0, was="CAO_RECORD_RETRY_SECONDS")
 # Whether downstream calls honour HTTP(S)_PROXY / NO_PROXY and .netrc.
 CAO_HTTP_TRUST_ENV = env_bool("CAO_HTTP_TRUST_ENV", False)
+
+# --- Webhooks (the webhooks app) ------------------------------------------------
+
+# The queue of the delivery actor; its own worker pool consumes it, so a slow
+# receiver never holds a step worker or a service's slot.
+CAO_WEBHOOK_QUEUE = env_str("CAO_WEBHOOK_QUEUE", "webhooks")
+# Loopback, link-local and private addresses are refused as webhook targets,
+# at create and at every delivery (against the resolved address), except the
+# hosts listed here: names (as written in the URL), addresses or networks
+# (e.g. "localhost,127.0.0.1,10.0.0.0/8").
+CAO_WEBHOOK_ALLOWED_HOSTS = env_list("CAO_WEBHOOK_ALLOWED_HOSTS", [])
+# A failed delivery is retried after about this long, doubling each time
+# (with jitter) up to CAO_WEBHOOK_RETRY_MAX_DELAY_S, for CAO_WEBHOOK_RETRY_FOR_S.
+CAO_WEBHOOK_RETRY_BASE_S = env_seconds("CAO_WEBHOOK_RETRY_BASE_S", 5.0)
+CAO_WEBHOOK_RETRY_MAX_DELAY_S = env_seconds("CAO_WEBHOOK_RETRY_MAX_DELAY_S", 3600.0)
+CAO_WEBHOOK_RETRY_FOR_S = env_seconds("CAO_WEBHOOK_RETRY_FOR_S", 24 * 3600.0)
+# One delivery's request: connect and read timeouts (the whole answer must
+# start within the read timeout).
+CAO_WEBHOOK_CONNECT_TIMEOUT_S = env_seconds("CAO_WEBHOOK_CONNECT_TIMEOUT_S", 3.0)
+CAO_WEBHOOK_TIMEOUT_S = env_seconds("CAO_WEBHOOK_TIMEOUT_S", 10.0)
+# After a key's signing secret is rotated, the previous one still signs
+# (a second signature in webhook-signature) for this long.
+CAO_WEBHOOK_SECRET_GRACE_S = env_seconds("CAO_WEBHOOK_SECRET_GRACE_S", 24 * 3600.0)
+# The longest webhook_url accepted.
+CAO_WEBHOOK_MAX_URL_LENGTH = env_int("CAO_WEBHOOK_MAX_URL_LENGTH", 2000)
 
 JOB_STUCK_SECONDS = env_int("JOB_STUCK_SECONDS", 7200)
 SANITY_CHECK_INTERVAL_SECONDS = env_float("SANITY_CHECK_INTERVAL_SECONDS", 60.0)

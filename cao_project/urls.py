@@ -11,6 +11,7 @@ api_v1 = [
     path("health/ready", ReadinessApi.as_view(), name="health-ready"),
     path("", include("services_registry.urls")),
     path("", include("jobs.urls")),
+    path("", include("webhooks.urls")),
     path("schema", SpectacularAPIView.as_view(), name="schema"),
     # The split view serves its JavaScript separately, so the page works
     # under the Content-Security-Policy (no inline scripts).

@@ -33,6 +33,18 @@ STEP_RETRIES = Counter(
     "cao_step_retries_total", "Step attempts that failed and were scheduled again.", ["service", "error_code"]
 )
 
+# Webhook deliveries (webhooks.delivery), counted once their record is committed.
+WEBHOOK_DELIVERED = Counter("cao_webhook_delivered_total", "Webhook deliveries the receiver accepted (2xx).")
+WEBHOOK_FAILED = Counter(
+    "cao_webhook_attempts_failed_total",
+    "Webhook delivery attempts that failed, by outcome (HTTP_ERROR, TIMEOUT, CONNECTION_ERROR, ADDRESS_REFUSED, "
+    "NO_SECRET).",
+    ["outcome"],
+)
+WEBHOOK_GAVE_UP = Counter(
+    "cao_webhook_given_up_total", "Webhook deliveries given up, by the outcome of their last attempt.", ["outcome"]
+)
+
 
 def observe_call(service, reply, seconds):
     """Record one downstream call; ``reply`` is a ServiceReply or a StepError."""

@@ -22,6 +22,7 @@ from jobs.monitor import monitor_url
 from jobs.permissions import OPERATE_JOBS, READ_JOBS, START_JOBS
 from jobs.services import FEATURE_NAME
 from orchestration import commands
+from webhooks.models import DEFAULT_EVENTS, DELIVERABLE_EVENTS
 
 MAX_IDEMPOTENCY_KEY_LENGTH = 255
 
@@ -67,6 +68,16 @@ class JobSummarySerializer(serializers.Serializer):
     finished_at = serializers.DateTimeField(allow_null=True)
     deadline_at = serializers.DateTimeField(allow_null=True)
     priority = serializers.IntegerField()
+    webhook_url = serializers.CharField(allow_null=True, help_text="Where the job's events are POSTed; null: none.")
+    webhook_events = serializers.ListField(
+        child=serializers.ChoiceField(choices=DELIVERABLE_EVENTS), allow_null=True,
+        help_text="The event types delivered to webhook_url; null without a webhook.",
+    )
+
+    def to_representation(self, job):
+        data = super().to_representation(job)
+        data["webhook_url"] = data["webhook_url"] or None
+        return data
 
     @extend_schema(responses=ErrorSerializer(allow_null=True))
     def get_error(self, job) -> dict | None:
@@ -125,6 +136,24 @@ class JobCreateApi(APIView):
             "for a busy service, a higher priority goes first among the jobs of the same API key; a job waiting "
             "CAO_PRIORITY_AGING_S (10 s) longer counts as one point higher, so a low priority never starves. "
             "Different keys take turns whatever their priorities.",
+        )
+
+        webhook_url = serializers.CharField(
+            required=False,
+            allow_blank=True,
+            trim_whitespace=False,
+            max_length=None,
+            help_text="Where to POST the job's events (Standard Webhooks: signed with your API key's secret, from "
+            "GET /api/v1/webhooks/secret; retried with backoff for 24 h). http or https, at most "
+            "CAO_WEBHOOK_MAX_URL_LENGTH (2000) characters; loopback, link-local and private addresses are refused "
+            "unless the operator allows them (CAO_WEBHOOK_ALLOWED_HOSTS). Needs an API key.",
+        )
+        webhook_events = serializers.ListField(
+            child=serializers.CharField(),
+            required=False,
+            allow_empty=True,
+            help_text="Which event types to deliver: any of " + ", ".join(DELIVERABLE_EVENTS) + "; by default "
+            + ", ".join(DEFAULT_EVENTS) + " (how the job ends).",
         )
 
         def validate(self, attrs):
@@ -195,6 +224,8 @@ class JobCreateApi(APIView):
             idempotency_key=_idempotency_key(request),
             deadline_at=serializer.deadline(),
             priority=serializer.validated_data["priority"],
+            webhook_url=serializer.validated_data.get("webhook_url"),
+            webhook_events=serializer.validated_data.get("webhook_events"),
         )
         body = {
             "success": True,

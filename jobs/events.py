@@ -5,7 +5,8 @@ transaction that changes the locked job row, or in the same conditional
 statement (``jobs.writes``). Seq numbers come from ``Job.last_event_seq`` on
 that row, which makes them gapless and unique per job. Pushing to live
 subscribers happens only after commit, so nobody sees an event that was
-rolled back.
+rolled back. An event the job's webhook wants gets its outbox row
+(``webhooks.outbox``) in the same write, and its delivery message after commit.
 """
 
 from django.utils import timezone
@@ -13,6 +14,7 @@ from django.utils import timezone
 from jobs.models import EventType, JobEvent
 from jobs.publisher import get_publisher
 from jobs.writes import LOCKED
+from webhooks import outbox
 
 # JOB_ERROR's ``action``: what a client can do about the failure.
 RETRY_AVAILABLE = "RETRY_AVAILABLE"
@@ -43,6 +45,12 @@ def append_events(job, *events, now=None, writer=LOCKED):
     writer.add_events(job, rows)
     payloads = [row.payload for row in rows]
     writer.after_commit(publish, str(job.id), payloads)
+    if job.webhook_url:
+        # The webhook outbox: its rows go with the events, its message after commit.
+        deliveries = outbox.delivery_rows(job, rows, now=now)
+        if deliveries:
+            writer.add_deliveries(job, deliveries)
+            writer.after_commit(outbox.announce, job.id)
     return payloads
 
 

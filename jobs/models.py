@@ -90,6 +90,9 @@ class Job(models.Model):
         db_default=DEFAULT_PRIORITY,  # rows written by code that predates the field
         validators=[MinValueValidator(MIN_PRIORITY), MaxValueValidator(MAX_PRIORITY)]
     )
+    # Where to POST the job's events (webhooks app), and which types; "" and null: no webhook.
+    webhook_url = models.CharField(max_length=2048, blank=True, default="", db_default="")
+    webhook_events = models.JSONField(null=True, blank=True, default=None)
 
     class Meta:
         ordering = ["-created_at"]

@@ -23,6 +23,7 @@ from jobs.models import DEFAULT_PRIORITY, TERMINAL_STATUSES, EventType, Job, Job
 from jobs.outcomes import CancelOutcome, ResumeOutcome
 from jobs.state import current_step, next_token, save, set_status
 from services_registry.selectors import recipe_snapshot
+from webhooks.outbox import checked_webhook
 
 
 FEATURE_NAME = re.compile(r"[-a-zA-Z0-9_]{1,64}")
@@ -45,7 +46,7 @@ def check_input_data(input_data):
 
 def job_create(
     *, feature_name, input_data, owner=None, idempotency_key=None, deadline_at=None, priority=DEFAULT_PRIORITY,
-    job_cap=0,
+    job_cap=0, webhook_url=None, webhook_events=None,
 ):
     """Create a PENDING job for ``feature_name``; returns ``(job, created)``.
 
@@ -55,8 +56,11 @@ def job_create(
     ``priority``: its place within its owner's share of each busy service.
     ``job_cap``: the owner's ``max_concurrent_jobs``; when that many of its
     jobs run, the new one is HELD (``jobs.admission``) and has no step to send.
+    ``webhook_url``: where its events (``webhook_events``, by default how it
+    ends) are POSTed, signed with the owner's secret (``webhooks``).
     """
     check_input_data(input_data)
+    webhook_url, webhook_events = checked_webhook(url=webhook_url, events=webhook_events, owner=owner)
     if idempotency_key:
         existing = _job_for_idempotency_key(owner, idempotency_key, feature_name, input_data)
         if existing:
@@ -72,6 +76,8 @@ def job_create(
         last_progress_at=now,
         deadline_at=deadline_at,
         priority=priority,
+        webhook_url=webhook_url,
+        webhook_events=webhook_events or None,
     )
     if not job_cap or owner is None:
         return _insert_job(fields, input_data)

@@ -3,6 +3,9 @@
 The state machine in ``jobs.steps`` (and ``jobs.services``) changes a ``Job`` in memory and hands
 what it writes (job fields, an attempt row, event rows) to a writer:
 
+Events a job's webhook wants add their ``webhooks.Delivery`` rows (the
+outbox) to the same write.
+
 - ``LOCKED`` writes at once through the ORM, inside the caller's transaction,
   with the job row locked (``lock_job``). Every operation can use it.
 - ``ConditionalWrite(job)`` collects the writes of one transition and sends
@@ -34,6 +37,7 @@ from django.db import connection, models
 from common.after_commit import after_commit
 from jobs.job_rows import fetch_job
 from jobs.models import EventType, Job, JobEvent, JobStatus, StepAttempt, StepState
+from webhooks.models import Delivery
 
 
 class LockedWriter:
@@ -47,6 +51,9 @@ class LockedWriter:
 
     def add_events(self, job, rows):
         JobEvent.objects.bulk_create(rows)
+
+    def add_deliveries(self, job, rows):
+        Delivery.objects.bulk_create(rows)
 
     def save(self, job, fields):
         job.save(update_fields=[*fields, "last_event_seq", "updated_at"])
@@ -76,6 +83,7 @@ class ConditionalWrite:
         self._attempt = None
         self._finished = None
         self._events = []
+        self._deliveries = []
         self._effects = []
 
     def create_attempt(self, attempt):
@@ -86,6 +94,9 @@ class ConditionalWrite:
 
     def add_events(self, job, rows):
         self._events.extend(rows)
+
+    def add_deliveries(self, job, rows):
+        self._deliveries.extend(rows)
 
     def save(self, job, fields):
         self._fields.extend(name for name in fields if name not in self._fields)
@@ -121,6 +132,10 @@ class ConditionalWrite:
             params.append(token)
         if self._events:
             ctes.append(_insert("event_rows", JobEvent, self._events, params))
+        if self._deliveries:
+            # The webhook outbox (jobs with a webhook_url only): in the same
+            # statement as its events, so neither is written without the other.
+            ctes.append(_insert("delivery_rows", Delivery, self._deliveries, params))
         return "WITH " + ", ".join(ctes) + " SELECT 1 FROM job", params
 
 

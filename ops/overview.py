@@ -95,7 +95,7 @@ def service_row(service, occupancy, calls):
 
 def queue_rows(services, *, broker=None):
     """Each queue of CAO_QUEUES (and any other a service names) with its depths and its services."""
-    queues = list(settings.CAO_QUEUES)
+    queues = [*settings.CAO_QUEUES, settings.CAO_WEBHOOK_QUEUE]
     queues += sorted({service.queue for service in services} - set(queues))
     members = {queue: [service.name for service in services if service.queue == queue] for queue in queues}
     try:

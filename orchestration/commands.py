@@ -27,7 +27,10 @@ def _locked_visible_job(job_id, *, owner, is_staff):
     return job
 
 
-def submit_job(*, feature_name, input_data, owner=None, idempotency_key=None, deadline_at=None, priority=0):
+def submit_job(
+    *, feature_name, input_data, owner=None, idempotency_key=None, deadline_at=None, priority=0, webhook_url=None,
+    webhook_events=None,
+):
     """Create a job and send its first step; returns ``(job, created)``.
 
     The job is one INSERT that commits by itself; its first message leaves
@@ -37,7 +40,8 @@ def submit_job(*, feature_name, input_data, owner=None, idempotency_key=None, de
     """
     job, created = job_services.job_create(
         feature_name=feature_name, input_data=input_data, owner=owner, idempotency_key=idempotency_key,
-        deadline_at=deadline_at, priority=priority, job_cap=_job_cap(owner),
+        deadline_at=deadline_at, priority=priority, job_cap=_job_cap(owner), webhook_url=webhook_url,
+        webhook_events=webhook_events,
     )
     if created and job.step_state != StepState.HELD:
         send_after_commit(current_step(job))

@@ -8,7 +8,9 @@
 - fail jobs whose deadline passed while their step waited to start;
 - re-send work whose message, place in line or lease vanished (a worker
   died, Redis restarted without persistence), oldest jobs first, every job
-  of every pass.
+  of every pass;
+- re-send the message of webhook deliveries that are due but whose message
+  was lost, or whose attempt's lease lapsed (``webhooks.services.redispatch_lost``).
 
 ``orchestration.recovery`` runs the fast part (dead processes, Redis data
 loss) within a tick; this pass catches the rest.
@@ -43,6 +45,7 @@ from orchestration.errors import failure_from
 from orchestration.messages import lease_member, parse_member
 from orchestration.per_process import get_limiter
 from services_registry.selectors import service_list
+from webhooks import services as webhook_services
 
 logger = logging.getLogger(__name__)
 
@@ -71,6 +74,7 @@ class MaintenanceReport:
     redispatched: int = 0
     lost_attempts: int = 0
     admitted: int = 0  # held jobs let in: their keys had a free place
+    webhooks_redispatched: int = 0
 
     @property
     def changed(self):
@@ -94,6 +98,7 @@ def run_maintenance(*, now=None, after_redis_loss=False):
     fail_jobs_past_deadline(report, now=now)
     redispatch_lost_work(report, now=now, after_redis_loss=after_redis_loss)
     report.admitted += admit_everywhere()
+    report.webhooks_redispatched = webhook_services.redispatch_lost(now=now, after_redis_loss=after_redis_loss)
     return report
 
 
@@ -119,7 +124,7 @@ def return_messages_of_dead_workers():
         maintenance_chance=MAINTENANCE_SCALE,  # every command sweeps
         middleware=[],
     )
-    for queue in settings.CAO_QUEUES:
+    for queue in (*settings.CAO_QUEUES, settings.CAO_WEBHOOK_QUEUE):
         for name in (queue, dq_name(queue)):
             sweeper.do_qsize(name)
     # Each command also recorded the sweeper as a live worker; it is not one.

@@ -5,6 +5,7 @@ import logging
 
 from django.conf import settings
 from django.http import HttpResponse, JsonResponse
+from django.utils import timezone
 from django.views.decorators.http import require_GET
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, generate_latest
 from prometheus_client.core import GaugeMetricFamily
@@ -14,6 +15,7 @@ from common.errors import error_body
 from orchestration.per_process import get_limiter
 from orchestration.queues import queue_depths
 from services_registry.selectors import service_list
+from webhooks.selectors import pending_summary
 
 logger = logging.getLogger(__name__)
 
@@ -26,7 +28,7 @@ class SharedStateCollector:
         limit = GaugeMetricFamily("cao_slot_limit", "Concurrency limit, per service.", labels=["service"])
         waiters = GaugeMetricFamily("cao_slot_waiters", "Steps waiting for a slot, per service.", labels=["service"])
         depth = GaugeMetricFamily(
-            "cao_queue_depth", "Step messages not yet picked up, per queue.", labels=["queue", "kind"]
+            "cao_queue_depth", "Messages not yet picked up, per queue (the step queues and the webhooks queue).", labels=["queue", "kind"]
         )
         rate = GaugeMetricFamily(
             "cao_service_calls_in_rate_window",
@@ -55,6 +57,18 @@ class SharedStateCollector:
             "Seconds left of a service's cool-down (it answered 429/503 with Retry-After); 0 when none.",
             labels=["service"],
         )
+        pending = GaugeMetricFamily("cao_webhook_pending", "Webhook deliveries still to be made (or retried).")
+        oldest = GaugeMetricFamily(
+            "cao_webhook_oldest_pending_age_seconds",
+            "Age of the oldest webhook delivery still to be made; 0 when none.",
+        )
+        try:
+            count, oldest_at = pending_summary()
+            pending.add_metric([], count)
+            oldest.add_metric([], max(0.0, (timezone.now() - oldest_at).total_seconds()) if oldest_at else 0.0)
+        except Exception:
+            logger.warning("Could not read the webhook outbox for /metrics.", exc_info=True)
+        yield from (pending, oldest)
         try:
             limiter = get_limiter()
             for service in service_list():
@@ -69,7 +83,7 @@ class SharedStateCollector:
                 rate_limit.add_metric([service.name], service.requests_per_minute)
                 tokens.add_metric([service.name], occupancy.tokens_in_window)
                 tokens_limit.add_metric([service.name], service.tokens_per_minute)
-            for queue, ready, delayed in queue_depths():
+            for queue, ready, delayed in queue_depths((*settings.CAO_QUEUES, settings.CAO_WEBHOOK_QUEUE)):
                 depth.add_metric([queue, "ready"], ready)
                 depth.add_metric([queue, "delayed"], delayed)
         except Exception:

@@ -70,9 +70,12 @@ def base_environment():
 # flight. Thread workers (CAO_WORKER_MODE=threads, and the RabbitMQ broker,
 # whose client keeps a connection per thread) are bounded by their threads.
 WORKER_POOLS = {
-    "green": {"heavy": (1, 100), "medium": (1, 400), "default": (1, 400)},
-    "threads": {"heavy": (1, 4), "medium": (1, 16), "default": (1, 16)},
+    "green": {"heavy": (1, 100), "medium": (1, 400), "default": (1, 400), "webhooks": (1, 100)},
+    "threads": {"heavy": (1, 4), "medium": (1, 16), "default": (1, 16), "webhooks": (1, 8)},
 }
+# The webhook delivery queue's pool (CAO_WEBHOOK_QUEUE): receivers, however
+# slow, never hold a step worker.
+WEBHOOK_QUEUE = "webhooks"
 
 
 def worker_mode(env, root=None):
@@ -174,6 +177,13 @@ def stack_processes(
         prefix = "" if host_number == 1 else f"host{host_number}_"
         for queue in queues:
             specs.append(ProcessSpec(f"{prefix}worker_{queue}", worker_command(python, manage_py, queue, mode=mode)))
+        # An older checkout (a benchmark's "before") has no webhooks app.
+        if (Path(root) / "webhooks").is_dir():
+            specs.append(
+                ProcessSpec(
+                    f"{prefix}worker_{WEBHOOK_QUEUE}", worker_command(python, manage_py, WEBHOOK_QUEUE, mode=mode)
+                )
+            )
     specs.append(ProcessSpec("scheduler", [python, manage_py, "run_scheduler"]))
     return specs
 

@@ -102,7 +102,8 @@ class Testbed:
         ensure_database(self.database_url)
         redis.Redis.from_url(self.redis_url).flushdb()
         self.manage("migrate", "--noinput", "-v", "0")
-        self.sql("TRUNCATE jobs_job, jobs_stepattempt, jobs_jobevent")
+        # CASCADE: the tables that refer to jobs (the webhook outbox) are emptied too.
+        self.sql("TRUNCATE jobs_job, jobs_stepattempt, jobs_jobevent CASCADE")
         self.api_key = self.new_api_key("testbed", staff=True)
         return self
 

@@ -143,7 +143,9 @@ def rabbitmq_broker():
     broker = RabbitmqBroker(
         url=RABBITMQ_URL, middleware=[load_middleware(path) for path in settings.DRAMATIQ_MIDDLEWARE]
     )
-    for actor in STEP_ACTORS.values():
+    from webhooks.actors import deliver_webhooks
+
+    for actor in (*STEP_ACTORS.values(), deliver_webhooks):
         broker.declare_actor(actor)
     return broker
 
@@ -152,6 +154,7 @@ def rabbitmq_broker():
 def worker(transactional_db, redis_db, broker_kind):
     """A real Dramatiq worker (threads in this process) on a real broker (Redis, or RabbitMQ)."""
     import orchestration.actors  # noqa: F401  (declares the step actors and their queues)
+    import webhooks.actors  # noqa: F401  (and the webhook delivery actor on its queue)
 
     configured = dramatiq.get_broker()
     broker = rabbitmq_broker() if broker_kind == "rabbitmq" else configured

@@ -20,14 +20,15 @@ def test_compose_has_every_service_of_the_stack():
     services = compose()["services"]
 
     assert set(services) == {
-        "redis", "db", "api", "worker_heavy", "worker_medium", "worker_default", "beat", "simulator",
+        "redis", "db", "api", "worker_heavy", "worker_medium", "worker_default", "worker_webhooks", "beat",
+        "simulator",
     }
 
 
 def test_workers_are_pinned_to_one_queue_each():
     services = compose()["services"]
 
-    for queue in settings.CAO_QUEUES:
+    for queue in (*settings.CAO_QUEUES, settings.CAO_WEBHOOK_QUEUE):
         command = services[f"worker_{queue}"]["command"]
         assert command[:3] == ["python", "manage.py", "rundramatiq"]
         assert command[command.index("--queues") + 1] == queue
@@ -40,7 +41,7 @@ def test_workers_are_pinned_to_one_queue_each():
 def test_app_services_point_at_compose_backends_and_the_simulator():
     services = compose()["services"]
 
-    for name in ("api", "worker_heavy", "worker_medium", "worker_default", "beat"):
+    for name in ("api", "worker_heavy", "worker_medium", "worker_default", "worker_webhooks", "beat"):
         env = services[name]["environment"]
         assert env["DATABASE_URL"].startswith("postgresql://") and "@db:5432/" in env["DATABASE_URL"]
         assert env["REDIS_URL"] == "redis://redis:6379/0"
@@ -64,6 +65,21 @@ def test_api_migrates_with_retries_and_the_scheduler_and_simulator_run_their_com
     assert services["beat"]["command"] == ["python", "manage.py", "run_scheduler"]
     assert services["simulator"]["command"][:3] == ["python", "manage.py", "simulate_services"]
     assert services["redis"]["command"][-4:] == ["--save", "", "--appendonly", "no"]
+
+
+def test_the_local_stack_starts_a_worker_for_every_queue_the_containers_do():
+    from scripts.stack import stack_processes
+
+    specs = stack_processes(python="python", host="127.0.0.1", port=8000, simulator_port=9100)
+    local = {
+        spec.command[spec.command.index("--queues") + 1] for spec in specs if "rundramatiq" in spec.command
+    }
+    containers = {
+        service["command"][service["command"].index("--queues") + 1]
+        for service in compose()["services"].values()
+        if "rundramatiq" in service.get("command", [])
+    }
+    assert local == containers == {*settings.CAO_QUEUES, settings.CAO_WEBHOOK_QUEUE}
 
 
 def test_commands_named_by_compose_exist():

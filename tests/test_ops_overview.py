@@ -155,7 +155,7 @@ def test_redis_down_leaves_the_figures_it_cannot_read_empty_and_says_so(registry
         assert service["in_use"] is None and service["requests_per_minute"] is None
         assert service["calls_5m"] == 0  # PostgreSQL still answers
     assert [(q["name"], q["ready"], q["delayed"]) for q in snapshot["queues"]] == [
-        ("heavy", None, None), ("medium", None, None), ("default", None, None),
+        ("heavy", None, None), ("medium", None, None), ("default", None, None), ("webhooks", None, None),
     ]
 
 
@@ -256,6 +256,7 @@ def test_queues_count_messages_waiting_and_retries_delayed_per_queue_of_the_regi
         {"name": "heavy", "services": ["video_gen_v2"], "ready": 0, "delayed": 0},
         {"name": "medium", "services": ["fast_chat_llm", "summarizer_pro"], "ready": 1, "delayed": 0},
         {"name": "default", "services": ["email_notifier", "prompt_enhancer"], "ready": 2, "delayed": 1},
+        {"name": "webhooks", "services": [], "ready": 0, "delayed": 0},  # deliveries, no service
     ]
 
 

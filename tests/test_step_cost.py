@@ -66,3 +66,51 @@ def test_creating_a_job_is_one_statement_and_two_round_trips_to_redis(registry, 
     assert [q["sql"].split()[0] for q in queries.captured_queries] == ["INSERT"]
     # enqueue the first step, wake its queue's consumers and mark it as sent
     assert counted_redis.sent == 1
+
+
+def test_a_webhook_jobs_last_step_adds_its_outbox_row_to_the_same_statement(
+    registry, simulator, counted_redis, settings, client_key
+):
+    from webhooks.dispatch import QUEUED_MARKER
+    from webhooks.models import Delivery
+
+    settings.CAO_REGISTRY_CACHE_S = 60
+    settings.CAO_WEBHOOK_ALLOWED_HOSTS = ["127.0.0.1"]
+    engine = Engine()
+    warm, _ = submit_job(feature_name="business_plan", input_data={}, owner=client_key)
+    for index, service in enumerate(warm.steps):  # caches (each service's row, the key's policy) and connections
+        engine.run_step(warm.pk, index, Job.objects.get(pk=warm.pk).step_token, service)
+    job, _ = submit_job(
+        feature_name="business_plan", input_data={"topic": "tea"}, owner=client_key, webhook_url="http://127.0.0.1:9/h"
+    )
+    for index, service in enumerate(job.steps[:-1]):
+        # the middle steps of a webhook job cost what any job's do: its default events are the last ones
+        token = Job.objects.get(pk=job.pk).step_token
+        counted_redis.sent = 0
+        with CaptureQueriesContext(connection) as queries:
+            engine.run_step(job.pk, index, token, service)
+        assert [q["sql"].split()[0] for q in queries.captured_queries] == ["WITH", "WITH"]
+        assert counted_redis.sent == 2
+
+    last = len(job.steps) - 1
+    token = Job.objects.get(pk=job.pk).step_token
+    counted_redis.sent = 0
+    with CaptureQueriesContext(connection) as queries:
+        engine.run_step(job.pk, last, token, job.steps[last])
+
+    statements = [q["sql"] for q in queries.captured_queries]
+    print(f"\nlast step of a webhook job: {len(statements)} SQL statements, {counted_redis.sent} Redis round trips")
+    assert Job.objects.get(pk=job.pk).status == JobStatus.COMPLETED
+    # claim; record: the same one statement, with one more insert (the outbox row) in it
+    assert [sql.split()[0] for sql in statements] == ["WITH", "WITH"]
+    assert "webhooks_delivery" in statements[1]
+    assert Delivery.objects.get(job_id=job.pk).event_type == "JOB_COMPLETED"
+    # acquire; release (nothing follows); then the delivery message and its marker: two more
+    assert counted_redis.sent == 4
+    assert get_redis_marker(QUEUED_MARKER.format(job_id=job.pk))
+
+
+def get_redis_marker(key):
+    from common.redis import get_redis
+
+    return get_redis().exists(key)

@@ -2,7 +2,7 @@
 
 from django.contrib import admin
 
-from ops.admin import jobs, recipes, services  # noqa: F401  (each module registers its admin)
+from ops.admin import jobs, recipes, services, webhooks  # noqa: F401  (each module registers its admin)
 
 admin.site.site_header = "CAO Gateway operations"
 admin.site.site_title = "CAO Gateway"

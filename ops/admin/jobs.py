@@ -8,7 +8,7 @@ from django.contrib.admin.views.main import ChangeList
 from django.contrib.auth import get_permission_codename
 from django.core.exceptions import PermissionDenied
 from django.http import Http404, HttpResponseNotAllowed
-from django.urls import path
+from django.urls import path, reverse
 from django.utils.dateformat import format as date_format
 from django.utils.html import format_html, format_html_join
 from django.utils.timesince import timesince
@@ -19,6 +19,7 @@ from jobs.models import Job, JobEvent, JobStatus, StepAttempt
 from jobs.selectors import job_attempts, step_timeline
 from ops.admin.redirects import back_to_change_page
 from ops.job_operations import CANCEL, FORCE_RESUME, OPERATIONS, RESUME, operations_for
+from webhooks.models import Delivery
 
 
 def status_badge(status):
@@ -120,6 +121,29 @@ class JobEventInline(JobPartInline):
         return event.payload.get("message", "")
 
 
+class DeliveryInline(JobPartInline):
+    """A job's webhook deliveries, on its admin page; each links to its attempts."""
+
+    model = Delivery
+    verbose_name_plural = "webhook deliveries"
+    fields = readonly_fields = ["delivery", "event_type", "state_badge", "attempts", "last_status_code", "next_try",
+                                "last_error"]
+    ordering = ["seq"]
+
+    @admin.display(description="webhook-id")
+    def delivery(self, delivery):
+        url = reverse("admin:webhooks_delivery_change", args=[delivery.pk])
+        return format_html('<a href="{}"><code>{}</code></a>', url, delivery.webhook_id)
+
+    @admin.display(description="state")
+    def state_badge(self, delivery):
+        return status_badge(delivery.state)
+
+    @admin.display(description="next try")
+    def next_try(self, delivery):
+        return precise_time(delivery.next_attempt_at) if delivery.state == "PENDING" else ""
+
+
 @admin.register(Job)
 class JobAdmin(admin.ModelAdmin):
     list_display = [
@@ -135,13 +159,14 @@ class JobAdmin(admin.ModelAdmin):
     # A filtered list skips the extra COUNT(*) over every job: slow on a big table.
     show_full_result_count = False
     actions = ["resume_selected", "force_resume_selected", "cancel_selected"]
-    inlines = [StepAttemptInline, JobEventInline]
+    inlines = [StepAttemptInline, JobEventInline, DeliveryInline]
     fieldsets = [
         (None, {"fields": ["id", "feature_name", "status_colored", "progress", "current_step", "owner",
                            "priority", "idempotency_key"]}),
         ("Error", {"fields": ["error_code", "error_message", "retryable"]}),
         ("Steps", {"fields": ["step_table"]}),
         ("Context", {"fields": ["context_json"]}),
+        ("Webhook", {"fields": ["webhook_url", "webhook_events"]}),
         ("Times", {"fields": ["created_at", "updated_at", "last_progress_at", "finished_at", "deadline_at"]}),
     ]
 

@@ -114,7 +114,7 @@ class Command(BaseCommand):
             logger.info(
                 "Maintenance: reaped %d lease(s), handed off %d slot(s), removed %d orphan(s) from lines, "
                 "failed %d stuck job(s) and %d past their deadline, re-sent %d step(s), "
-                "recovered %d lost attempt(s).",
+                "recovered %d lost attempt(s), re-sent %d webhook delivery message(s).",
                 report.reaped_leases, report.handed_off, report.orphans_removed, report.stuck_failed,
-                report.deadline_failed, report.redispatched, report.lost_attempts,
+                report.deadline_failed, report.redispatched, report.lost_attempts, report.webhooks_redispatched,
             )
