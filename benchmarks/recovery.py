@@ -36,8 +36,8 @@ WORKER_DOWN_S = 2.0
 REDIS_DOWN_S = 2.0
 
 
-def measure(bed=None, *, jobs=10, call_s=2.0, redis_jobs=30, timeout_s=240):
-    """Kill → done per queue, and Redis back → done, in seconds (None past ``timeout_s``).
+def measure(bed=None, *, jobs=10, call_s=2.0, redis_jobs=30, timeout_s=240, queues=QUEUES):
+    """Kill → done per queue of ``queues``, and Redis back → done, in seconds (None past ``timeout_s``).
 
     Each scenario gets a fresh stack, so one that never recovers (the code
     before event-driven recovery left a default-queue job for hours) cannot
@@ -46,13 +46,13 @@ def measure(bed=None, *, jobs=10, call_s=2.0, redis_jobs=30, timeout_s=240):
     root = bed.root if bed is not None else ROOT
     database_url = _database_url(bed)
     result = {"settings": PRODUCTION_RECOVERY, "worker_kill_s": {}}
-    for queue in QUEUES:
+    for queue in queues:
         with _stack(root, database_url) as (stack, _redis):
             result["worker_kill_s"][queue] = _worker_kill(stack, queue, jobs=jobs, call_s=call_s, timeout_s=timeout_s)
     with _stack(root, database_url) as (stack, redis):
         result["redis_restart_s"] = _redis_restart(stack, redis, jobs=redis_jobs, timeout_s=timeout_s)
     kills = [seconds for seconds in result["worker_kill_s"].values() if seconds is not None]
-    result["worker_kill_worst_s"] = max(kills) if len(kills) == len(QUEUES) else None
+    result["worker_kill_worst_s"] = max(kills) if len(kills) == len(queues) else None
     return result
 
 

@@ -184,14 +184,17 @@ def _fairness_figures(case):
     )
 
 
-RECOVERY_FIGURES = (
-    *(
-        Figure(f"recovery_kill_{queue}", f"Recovery: worker_{queue} SIGKILLed, calls in flight, to all done",
-               ("recovery", "worker_kill_s", queue), "s", target=15)
-        for queue in ("medium", "default", "heavy")
-    ),
-    Figure("recovery_redis", "Recovery: Redis back (empty) to all done", ("recovery", "redis_restart_s"), "s", target=10),
-)
+def _recovery_figures(recovery):
+    """A worker kill per queue the run measured (every queue unless it says), and the Redis restart."""
+    queues = list((recovery or {}).get("worker_kill_s") or ("medium", "default", "heavy"))
+    return (
+        *(
+            Figure(f"recovery_kill_{queue}", f"Recovery: worker_{queue} SIGKILLed, calls in flight, to all done",
+                   ("recovery", "worker_kill_s", queue), "s", target=15)
+            for queue in queues
+        ),
+        Figure("recovery_redis", "Recovery: Redis back (empty) to all done", ("recovery", "redis_restart_s"), "s", target=10),
+    )
 
 COST_FIGURES = (
     Figure("idle_cpu", "Idle CPU, stack + Redis server", ("idle", "total_pct"), "% of a core", target=2),
@@ -225,7 +228,7 @@ def figures_of(cases):
         *_inflight_figures(cases.get("inflight")),
         *_rate_figures(cases.get("rate")),
         *_fairness_figures(cases.get("fairness")),
-        *RECOVERY_FIGURES,
+        *_recovery_figures(cases.get("recovery")),
         *COST_FIGURES,
     )
 
