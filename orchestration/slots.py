@@ -9,6 +9,7 @@ sends the messages of the waiters it handed slots to (``send_handoffs``).
 import logging
 import threading
 import time
+import weakref
 
 from django.conf import settings
 from django.db import connections
@@ -204,36 +205,46 @@ def close_circuit(service, *, limiter=None):
     send_handoffs(handoffs)
 
 
-def _pump_line_in(seconds, service_name, limiter):
-    timer = threading.Timer(seconds + PUMP_MARGIN_S, _pump_line, args=(service_name, limiter))
+def _pump_line_in(seconds, service_name, limiter, *, failures=0):
+    timer = threading.Timer(seconds + PUMP_MARGIN_S, _pump_line, args=(service_name, limiter, failures))
     timer.daemon = True
     timer.start()
 
 
-# Per service: when this process's timer for a spent budget fires (UNIX seconds).
-_budget_pumps = {}
-_budget_pumps_lock = threading.Lock()
+# Per limiter and service: when this process's timer for a blocked line fires (UNIX seconds).
+_pending_pumps = weakref.WeakKeyDictionary()
+_pending_pumps_lock = threading.Lock()
 
 
 def _pump_line_at(unix_s, service_name, limiter):
-    """One timer per service for a spent budget: thousands of parked steps must not start thousands."""
-    with _budget_pumps_lock:
-        due = _budget_pumps.get(service_name)
-        if due is not None and due <= unix_s and due > time.time():
+    """One timer per service for a blocked line: thousands of parked steps must not start thousands.
+
+    A timer already due by then pumps for this caller too: it reads the
+    line when it fires, and goes on while anyone waits.
+    """
+    with _pending_pumps_lock:
+        pending = _pending_pumps.setdefault(limiter, {})
+        due = pending.get(service_name)
+        if due is not None and time.time() < due <= unix_s:
             return
-        _budget_pumps[service_name] = unix_s
+        pending[service_name] = unix_s
     _pump_line_in(max(0.0, unix_s - time.time()), service_name, limiter)
 
 
 # Past a cool-down's end (or an open circuit's wait) by the server's clock before the line is pumped.
 PUMP_MARGIN_S = 0.01
+# A pump that could not reach Redis tries again this much later, this many times; then maintenance's redispatch does.
+PUMP_RETRY_S = 1.0
+PUMP_RETRIES = 5
 
 
-def _pump_line(service_name, limiter):
+def _pump_line(service_name, limiter, failures=0):
     """Hand the free slots to the line (or the one probe to an open circuit's) once it may grant again.
 
-    When a cool-down or an open circuit was extended meanwhile, waits for
-    that end instead.
+    When a cool-down or an open circuit was extended meanwhile, or the
+    budget is spent again, waits for that end instead, as long as anyone
+    waits: a waiter whose reservation is not taken in time (its hand-off
+    lost) goes back to the line, and the next pump hands it over again.
     """
     try:
         occupancy = limiter.occupancy(service_name)
@@ -242,11 +253,14 @@ def _pump_line(service_name, limiter):
             send_handoffs(limiter.redispatch_waiters(service_name, limit=service.concurrency_limit if service else 0))
             # A budget spent again by these grants: the rest of the line waits for its next room.
             occupancy = limiter.occupancy(service_name)
-        if occupancy.blocked_for_s > 0 and occupancy.waiting:
-            _pump_line_in(occupancy.blocked_for_s, service_name, limiter)
+        if occupancy.blocked_for_s > 0 and occupancy.waiters:
+            _pump_line_at(time.time() + occupancy.blocked_for_s, service_name, limiter)
     except Exception:
-        # Maintenance's redispatch hands the slots over instead.
-        logger.warning("Could not move the line of %s; maintenance will.", service_name, exc_info=True)
+        if failures < PUMP_RETRIES:
+            logger.warning("Could not move the line of %s; trying again in %.0f s.", service_name, PUMP_RETRY_S, exc_info=True)
+            _pump_line_in(PUMP_RETRY_S, service_name, limiter, failures=failures + 1)
+        else:
+            logger.warning("Could not move the line of %s; maintenance will.", service_name, exc_info=True)
     finally:
         # The timer's own thread (a greenlet in a green worker) may have read
         # the registry: give its connection back rather than leave it open.

@@ -1,0 +1,113 @@
+"""The pump of a line held back by a spent requests-per-minute budget.
+
+No worker and no release moves these lines: only this process's pump timer
+does (``orchestration.slots``). The hand-offs it sends are recorded at the
+edge where they would become step messages.
+"""
+
+import threading
+import uuid
+
+import pytest
+import redis
+
+from common.redis import get_redis
+from jobs.outcomes import StepDispatch
+from orchestration import slots
+from orchestration.limiter import Limiter
+from services_registry.models import Service
+
+SERVICE = "prompt_enhancer"
+WINDOW_S = 0.3
+OWNER = "this-test"
+
+
+@pytest.fixture
+def budget(registry, settings):
+    """prompt_enhancer at one call per 0.3 s window, ten slots."""
+    settings.CAO_RATE_WINDOW_S = WINDOW_S
+    Service.objects.filter(name=SERVICE).update(requests_per_minute=1, concurrency_limit=10)
+    return Service.objects.get(name=SERVICE)
+
+
+@pytest.fixture
+def sent(monkeypatch):
+    """The hand-offs sent, as (job_id, step_index) pairs, in order."""
+    messages, lock = [], threading.Lock()
+
+    def record(step):
+        with lock:
+            messages.append((str(step.job_id), step.step_index))
+
+    monkeypatch.setattr(slots, "send_step", record)
+    return messages
+
+
+def step():
+    return StepDispatch(uuid.uuid4(), 0, 1, SERVICE)
+
+
+def sent_for(sent, dispatch):
+    return sent.count((str(dispatch.job_id), dispatch.step_index))
+
+
+def test_every_waiter_of_one_window_is_handed_its_slot_in_a_later_window_without_any_release(budget, sent, wait):
+    limiter = Limiter(get_redis())
+    first, *parked = steps = [step() for _ in range(4)]
+    acquisitions = [slots.acquire_step(s, budget, limiter=limiter, owner=OWNER) for s in steps]
+    assert acquisitions[0].granted and not any(a.granted for a in acquisitions[1:])
+
+    # One window each: the last one is handed over by a timer its own park did not set.
+    wait(lambda: all(sent_for(sent, s) == 1 for s in parked), timeout=10, message="every waiter handed a slot")
+    assert sent_for(sent, first) == 0  # granted at once: nothing to send
+
+
+class FlakyOccupancy:
+    """A limiter whose first ``occupancy`` read fails as a lost connection to Redis would."""
+
+    def __init__(self, limiter):
+        self._limiter = limiter
+        self.failures = 1
+
+    def occupancy(self, service):
+        if self.failures:
+            self.failures -= 1
+            raise redis.ConnectionError("Connection reset by peer")
+        return self._limiter.occupancy(service)
+
+    def __getattr__(self, name):
+        return getattr(self._limiter, name)
+
+
+def test_a_pump_that_cannot_reach_redis_tries_again(budget, sent, wait, monkeypatch):
+    monkeypatch.setattr(slots, "PUMP_RETRY_S", 0.1)
+    limiter = FlakyOccupancy(Limiter(get_redis()))
+    granted, waiter = step(), step()
+    assert slots.acquire_step(granted, budget, limiter=limiter, owner=OWNER).granted
+    assert not slots.acquire_step(waiter, budget, limiter=limiter, owner=OWNER).granted
+
+    wait(lambda: sent_for(sent, waiter) == 1, timeout=10, message="the waiter handed its slot after the failed pump")
+    assert limiter.failures == 0
+
+
+def test_a_hand_off_whose_reservation_lapses_untaken_is_sent_again(budget, sent, wait):
+    # Its message was lost: the reservation lapses, the waiter goes back to
+    # its place, and the pump (not only maintenance) hands the slot over again.
+    limiter = Limiter(get_redis(), grant_ttl_s=WINDOW_S)
+    granted, waiter = step(), step()
+    assert slots.acquire_step(granted, budget, limiter=limiter, owner=OWNER).granted
+    assert not slots.acquire_step(waiter, budget, limiter=limiter, owner=OWNER).granted
+
+    wait(lambda: sent_for(sent, waiter) >= 2, timeout=10, message="the lapsed hand-off sent again")
+
+
+def test_a_pump_due_for_another_limiter_does_not_stand_in_for_this_ones(budget, sent, wait):
+    # Two limiters (two Redis prefixes, say) share one process: each has its own timer.
+    other = Limiter(get_redis(), prefix="cao:lim:other")
+    slots._pump_line_at(slots.time.time() + WINDOW_S / 3, SERVICE, other)
+    limiter = Limiter(get_redis())
+    granted, waiter = step(), step()
+    assert slots.acquire_step(granted, budget, limiter=limiter, owner=OWNER).granted
+    assert not slots.acquire_step(waiter, budget, limiter=limiter, owner=OWNER).granted
+
+    wait(lambda: sent_for(sent, waiter) == 1, timeout=10, message="the waiter handed its slot by its own limiter's pump")
