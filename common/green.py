@@ -125,6 +125,24 @@ def start_os_thread(target, *args, name):
         threading.Thread(target=target, args=args, name=name, daemon=True).start()
 
 
+def take_database_connection() -> None:
+    """Have this thread's (greenlet's) database connection in hand now: wait for one of the pool's if need be.
+
+    Called before a write stamps its events, so that their ``ts`` is when
+    the write could run, not when it started waiting behind the pool's other
+    users: a green worker under load may wait there for hundreds of
+    milliseconds, which its subscribers would see as delivery lag. A thread
+    worker's persistent connection makes this a no-op. A database that
+    cannot be reached is left to the write's own retry.
+    """
+    from django.db import DatabaseError, connection
+
+    try:
+        connection.ensure_connection()
+    except DatabaseError:
+        pass
+
+
 def release_database_connection() -> None:
     """Give this greenlet's database connection back to the pool (no-op outside green workers).
 

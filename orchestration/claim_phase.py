@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from django.db import transaction
 from django.utils import timezone
 
-from common import metrics
+from common import green, metrics
 from common.after_commit import after_commit
 from common.backends import DATABASE_ERRORS
 from common.logs import bind
@@ -192,6 +192,7 @@ class ClaimPhase:
             send_handoffs(acquisition.handoffs)
         if not acquisition.granted:
             return _READ_FIRST  # parking needs the job's state: the read path re-acquires (same place) and parks
+        green.take_database_connection()
         claim_write = job_steps.step_claim_unread(step, max_attempts=service.max_attempts)
         try:
             job = claim_write.execute()

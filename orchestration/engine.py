@@ -79,6 +79,7 @@ class Engine(ClaimPhase, RecordPhase):
                 try:
                     with self.keeper.keep(claim.service.name, claim.member, claim.service.lease_ttl_s):
                         reply = self.call(claim)
+                        green.take_database_connection()
                         outcome = self.record(claim, reply)
                 finally:
                     # After the keeper let go of the lease: a renewal must not re-add it.

@@ -1,6 +1,7 @@
 """The engine end to end: real PostgreSQL, Redis broker, Dramatiq worker threads
 and the simulator over HTTP."""
 
+import time
 import uuid
 
 import dramatiq
@@ -328,3 +329,33 @@ def test_a_database_outage_while_recording_loses_no_output(api, registry, simula
     job = wait_status(wait, job_id, JobStatus.COMPLETED)
     assert job.context["step_0_prompt_enhancer"]["status"] == "SUCCESS"
     assert gate.calls == [f"{job_id}:0:prompt_enhancer"]  # called once: the output was kept, not re-fetched
+
+
+def test_events_are_stamped_once_the_write_has_its_database_connection(api, registry, simulator, worker, wait, monkeypatch):
+    # A green worker's write may wait for one of the pool's few connections;
+    # its events' ts must not count that wait as delivery lag.
+    from datetime import datetime
+
+    from common import green
+
+    waited_s, taken = 0.3, []
+    take = green.take_database_connection
+
+    def slow_take():
+        take()
+        time.sleep(waited_s)  # the pool's other users held every connection this long
+        taken.append(time.time())
+
+    monkeypatch.setattr(green, "take_database_connection", slow_take)
+    job_id = submit(api)
+    wait_status(wait, job_id, JobStatus.COMPLETED)
+
+    stamped = [
+        datetime.fromisoformat(payload["ts"]).timestamp()
+        for payload in JobEvent.objects.filter(job_id=job_id, type__in=["STEP_STARTED", "STEP_COMPLETED"])
+        .order_by("seq").values_list("payload", flat=True)
+    ]
+    assert len(stamped) == 8
+    for ts in stamped:
+        before = [moment for moment in taken if moment <= ts]
+        assert before and ts - max(before) < waited_s, "an event was stamped before its write took its connection"
