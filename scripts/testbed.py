@@ -26,7 +26,7 @@ import requests
 from scripts.local_backends import ensure_database
 from scripts.polling import wait_until
 from scripts.private_servers import POSTGRES_BIN, PrivatePostgres, PrivateRedis, free_port  # noqa: F401
-from scripts.stack import ROOT, Stack, simulator_env, stack_processes, worker_mode
+from scripts.stack import ROOT, Stack, simulator_env, stack_processes, worker_mode, worker_nice
 from simulator.testing import SimulatorClient
 
 
@@ -119,6 +119,7 @@ class Testbed:
             worker_hosts=self.worker_hosts,
             mode=self.worker_mode,
             more_api_ports=self.more_api_ports,
+            worker_nice=worker_nice(self.env),
         )
         if not self.scheduler:
             specs = [spec for spec in specs if spec.name != "scheduler"]

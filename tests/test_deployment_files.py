@@ -181,3 +181,47 @@ def test_the_api_serves_from_several_processes_when_web_concurrency_asks(tmp_pat
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=30)
     assert "Application startup failed" not in log.read_text()
+
+
+def test_workers_yield_the_cpu_to_the_api_in_the_containers_and_the_local_stack():
+    from scripts.stack import DEFAULT_WORKER_NICE, stack_processes
+
+    services = compose()["services"]
+    workers = [name for name, service in services.items() if "rundramatiq" in service.get("command", [])]
+    assert workers and all(services[name]["cpu_shares"] < 1024 for name in workers)
+    assert "cpu_shares" not in services["api"]
+
+    specs = stack_processes(python="python", host="127.0.0.1", port=8000, simulator_port=9100)
+    niced = {spec.name for spec in specs if spec.nice}
+    assert niced == {spec.name for spec in specs if "rundramatiq" in spec.command}
+    assert {spec.nice for spec in specs if spec.nice} == {DEFAULT_WORKER_NICE}
+    assert 0 < DEFAULT_WORKER_NICE <= 19
+
+
+def test_the_worker_niceness_comes_from_the_environment_and_is_checked():
+    import pytest
+
+    from scripts.stack import DEFAULT_WORKER_NICE, worker_nice
+
+    assert worker_nice({}) == worker_nice({"CAO_WORKER_NICE": " "}) == DEFAULT_WORKER_NICE
+    assert worker_nice({"CAO_WORKER_NICE": "0"}) == 0
+    assert worker_nice({"CAO_WORKER_NICE": "19"}) == 19
+    for wrong in ("-1", "20", "ten", "2.5"):
+        with pytest.raises(ValueError, match="CAO_WORKER_NICE"):
+            worker_nice({"CAO_WORKER_NICE": wrong})
+
+
+def test_the_stack_starts_a_process_at_the_niceness_its_spec_asks(tmp_path):
+    import sys
+
+    from scripts.stack import ProcessSpec, Stack
+
+    show = [sys.executable, "-c", "import os; print(os.nice(0), flush=True)"]
+    stack = Stack(
+        [ProcessSpec("niced", show, nice=7), ProcessSpec("plain", show)], env=dict(os.environ), log_dir=tmp_path
+    )
+    for name in ("niced", "plain"):
+        assert stack.start(name).wait(timeout=30) == 0
+    parent = os.nice(0)
+    assert int((tmp_path / "plain.log").read_text()) == parent
+    assert int((tmp_path / "niced.log").read_text()) == min(parent + 7, 19)
