@@ -19,7 +19,6 @@ in a service's line: ``priority + held_seconds / CAO_PRIORITY_AGING_S``.
 """
 
 from django.conf import settings
-from django.db.models import Q
 from django.db.models.expressions import RawSQL
 from django.utils import timezone
 
@@ -27,9 +26,6 @@ from api_keys.models import ApiKey
 from jobs.events import append_events, event
 from jobs.models import ACTIVE_STATUSES, EventType, Job, StepState
 from jobs.state import current_step, next_token, save
-
-HELD_FIELDS = ("step_state", "step_due_at")
-
 
 def lock_key(owner_id):
     """Lock the key's row until the transaction ends (the one lock places are given out under)."""
@@ -41,8 +37,10 @@ def running_jobs(owner_id):
     return Job.objects.filter(owner_id=owner_id, status__in=ACTIVE_STATUSES).exclude(step_state=StepState.HELD).count()
 
 
-def held_jobs(owner_id):
-    return Job.objects.filter(owner_id=owner_id, status__in=ACTIVE_STATUSES, step_state=StepState.HELD)
+def held_jobs(owner_id=None):
+    """The jobs held for a place among their key's running ones (``owner_id``'s, or every key's)."""
+    held = Job.objects.filter(status__in=ACTIVE_STATUSES, step_state=StepState.HELD)
+    return held if owner_id is None else held.filter(owner_id=owner_id)
 
 
 def has_room(owner_id, cap):
@@ -71,7 +69,7 @@ def hold(job, *, cap, now=None):
         ),
         now=now,
     )
-    save(job, *HELD_FIELDS)
+    save(job, "step_state", "step_due_at")
 
 
 def admit_held(owner_id, cap):
@@ -103,8 +101,4 @@ def admit_held(owner_id, cap):
 
 def owners_with_held_jobs():
     """The ids of the keys that have held jobs (for maintenance's pass)."""
-    return list(
-        Job.objects.filter(Q(status__in=ACTIVE_STATUSES, step_state=StepState.HELD))
-        .values_list("owner_id", flat=True)
-        .distinct()
-    )
+    return list(held_jobs().values_list("owner_id", flat=True).distinct())
