@@ -159,6 +159,7 @@ def test_the_job_data_shows_the_input_each_output_and_the_error_of_each_failed_a
     embedded = embedded_data(page)
     for key in ("input_data", "steps", "held_by", "deliveries", "resume", "last_event_seq"):
         assert embedded[key] == data[key], key
+    assert 'src="/static/jobs/job_work.js"' in page
 
 
 def test_untrusted_outputs_and_errors_reach_the_page_only_as_escaped_json(staff_client, registry):
