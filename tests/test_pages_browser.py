@@ -341,6 +341,9 @@ def test_the_page_shows_the_work_live_a_wait_a_retry_outputs_and_errors_and_its_
     assert page.inner_text(held).startswith("waiting for a slot of prompt_enhancer — held by concurrency, 1st in line")
     assert [bar["kind"] for bar in bars(page, 0)] == ["wait"]
     assert "wf-ongoing" in bars(page, 0)[0]["cls"]
+    # ... growing by the page's clock while nothing happens
+    shown = bars(page, 0)[0]["end"]
+    wait(lambda: bars(page, 0)[0]["end"] >= shown + 1000, timeout=10, message="the wait's bar to grow")
     assert hostile in page.inner_text("#input-json")
 
     # When the slot is given back: the job runs, fast_chat_llm fails once and succeeds on its retry

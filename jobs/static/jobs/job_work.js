@@ -84,46 +84,59 @@
     bar.style.width = `max(${width.toFixed(3)}%, 3px)`;
   }
 
-  function drawWaterfall(data, elapsedMs) {
+  // The bars and their segments, kept for layoutWaterfall: the clock moves them without rebuilding them,
+  // so a tooltip being read stays up.
+  let drawnBars = [];
+
+  function drawWaterfall(data) {
     const waterfall = data.waterfall;
+    drawnBars = [];
     if (waterfall.segments.length === 0) {
       $("waterfall").replaceChildren(el("p", { class: "muted wf-empty" }, "No step has waited or been called yet."));
       return;
     }
-    const active = data.status === "PENDING" || data.status === "RUNNING";
-    const endOf = (segment) => segment.end_ms + (segment.ongoing ? elapsedMs : 0);
-    const span = Math.max(1, waterfall.span_ms + (active ? elapsedMs : 0), ...waterfall.segments.map(endOf));
     const rows = data.steps.map((step) => {
       const row = el("div", { class: "wf-row", "data-index": step.index });
       const track = el("div", { class: "wf-track" });
       for (const segment of waterfall.segments) {
         if (segment.step_index !== step.index) continue;
-        const end = endOf(segment);
         const kind = segment.kind === "call" ? "wf-call wf-" + segment.outcome.toLowerCase() : "wf-" + segment.kind;
         const bar = el("div", {
-          class: "wf-bar " + kind + (segment.ongoing ? " wf-ongoing" : ""),
-          "data-kind": segment.kind, "data-step": step.index, "data-start-ms": segment.start_ms, "data-end-ms": end,
+          class: "wf-bar " + kind + (segment.ongoing ? " wf-ongoing" : ""), role: "img",
+          "data-kind": segment.kind, "data-step": step.index, "data-start-ms": segment.start_ms,
         });
         if (segment.attempt !== undefined && segment.attempt !== null) bar.dataset.attempt = segment.attempt;
-        const title = segment.label + "\n" + duration(end - segment.start_ms) + (segment.ongoing ? " so far" : "") +
-          " · from +" + duration(segment.start_ms) + " to +" + duration(end);
-        bar.title = title;
-        bar.setAttribute("aria-label", title);
-        place(bar, segment.start_ms, end, span);
+        drawnBars.push([bar, segment]);
         track.append(bar);
       }
       row.append(el("span", { class: "wf-label" }, step.index + 1 + ". " + step.service), track);
       return row;
     });
     const ticks = el("div", { class: "wf-ticks" });
-    for (const fraction of [0, 0.25, 0.5, 0.75, 1]) {
-      const tick = el("span", { class: "wf-tick" }, fraction ? "+" + duration(span * fraction) : "0");
-      tick.style.left = 100 * fraction + "%";
-      ticks.append(tick);
-    }
+    for (let n = 0; n < 5; n++) ticks.append(el("span", { class: "wf-tick" }));
     const axis = el("div", { class: "wf-row wf-axis" });
     axis.append(el("span", { class: "wf-label muted" }, "since created"), ticks);
     $("waterfall").replaceChildren(...rows, axis);
+  }
+
+  // Places the bars and ticks; ``elapsedMs`` since the data was read extends what is still going on.
+  function layoutWaterfall(data, elapsedMs) {
+    const active = data.status === "PENDING" || data.status === "RUNNING";
+    const endOf = (segment) => segment.end_ms + (segment.ongoing ? elapsedMs : 0);
+    const span = Math.max(1, data.waterfall.span_ms + (active ? elapsedMs : 0), ...data.waterfall.segments.map(endOf));
+    for (const [bar, segment] of drawnBars) {
+      const end = endOf(segment);
+      const title = segment.label + "\n" + duration(end - segment.start_ms) + (segment.ongoing ? " so far" : "") +
+        " · from +" + duration(segment.start_ms) + " to +" + duration(end);
+      bar.dataset.endMs = String(end);
+      bar.title = title;
+      bar.setAttribute("aria-label", title);
+      place(bar, segment.start_ms, end, span);
+    }
+    $("waterfall").querySelectorAll(".wf-tick").forEach((tick, n) => {
+      tick.textContent = n ? "+" + duration((span * n) / 4) : "0";
+      tick.style.left = 25 * n + "%";
+    });
   }
 
   // --- Deliveries and the resume command ---------------------------------------------------
@@ -191,7 +204,7 @@
   let receivedAt = 0;
   let ticker = null;
 
-  function redrawWaterfall() { drawWaterfall(current, Date.now() - receivedAt); }
+  function tick() { layoutWaterfall(current, Date.now() - receivedAt); }
 
   function draw(data) {
     // A slower, older answer never overwrites a newer one.
@@ -200,12 +213,13 @@
     receivedAt = Date.now();
     $("input-json").textContent = pretty(data.input_data);
     drawSteps(data);
-    drawWaterfall(data, 0);
+    drawWaterfall(data);
+    layoutWaterfall(data, 0);
     drawDeliveries(data);
     drawResume(data);
     // Bars of what is still going on grow by the page's clock between refreshes.
     const ongoing = data.waterfall.segments.some((segment) => segment.ongoing);
-    if (ongoing && ticker === null) ticker = window.setInterval(redrawWaterfall, TICK_MS);
+    if (ongoing && ticker === null) ticker = window.setInterval(tick, TICK_MS);
     if (!ongoing && ticker !== null) { window.clearInterval(ticker); ticker = null; }
     root.dataset.renderedSeq = String(data.last_event_seq);
   }
