@@ -18,10 +18,13 @@ from webhooks.models import DeliveryState
 from webhooks.selectors import job_deliveries
 
 
-def job_page_data(job, *, now=None):
-    """The page's data for ``job`` (as read: events up to its ``last_event_seq``)."""
+def job_page_data(job, *, attempts=None, now=None):
+    """The page's data for ``job`` (as read: events up to its ``last_event_seq``).
+
+    ``attempts``: its StepAttempt rows, when the caller read them already.
+    """
     now = now or timezone.now()
-    attempts = selectors.job_attempts(job)
+    attempts = selectors.job_attempts(job) if attempts is None else attempts
     events = selectors.job_events_of_types(job.pk, WATERFALL_EVENTS, through=job.last_event_seq)
     return {
         "job_id": str(job.pk),

@@ -65,15 +65,16 @@ def job_detail_page(request, job_id):
         job = selectors.job_get(job_id, is_staff=True)
     except JobNotFound:
         return render(request, "jobs/job_missing.html", {"job_id": job_id}, status=404)
+    attempts = selectors.job_attempts(job)
     context = {
         "job": job,
-        "steps": selectors.step_timeline(job, selectors.job_attempts(job)),
+        "steps": selectors.step_timeline(job, attempts),
         # Only the events the job row had counted when it was read: the page's
         # socket replays everything after job.last_event_seq, so an event
         # committed between the two reads must not be shown twice.
         "events": selectors.job_events(job.id, through=job.last_event_seq),
         "may_operate": may_operate_jobs(request.user),
-        "data": _page_data(request, job),
+        "data": _page_data(request, job, attempts=attempts),
     }
     return render(request, "jobs/job_detail.html", context)
 
@@ -103,9 +104,9 @@ def _require_read(request):
         raise PermissionDenied(READ_REFUSED)
 
 
-def _page_data(request, job):
+def _page_data(request, job, *, attempts=None):
     """``jobs.page_data`` plus what depends on who asks: the resume command and links to the delivery log."""
-    data = job_page_data(job)
+    data = job_page_data(job, attempts=attempts)
     data["resume"] = None
     if job.status == JobStatus.FAILED and may_operate_jobs(request.user):
         url = request.build_absolute_uri(reverse("job-resume", args=[job.pk]))
