@@ -69,6 +69,12 @@ def job_events(job_id, *, after=0, through=None, limit=None):
     return list(events)
 
 
+def job_events_of_types(job_id, types, *, through):
+    """``{"type", "created_at", "payload"}`` of a job's events of ``types`` with ``seq <= through``, in seq order."""
+    events = JobEvent.objects.filter(job_id=job_id, seq__lte=through, type__in=types)
+    return list(events.order_by("seq").values("type", "created_at", "payload"))
+
+
 def step_timeline(job, attempts):
     """Each step of ``job`` as the pages and the API show it.
 

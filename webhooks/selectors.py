@@ -1,8 +1,8 @@
-"""Reads of the webhook outbox: what maintenance and /metrics need."""
+"""Reads of the webhook outbox: what maintenance, /metrics and the staff job page need."""
 
-from django.db.models import Count, Min, Q
+from django.db.models import Count, Min, OuterRef, Q, Subquery
 
-from webhooks.models import Delivery, DeliveryState
+from webhooks.models import Delivery, DeliveryAttempt, DeliveryState
 
 
 def jobs_with_due_deliveries(*, due_before, now, limit=1000):
@@ -27,3 +27,12 @@ def pending_summary():
     """``(count, oldest created_at or None)`` of the deliveries still to be made."""
     row = Delivery.objects.filter(state=DeliveryState.PENDING).aggregate(count=Count("pk"), oldest=Min("created_at"))
     return row["count"], row["oldest"]
+
+
+def job_deliveries(job_id):
+    """A job's deliveries in event order, each with ``last_latency_ms``: how long its latest attempt took.
+
+    One query, however many deliveries and attempts the job has.
+    """
+    latest = DeliveryAttempt.objects.filter(delivery=OuterRef("pk")).order_by("-number").values("latency_ms")[:1]
+    return list(Delivery.objects.filter(job_id=job_id).annotate(last_latency_ms=Subquery(latest)).order_by("seq"))

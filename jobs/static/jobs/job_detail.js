@@ -71,13 +71,17 @@
     }
   }
 
+  // job_work.js redraws the rest of the page from its data when it hears of an event it has not drawn.
+  function announce(event) { root.dispatchEvent(new CustomEvent("job:event", { detail: event })); }
+
   function onEvent(event) {
-    if (event.type === "WS_CONNECTED") { setStatus(event.status); return; }
+    if (event.type === "WS_CONNECTED") { setStatus(event.status); announce(event); return; }
     if (typeof event.seq !== "number" || event.seq <= lastSeq) return;  // already shown
     lastSeq = event.seq;
     root.dataset.lastSeq = String(lastSeq);
     apply(event);
     logEvent(event);
+    announce(event);
   }
 
   function connect() {
