@@ -47,12 +47,17 @@ def step():
     return StepDispatch(uuid.uuid4(), 0, 1, SERVICE)
 
 
+def new_limiter(**options):
+    """A limiter of its own keys: the pump timers of other tests' limiters, still running, cannot reach its line."""
+    return Limiter(get_redis(), prefix=f"cao:lim:{uuid.uuid4().hex[:8]}", **options)
+
+
 def sent_for(sent, dispatch):
     return sent.count((str(dispatch.job_id), dispatch.step_index))
 
 
 def test_every_waiter_of_one_window_is_handed_its_slot_in_a_later_window_without_any_release(budget, sent, wait):
-    limiter = Limiter(get_redis())
+    limiter = new_limiter()
     first, *parked = steps = [step() for _ in range(4)]
     acquisitions = [slots.acquire_step(s, budget, limiter=limiter, owner=OWNER) for s in steps]
     assert acquisitions[0].granted and not any(a.granted for a in acquisitions[1:])
@@ -81,7 +86,7 @@ class FlakyOccupancy:
 
 def test_a_pump_that_cannot_reach_redis_tries_again(budget, sent, wait, monkeypatch):
     monkeypatch.setattr(slots, "PUMP_RETRY_S", 0.1)
-    limiter = FlakyOccupancy(Limiter(get_redis()))
+    limiter = FlakyOccupancy(new_limiter())
     granted, waiter = step(), step()
     assert slots.acquire_step(granted, budget, limiter=limiter, owner=OWNER).granted
     assert not slots.acquire_step(waiter, budget, limiter=limiter, owner=OWNER).granted
@@ -93,7 +98,7 @@ def test_a_pump_that_cannot_reach_redis_tries_again(budget, sent, wait, monkeypa
 def test_a_hand_off_whose_reservation_lapses_untaken_is_sent_again(budget, sent, wait):
     # Its message was lost: the reservation lapses, the waiter goes back to
     # its place, and the pump (not only maintenance) hands the slot over again.
-    limiter = Limiter(get_redis(), grant_ttl_s=WINDOW_S)
+    limiter = new_limiter(grant_ttl_s=WINDOW_S)
     granted, waiter = step(), step()
     assert slots.acquire_step(granted, budget, limiter=limiter, owner=OWNER).granted
     assert not slots.acquire_step(waiter, budget, limiter=limiter, owner=OWNER).granted
@@ -103,9 +108,9 @@ def test_a_hand_off_whose_reservation_lapses_untaken_is_sent_again(budget, sent,
 
 def test_a_pump_due_for_another_limiter_does_not_stand_in_for_this_ones(budget, sent, wait):
     # Two limiters (two Redis prefixes, say) share one process: each has its own timer.
-    other = Limiter(get_redis(), prefix="cao:lim:other")
+    other = new_limiter()
     slots._pump_line_at(slots.time.time() + WINDOW_S / 3, SERVICE, other)
-    limiter = Limiter(get_redis())
+    limiter = new_limiter()
     granted, waiter = step(), step()
     assert slots.acquire_step(granted, budget, limiter=limiter, owner=OWNER).granted
     assert not slots.acquire_step(waiter, budget, limiter=limiter, owner=OWNER).granted
