@@ -369,6 +369,9 @@ CAO_PUSH_TIMEOUT_S = env_seconds("CAO_PUSH_TIMEOUT_S", 2.0)
 # A pushed event that overtook an earlier one (pushed by another worker) waits
 # this long for it before the gap is read from the log; 0 reads it at once.
 CAO_FOLLOW_REORDER_WAIT_S = env_seconds("CAO_FOLLOW_REORDER_WAIT_S", 0.2)
+# Threads (each with its database connection) that run the reads of an API
+# process's sockets and streams side by side: authentication, the job, the log.
+CAO_LIVE_READ_THREADS = env_int("CAO_LIVE_READ_THREADS", 4)
 # An event stream (GET /api/v1/jobs/<id>/stream) silent this long sends a
 # comment line, so proxies keep it open and clients see it alive. 0: never.
 CAO_SSE_KEEPALIVE_S = env_seconds("CAO_SSE_KEEPALIVE_S", 15.0, was="CAO_SSE_KEEPALIVE_SECONDS")

@@ -23,7 +23,6 @@ Close codes (the connection is accepted first so the code reaches the client):
 import asyncio
 from urllib.parse import parse_qs
 
-from channels.db import database_sync_to_async
 from channels.exceptions import StopConsumer
 from channels.generic.websocket import AsyncJsonWebsocketConsumer, AsyncWebsocketConsumer
 from channels.layers import get_channel_layer
@@ -34,6 +33,7 @@ from common.origins import scope_origin_allowed
 from jobs import selectors
 from jobs.errors import JobNotFound
 from jobs.follow import EventFollower, PushInbox
+from jobs.live_reads import live_read
 from jobs.monitor import token_allows
 from jobs.permissions import may_read_jobs
 
@@ -85,20 +85,16 @@ class JobProgressConsumer(AsyncJsonWebsocketConsumer):
         await self.accept()
         query = parse_qs(self.scope.get("query_string", b"").decode("latin1"))
         token = (query.get("token") or [""])[0]
-        if not await database_sync_to_async(self._may_watch)(token):
-            await self.close(code=CLOSE_UNAUTHORIZED)
-            return
         try:
             after = int((query.get("after") or ["0"])[0])
             if after < 0:
                 raise ValueError
         except ValueError:
-            await self.close(code=CLOSE_BAD_REQUEST)
-            return
-        try:
-            job = await database_sync_to_async(selectors.job_get)(self.job_id, is_staff=True)
-        except JobNotFound:
-            await self.close(code=CLOSE_NOT_FOUND)
+            after = None
+        # One read for both: who may watch, then the job.
+        refusal, job = await live_read(self._open)(token, after)
+        if refusal is not None:
+            await self.close(code=refusal)
             return
         self.job_id = str(job.id)
         follower = EventFollower(self.job_id, after=after, inbox=self.inbox, on_gap=self._timers_changed.set)
@@ -147,6 +143,17 @@ class JobProgressConsumer(AsyncJsonWebsocketConsumer):
     async def _forward(self, events):
         async for event in events:
             await self.send_json(event)
+
+    def _open(self, token, after):
+        """(the close code refusing the socket, or None; the job when it may be watched): one trip to a thread."""
+        if not self._may_watch(token):
+            return CLOSE_UNAUTHORIZED, None
+        if after is None:
+            return CLOSE_BAD_REQUEST, None
+        try:
+            return None, selectors.job_get(self.job_id, is_staff=True)
+        except JobNotFound:
+            return CLOSE_NOT_FOUND, None
 
     def _may_watch(self, token):
         """The job's monitor token, or a staff session allowed to read jobs (runs in a thread: it queries)."""

@@ -35,11 +35,11 @@ import asyncio
 import logging
 import time
 
-from channels.db import database_sync_to_async
 from django.conf import settings
 from django.db import DatabaseError
 
 from jobs import selectors
+from jobs.live_reads import live_read
 from jobs.publisher import group_name
 
 # Events read from the log per query.
@@ -147,7 +147,7 @@ class EventFollower:
         self.last_seq = after
         self.finished = False
         self.inbox = inbox
-        self.read_events = read_events or database_sync_to_async(selectors.job_events)
+        self.read_events = read_events or live_read(selectors.job_events)
         self.early = {}
         self.on_gap = on_gap
         self.clock = clock

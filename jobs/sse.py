@@ -20,7 +20,6 @@ import asyncio
 import json
 from contextlib import aclosing
 
-from channels.db import database_sync_to_async
 from channels.layers import get_channel_layer
 from django.conf import settings
 from django.db import DatabaseError
@@ -28,6 +27,7 @@ from django.http import StreamingHttpResponse
 from django.views.decorators.csrf import csrf_exempt
 
 from jobs.follow import EventFollower, PushInbox
+from jobs.live_reads import live_read
 from jobs.stream_end import ends_stream
 from jobs.stream_gate import JobStreamGate
 
@@ -48,7 +48,7 @@ _gate = JobStreamGate.as_view()
 
 @csrf_exempt  # the gate checks CSRF itself, for sessions, as DRF views do
 async def job_event_stream(request, job_id):
-    answer = await database_sync_to_async(_gate)(request, job_id=job_id)
+    answer = await live_read(_gate)(request, job_id=job_id)
     if request.method != "GET" or answer.status_code != 200:
         return answer
     stream = JobEventStream(answer.data["job_id"], after=answer.data["after"])

@@ -77,6 +77,15 @@ def staff_api(staff_key):
     return keyed_api_client(staff_key)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def live_readers(django_db_setup):
+    """The live readers' threads (jobs.live_reads) let go of their connections before the test database is dropped."""
+    from jobs import live_reads
+
+    yield
+    live_reads.shut_down()
+
+
 @pytest.fixture(scope="session")
 def simulator_process():
     """One simulator of the five services for the whole run, on a free port."""

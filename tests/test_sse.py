@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import redis
 import requests
-from asgiref.sync import SyncToAsync, async_to_sync, iscoroutinefunction
+from asgiref.sync import async_to_sync, iscoroutinefunction
 from channels.layers import get_channel_layer
 from django.db import connection, connections
 from django.test import Client
@@ -26,6 +26,7 @@ from websockets.sync.client import connect as ws_connect
 from api_keys.models import ApiKey
 from common.redis import get_redis
 from cao_project.asgi import STREAM_PATHS
+from jobs import live_reads
 from jobs.models import EventType, Job, JobEvent, JobStatus
 from jobs.monitor import monitor_token
 from jobs.publisher import group_name
@@ -624,7 +625,7 @@ def database_connections():
         return cursor.fetchone()[0]
 
 
-def test_waiting_streams_hold_no_thread_and_no_database_connection(registry, asgi_server, client_key, redis_db, wait):
+def test_waiting_streams_hold_no_thread_and_no_database_connection(registry, asgi_server, client_key, redis_db, wait, settings):
     # Given database connections kept as in production (the server's threads keep theirs)
     database = connections.settings["default"]
     database["CONN_MAX_AGE"] = 600
@@ -641,9 +642,11 @@ def test_waiting_streams_hold_no_thread_and_no_database_connection(registry, asg
             streams.append(open_stream(asgi_server, job.pk, key=client_key))
         wait(lambda: all(group_members(redis_db, job) == 1 for job in jobs), message="twelve streams in their groups")
 
-        # Then they wait without a thread or a database connection each
-        assert threading.active_count() <= threads + 1
-        assert database_connections() <= held + 1
+        # Then they wait without a thread or a database connection each: their
+        # reads ran on the live readers' few threads, fewer than the streams
+        assert settings.CAO_LIVE_READ_THREADS < len(jobs) - 1
+        assert threading.active_count() <= threads + settings.CAO_LIVE_READ_THREADS
+        assert database_connections() <= held + settings.CAO_LIVE_READ_THREADS
         # And the streams still deliver
         for job in jobs:
             fake_events(job, 1)
@@ -652,8 +655,8 @@ def test_waiting_streams_hold_no_thread_and_no_database_connection(registry, asg
         for stream in streams:
             stream.close()
         database["CONN_MAX_AGE"] = 0
-        # The streams' database work runs on asgiref's one shared thread: close what it kept
-        SyncToAsync.single_thread_executor.submit(connections.close_all).result(timeout=10)
+        # Close what the live readers' threads kept
+        live_reads.shut_down()
 
 
 def test_a_client_that_goes_away_ends_its_stream_and_leaves_the_group(registry, asgi_server, client_key, redis_db, wait):

@@ -111,6 +111,36 @@ def test_a_late_subscriber_gets_the_snapshot_and_the_whole_history(registry):
     assert history[0]["step_name"] == "prompt_enhancer" and history[0]["total_steps"] == 4
 
 
+def test_sockets_opening_together_read_the_database_side_by_side(registry, monkeypatch):
+    # Each socket's read waits until the other's has started too: on one
+    # shared thread (channels' default), the second could never start.
+    import threading
+
+    from jobs import selectors
+
+    jobs = [new_job(registry) for _ in range(2)]
+    both_reading = threading.Barrier(len(jobs), timeout=10)
+    job_get = selectors.job_get
+
+    def job_get_alongside(*args, **kwargs):
+        both_reading.wait()
+        return job_get(*args, **kwargs)
+
+    monkeypatch.setattr(selectors, "job_get", job_get_alongside)
+
+    async def scenario():
+        sockets = await asyncio.gather(*(open_socket(path(job.pk, monitor_token(job.pk))) for job in jobs))
+        hellos = [await socket.receive_json_from(timeout=15) for socket in sockets]
+        for socket in sockets:
+            await socket.disconnect()
+        return hellos
+
+    hellos = async_to_sync(scenario)()
+
+    assert [hello["type"] for hello in hellos] == ["WS_CONNECTED"] * 2
+    assert [hello["job_id"] for hello in hellos] == [str(job.pk) for job in jobs]
+
+
 def test_reconnecting_with_after_gets_exactly_the_missed_events(registry):
     job = new_job(registry)
     fake_events(job, 6)
