@@ -93,12 +93,13 @@ def worker_mode(env, root=None):
 
 
 # Workers run this much nicer than the API processes (CAO_WORKER_NICE), so
-# that on a host they share, the API answers and pushes events at once
-# while the workers take the rest of the CPU. In the 200-job burst on two
-# cores (one run, +0 then +10): JOB_COMPLETED reached its socket p95 849 ->
-# 38 ms after its commit, within 100 ms on 144 -> 194 of 200 sockets, and
-# the 200 jobs ran at 144 -> 163 steps/s.
-DEFAULT_WORKER_NICE = 10
+# that on a host they share, the API answers and pushes events sooner
+# while the workers take the rest of the CPU. Measured on two cores
+# (docs/PERFORMANCE.md, item 16): at +10 the terminal event of the 200-job
+# burst reached its socket p95 849 -> 38 ms after its commit, but the burst
+# ran 104 against 135 steps/s at +0 (two alternated pairs: the API's intake
+# took the CPU); at +5, 142 and 155 against 113 and 159 steps/s.
+DEFAULT_WORKER_NICE = 5
 
 
 def worker_nice(env):
