@@ -595,8 +595,10 @@ def closed_port():
 
 
 def test_postgresql_down_before_the_stream_starts_is_the_job_apis_503(registry, asgi_server, client_key):
-    # Given a job, then PostgreSQL refusing connections (the server keeps none open: CONN_MAX_AGE 0)
+    # Given a job, then PostgreSQL refusing connections (the server keeps none
+    # open: CONN_MAX_AGE 0, and the live readers' threads let theirs go)
     job = job_of(client_key)
+    live_reads.shut_down()
     database = connections.settings["default"]
     saved = database["PORT"]
     database["PORT"] = closed_port()
