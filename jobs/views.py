@@ -16,6 +16,7 @@ from django.views.decorators.cache import never_cache
 from django.views.decorators.http import require_GET
 
 from common.errors import error_body
+from common.staff_data import staff_data_refusal
 from jobs import selectors
 from jobs.errors import JobNotFound
 from jobs.models import JobStatus
@@ -82,15 +83,10 @@ def job_detail_page(request, job_id):
 @never_cache
 def job_detail_data(request, job_id):
     """The job page's data as JSON; refusals in the API's error shape, never a redirect a script would follow."""
-    if request.method not in ("GET", "HEAD"):
-        response = JsonResponse(error_body("METHOD_NOT_ALLOWED", f"Method {request.method} not allowed."), status=405)
-        response["Allow"] = "GET, HEAD"
-        return response
-    if not request.user.is_authenticated:
-        return JsonResponse(error_body("NOT_AUTHENTICATED", "Log in to the admin first."), status=401)
     # The same answer for every job id, as the page's: a refusal must not tell which jobs exist.
-    if not may_read_jobs(request.user):
-        return JsonResponse(error_body("PERMISSION_DENIED", READ_REFUSED), status=403)
+    refusal = staff_data_refusal(request, may_read=may_read_jobs, refused=READ_REFUSED)
+    if refusal is not None:
+        return refusal
     try:
         job = selectors.job_get(job_id, is_staff=True)
     except JobNotFound as exc:

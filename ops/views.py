@@ -7,7 +7,7 @@ from django.shortcuts import render
 from django.urls import reverse
 from django.views.decorators.cache import never_cache
 
-from common.errors import error_body
+from common.staff_data import staff_data_refusal
 from ops.overview import overview
 from ops.permissions import may_view_overview
 
@@ -37,12 +37,7 @@ def overview_page(request):
 @never_cache
 def overview_data(request):
     """The snapshot as JSON; refusals in the one error shape, never a redirect a script would follow."""
-    if request.method not in ("GET", "HEAD"):
-        response = JsonResponse(error_body("METHOD_NOT_ALLOWED", f"Method {request.method} not allowed."), status=405)
-        response["Allow"] = "GET, HEAD"
-        return response
-    if not request.user.is_authenticated:
-        return JsonResponse(error_body("NOT_AUTHENTICATED", "Log in to the admin first."), status=401)
-    if not may_view_overview(request.user):
-        return JsonResponse(error_body("PERMISSION_DENIED", REFUSED), status=403)
+    refusal = staff_data_refusal(request, may_read=may_view_overview, refused=REFUSED)
+    if refusal is not None:
+        return refusal
     return JsonResponse(overview())
