@@ -10,6 +10,7 @@ import logging
 import threading
 import time
 import weakref
+from dataclasses import dataclass
 
 from django.conf import settings
 from django.db import connections
@@ -205,30 +206,51 @@ def close_circuit(service, *, limiter=None):
     send_handoffs(handoffs)
 
 
-def _pump_line_in(seconds, service_name, limiter, *, failures=0):
-    timer = threading.Timer(seconds + PUMP_MARGIN_S, _pump_line, args=(service_name, limiter, failures))
+def _pump_line_in(seconds, service_name, limiter, *, failures=0, pending=None):
+    timer = threading.Timer(seconds + PUMP_MARGIN_S, _pump_line, args=(service_name, limiter, failures, pending))
     timer.daemon = True
     timer.start()
 
 
-# Per limiter and service: when this process's timer for a blocked line fires (UNIX seconds).
+# Per limiter and service: the timer of this process due to pump a blocked
+# line and not yet fired, with when it is due (UNIX seconds).
 _pending_pumps = weakref.WeakKeyDictionary()
 _pending_pumps_lock = threading.Lock()
+
+
+@dataclass(frozen=True, eq=False)
+class _PendingPump:
+    due: float
 
 
 def _pump_line_at(unix_s, service_name, limiter):
     """One timer per service for a blocked line: thousands of parked steps must not start thousands.
 
-    A timer already due by then pumps for this caller too: it reads the
-    line when it fires, and goes on while anyone waits.
+    A timer due by then that has not fired yet pumps for this caller too:
+    it reads the line when it fires, and goes on while anyone waits. Whether
+    it has fired is what it says, not what the clock says: a timer that
+    wakes a little early by the wall clock must not mistake its own entry
+    for another timer's and leave the line with none.
     """
+    pending = _PendingPump(unix_s)
     with _pending_pumps_lock:
-        pending = _pending_pumps.setdefault(limiter, {})
-        due = pending.get(service_name)
-        if due is not None and time.time() < due <= unix_s:
+        by_service = _pending_pumps.setdefault(limiter, {})
+        due = by_service.get(service_name)
+        if due is not None and due.due <= unix_s:
             return
-        pending[service_name] = unix_s
-    _pump_line_in(max(0.0, unix_s - time.time()), service_name, limiter)
+        by_service[service_name] = pending
+    try:
+        _pump_line_in(max(0.0, unix_s - time.time()), service_name, limiter, pending=pending)
+    except BaseException:
+        _forget_pending(service_name, limiter, pending)
+        raise
+
+
+def _forget_pending(service_name, limiter, pending):
+    with _pending_pumps_lock:
+        by_service = _pending_pumps.get(limiter, {})
+        if by_service.get(service_name) is pending:
+            del by_service[service_name]
 
 
 # Past a cool-down's end (or an open circuit's wait) by the server's clock before the line is pumped.
@@ -238,7 +260,7 @@ PUMP_RETRY_S = 1.0
 PUMP_RETRIES = 5
 
 
-def _pump_line(service_name, limiter, failures=0):
+def _pump_line(service_name, limiter, failures=0, pending=None):
     """Hand the free slots to the line (or the one probe to an open circuit's) once it may grant again.
 
     When a cool-down or an open circuit was extended meanwhile, or the
@@ -246,6 +268,8 @@ def _pump_line(service_name, limiter, failures=0):
     waits: a waiter whose reservation is not taken in time (its hand-off
     lost) goes back to the line, and the next pump hands it over again.
     """
+    if pending is not None:
+        _forget_pending(service_name, limiter, pending)  # from here on, a new park needs a timer of its own
     try:
         occupancy = limiter.occupancy(service_name)
         if occupancy.blocked_for_s <= 0:

@@ -6,6 +6,7 @@ edge where they would become step messages.
 """
 
 import threading
+import time
 import uuid
 
 import pytest
@@ -116,3 +117,26 @@ def test_a_pump_due_for_another_limiter_does_not_stand_in_for_this_ones(budget, 
     assert not slots.acquire_step(waiter, budget, limiter=limiter, owner=OWNER).granted
 
     wait(lambda: sent_for(sent, waiter) == 1, timeout=10, message="the waiter handed its slot by its own limiter's pump")
+
+
+class SteppedBackClock:
+    """``time`` as the pump reads it, after the wall clock was stepped back (an NTP correction, a resumed VM)."""
+
+    def __init__(self, by_s):
+        self.by_s = by_s
+
+    def time(self):
+        return time.time() - self.by_s
+
+
+def test_a_pump_that_wakes_early_by_the_wall_clock_still_schedules_the_next_one(budget, sent, wait, monkeypatch):
+    # Its timer counts monotonic time, so after the step it wakes before its
+    # own due time by the wall clock: that due time is its own, not another
+    # timer's to rely on, and the rest of the line still gets a pump.
+    limiter = new_limiter()
+    granted, *waiters = steps = [step() for _ in range(3)]
+    acquisitions = [slots.acquire_step(s, budget, limiter=limiter, owner=OWNER) for s in steps]
+    assert acquisitions[0].granted and not any(a.granted for a in acquisitions[1:])
+    monkeypatch.setattr(slots, "time", SteppedBackClock(by_s=WINDOW_S / 3))
+
+    wait(lambda: all(sent_for(sent, s) == 1 for s in waiters), timeout=10, message="both waiters handed a slot")
