@@ -341,7 +341,13 @@ class Limiter:
 
     @staticmethod
     def handoffs_of(released) -> tuple[str, ...]:
-        return _texts(released)
+        return _texts(released[1:])
+
+    @staticmethod
+    def line_blocked_until(released) -> float | None:
+        """When (UNIX seconds, server clock) the spent rate budget next lets the rest of a release's line
+        through; None when nobody without a reservation waits, or the budget had room for them."""
+        return _seconds_or_none(released[0])
 
     def redispatch_waiters(self, service: str, *, limit: int) -> tuple[str, ...]:
         """Hand free slots (dead holders', lapsed reservations') to waiters."""

@@ -88,7 +88,8 @@ def release_step(step, *, limit=None, limiter=None, tokens_used=None):
         service = service_live(step.service)
         limit = service.concurrency_limit if service else 0
     limiter = limiter or get_limiter()
-    send_handoffs(limiter.release(step.service, step_member(step), limit=limit, tokens_used=tokens_used))
+    released = limiter.release_call(step.service, step_member(step), limit=limit, tokens_used=tokens_used).run()
+    _pass_on(step.service, released, limiter)
 
 
 def release_and_send(step, service, dispatch, *, limiter=None, pushes=None, tokens_used=None):
@@ -123,7 +124,15 @@ def release_and_send(step, service, dispatch, *, limiter=None, pushes=None, toke
     if isinstance(released, Exception):
         release_quietly(step, service, limiter=limiter, tokens_used=tokens_used)
     else:
-        send_handoffs(limiter.handoffs_of(released))
+        _pass_on(step.service, released, limiter)
+
+
+def _pass_on(service_name, released, limiter):
+    """Send a release's hand-offs; a budget it found spent, with others still in line, gets the line a pump."""
+    send_handoffs(limiter.handoffs_of(released))
+    blocked_until = limiter.line_blocked_until(released)
+    if blocked_until is not None:
+        _pump_line_at(blocked_until, service_name, limiter)
 
 
 def release_quietly(step, service, *, limiter=None, tokens_used=None):
@@ -258,6 +267,8 @@ PUMP_MARGIN_S = 0.01
 # A pump that could not reach Redis tries again this much later, this many times; then maintenance's redispatch does.
 PUMP_RETRY_S = 1.0
 PUMP_RETRIES = 5
+# Grants one pump makes in a row while its window keeps making room.
+PUMP_ROUNDS = 4
 
 
 def _pump_line(service_name, limiter, failures=0, pending=None):
@@ -272,11 +283,19 @@ def _pump_line(service_name, limiter, failures=0, pending=None):
         _forget_pending(service_name, limiter, pending)  # from here on, a new park needs a timer of its own
     try:
         occupancy = limiter.occupancy(service_name)
-        if occupancy.blocked_for_s <= 0:
+        for _ in range(PUMP_ROUNDS):
+            if occupancy.blocked_for_s > 0:
+                break
             service = service_live(service_name)
-            send_handoffs(limiter.redispatch_waiters(service_name, limit=service.concurrency_limit if service else 0))
+            limit = service.concurrency_limit if service else 0
+            handoffs = limiter.redispatch_waiters(service_name, limit=limit)
+            send_handoffs(handoffs)
             # A budget spent again by these grants: the rest of the line waits for its next room.
             occupancy = limiter.occupancy(service_name)
+            # Or the window moved on while they were made (it granted fewer
+            # than it has room for now): grant again, while slots are free.
+            if not (handoffs and occupancy.waiting and occupancy.in_use < limit):
+                break
         if occupancy.blocked_for_s > 0 and occupancy.waiters:
             _pump_line_at(time.time() + occupancy.blocked_for_s, service_name, limiter)
     except Exception:

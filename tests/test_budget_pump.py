@@ -140,3 +140,46 @@ def test_a_pump_that_wakes_early_by_the_wall_clock_still_schedules_the_next_one(
     monkeypatch.setattr(slots, "time", SteppedBackClock(by_s=WINDOW_S / 3))
 
     wait(lambda: all(sent_for(sent, s) == 1 for s in waiters), timeout=10, message="both waiters handed a slot")
+
+
+def test_a_release_that_finds_the_budget_spent_leaves_the_rest_of_the_line_a_pump(budget, sent, wait):
+    # Its waiters parked for a slot, not for the budget, so no park of theirs
+    # set a timer: the release that cannot pass its slot on must.
+    Service.objects.filter(name=SERVICE).update(concurrency_limit=1)
+    budget.refresh_from_db()
+    limiter = new_limiter()
+    first, second, third = step(), step(), step()
+    assert slots.acquire_step(first, budget, limiter=limiter, owner=OWNER).granted
+    wait(lambda: limiter.occupancy(SERVICE).requests_in_window == 0, timeout=10, message="the budget's window to pass")
+    for waiter in (second, third):
+        parked = slots.acquire_step(waiter, budget, limiter=limiter, owner=OWNER)
+        assert not parked.granted and parked.rate_limited_until is None  # held by the slot, not the budget
+
+    slots.release_step(first, limit=1, limiter=limiter)  # hands its slot to second: the budget is spent again
+    assert sent_for(sent, second) == 1 and sent_for(sent, third) == 0
+    slots.release_step(second, limit=1, limiter=limiter)  # its slot is free, its budget is not
+
+    wait(lambda: sent_for(sent, third) == 1, timeout=10, message="the last waiter handed a slot once the budget has room")
+
+
+def test_a_pump_grants_again_when_its_window_made_room_while_it_granted(budget, sent, wait, monkeypatch):
+    # The window moves on between the pump's grants and its read of the line:
+    # there is room again, nobody parks, and no release is coming.
+    limiter = new_limiter()
+    granted, *waiters = steps = [step() for _ in range(3)]
+    for s in steps:
+        slots.acquire_step(s, budget, limiter=limiter, owner=OWNER)
+    real_redispatch = limiter.redispatch_waiters
+    grants = []
+
+    def redispatch_then_window_moves_on(service, *, limit):
+        handoffs = real_redispatch(service, limit=limit)
+        grants.append(len(handoffs))
+        if len(grants) == 1:
+            limiter.client.delete(limiter.keys(SERVICE)[10])  # the window's starts: as if they all left it
+        return handoffs
+
+    monkeypatch.setattr(limiter, "redispatch_waiters", redispatch_then_window_moves_on)
+
+    wait(lambda: all(sent_for(sent, s) == 1 for s in waiters), timeout=10, message="both waiters handed a slot")
+    assert grants[:2] == [1, 1]  # the second in the same pump, not a window later

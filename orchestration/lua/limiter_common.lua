@@ -410,6 +410,20 @@ local function pump(now_ms, limit, grant_ttl_ms, me)
     return handoffs, me_granted
 end
 
+-- When (ms) the spent rate budget next lets a waiter without a reservation
+-- through, or 0 when nobody such waits or the budget has room: what a
+-- release that could not pass its slot on leaves the line to a timer for.
+local function line_blocked_until(now_ms)
+    if redis.call("zcard", lanes) == 0 then
+        return 0
+    end
+    local room, frees_at = rate_room(now_ms)
+    if room > 0 or not frees_at then
+        return 0
+    end
+    return frees_at
+end
+
 -- Removes every trace of a member except a lease.
 local function forget_waiter(member)
     leave_lane(member)

@@ -9,7 +9,9 @@
 -- ARGV[4] tokens_used   what the call reported it used ("": it did not say;
 --                       its estimate keeps counting)
 --
--- Returns {payloads to dispatch...}, in the order they were granted.
+-- Returns {when the spent rate budget next lets the rest of the line through
+-- (ms, 0: nobody waits on it), payloads to dispatch...}, the payloads in the
+-- order they were granted.
 
 local member = ARGV[1]
 local limit = tonumber(ARGV[2])
@@ -27,4 +29,8 @@ redis.call("hdel", slot_tenant, member)
 forget_waiter(member)
 drop_expired(now_ms)
 local handoffs = pump(now_ms, limit, grant_ttl_ms, nil)
-return handoffs
+local reply = {int(line_blocked_until(now_ms))}
+for _, payload in ipairs(handoffs) do
+    reply[#reply + 1] = payload
+end
+return reply
