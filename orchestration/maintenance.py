@@ -40,7 +40,7 @@ from jobs.models import ACTIVE_STATUSES, AttemptOutcome, Job, JobStatus, StepSta
 from orchestration import errors
 from orchestration.dispatch import DISPATCH_MARKER, dispatched_token, send_after_commit
 from orchestration.admission import admit_everywhere
-from orchestration.slots import release_step, send_handoffs
+from orchestration.slots import release_member, release_step, send_handoffs
 from orchestration.errors import failure_from
 from orchestration.messages import lease_member, parse_member
 from orchestration.per_process import get_limiter
@@ -165,7 +165,7 @@ def sweep_orphans(report):
             if job is not None and _still_waits(job, step_index, token):
                 continue
             report.orphans_removed += 1
-            send_handoffs(limiter.release(service.name, member, limit=service.concurrency_limit))
+            release_member(service.name, member, limit=service.concurrency_limit, limiter=limiter)
             logger.warning("Removed %s from the line of %s: its job %s.", member, service.name,
                            "was deleted" if job is None else f"is {job['status']} at token {job['step_token']}")
 

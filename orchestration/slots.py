@@ -87,9 +87,14 @@ def release_step(step, *, limit=None, limiter=None, tokens_used=None):
     if limit is None:
         service = service_live(step.service)
         limit = service.concurrency_limit if service else 0
+    release_member(step.service, step_member(step), limit=limit, limiter=limiter, tokens_used=tokens_used)
+
+
+def release_member(service_name, member, *, limit, limiter=None, tokens_used=None):
+    """Give back ``member``'s slot (or place in line) of ``service_name`` and pass it on (``release_step``'s work)."""
     limiter = limiter or get_limiter()
-    released = limiter.release_call(step.service, step_member(step), limit=limit, tokens_used=tokens_used).run()
-    _pass_on(step.service, released, limiter)
+    released = limiter.release_call(service_name, member, limit=limit, tokens_used=tokens_used).run()
+    _pass_on(service_name, released, limiter)
 
 
 def release_and_send(step, service, dispatch, *, limiter=None, pushes=None, tokens_used=None):
